@@ -1,0 +1,157 @@
+"""Reading and checking checkpoints: safe formats only, official key layout, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError
+from .modality import TOWERS, Modality
+
+# Prefixes some training wrappers add in front of the official keys.
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+_KEY = re.compile(r"^modality_(preprocessors|trunks|heads|postprocessors)\.([a-z]+)\.")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, Tensor]:
+    """Read a ``.pth``/``.pt`` (never unpickling code) or ``.safetensors`` state dict.
+
+    Both are memory-mapped where the format allows, so a large checkpoint is not copied into
+    memory before the model takes its tensors. ``sha256``, when given, is checked first.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if sha256 is not None:
+        got = sha256_file(path)
+        if got.lower() != sha256.lower():
+            raise CheckpointError(
+                f"checkpoint {path} has sha256 {got}, expected {sha256}: "
+                "the file is corrupt, truncated or not the one named"
+            )
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
+
+
+def _read_torch(path: Path) -> dict[str, Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Legacy (non-zip) serialisation cannot be memory-mapped: read it whole.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg:
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled code or objects other than tensors; "
+                "refusing to unpickle it (only plain state dicts of tensors are accepted)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {msg}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable torch file (truncated or corrupt?): {e}"
+        ) from None
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]  # a training checkpoint {"model": state_dict, ...}
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+    return dict(obj)
+
+
+def remap_imagebind_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official-layout keys for a state dict: strips wrapper prefixes (DDP, compile, ...).
+
+    Our module names are the official ones, so an official checkpoint maps to itself.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        k = key
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if k.startswith(prefix):
+                    k, stripped = k[len(prefix):], True
+        out[k] = value
+    return out
+
+
+def key_modality(key: str) -> Modality | None:
+    """The tower a state-dict key belongs to, or None if it is not of this architecture."""
+    m = _KEY.match(key)
+    if not m:
+        return None
+    try:
+        return Modality(m.group(2))
+    except ValueError:
+        return None
+
+
+def select_modalities(sd: Mapping[str, Tensor], modalities: Iterable[Modality]) -> dict[str, Tensor]:
+    """Keep the keys of the given towers; unknown keys are an error (a foreign checkpoint)."""
+    wanted = set(modalities)
+    foreign = [k for k in sd if key_modality(k) is None]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint has {len(foreign)} keys that are not ImageBind keys ({shown}); "
+            f"expected keys like modality_trunks.<{'|'.join(t.value for t in TOWERS)}>.*"
+        )
+    return {k: v for k, v in sd.items() if key_modality(k) in wanted}
+
+
+def check_state_dict(sd: Mapping[str, Tensor], expected: Mapping[str, torch.Size]) -> None:
+    """Raise one CheckpointError naming every missing key, extra key and shape mismatch."""
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    wrong = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(set(sd) & set(expected))
+        if tuple(sd[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected keys ({_few(extra)})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches ({_few(wrong)})")
+    if problems:
+        raise CheckpointError(
+            "checkpoint does not match the model config: " + "; ".join(problems)
+            + ". Check that --config names the architecture these weights were trained with."
+        )
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")

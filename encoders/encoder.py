@@ -1,0 +1,154 @@
+"""``load_encoder`` and ``Encoder``: the model, loaded once, behind a small interface."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import check_state_dict, read_state_dict, remap_imagebind_keys, select_modalities
+from .config import ModelConfig, PreprocessConfig, resolve_config
+from .modality import TOWERS, Modality
+from .model import ImageBind, init_weights
+
+
+class Encoder:
+    """An ImageBind model in eval/inference mode on one device and dtype.
+
+    ``forward`` returns the official outputs (logit-scaled, for parity); ``embed`` returns
+    L2-normalised float32 vectors, the only form the index and the service use.
+    """
+
+    def __init__(self, model: ImageBind, device: torch.device, dtype: torch.dtype,
+                 checkpoint_sha256: str | None = None) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.device = device
+        self.dtype = dtype
+        self.checkpoint_sha256 = checkpoint_sha256
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def preprocess_cfg(self) -> PreprocessConfig:
+        """The preprocessing constants these weights expect."""
+        return self.model.cfg.preprocess
+
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.embed_dim
+
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        """Input modalities this encoder can embed (video whenever vision is loaded)."""
+        towers = self.model.modalities
+        extra = (Modality.VIDEO,) if Modality.VISION in towers else ()
+        return towers + extra
+
+    def _prepare(self, modality: Modality, x: Tensor | np.ndarray) -> Tensor:
+        t = torch.as_tensor(x)
+        expected = _expected_ndims(modality)
+        if t.ndim not in expected:
+            raise ValueError(
+                f"{modality.value} input must have {' or '.join(map(str, expected))} dims, "
+                f"got shape {tuple(t.shape)}"
+            )
+        if modality is Modality.TEXT:
+            return t.to(self.device, torch.long)
+        return t.to(self.device, self.dtype)
+
+    def forward(self, inputs: dict[str | Modality, Tensor | np.ndarray]) -> dict[str, Tensor]:
+        """Exactly the official ``ImageBindModel.forward``: {modality: (N, D)} scaled outputs."""
+        out: dict[str, Tensor] = {}
+        with torch.inference_mode():
+            for key, x in inputs.items():
+                m = Modality.parse(key)
+                out[str(key)] = self.model.embed_one(m, self._prepare(m, x)).float()
+        return out
+
+    __call__ = forward
+
+    def embed(self, modality: Modality | str, x: Tensor | np.ndarray) -> np.ndarray:
+        """L2-normalised float32 (N, D) embeddings, without logit scale.
+
+        Clip inputs (audio (B, S, 1, F, T); video (B, S, 3, T, H, W)) give one vector per item,
+        the normalised mean of its clip vectors.
+        """
+        m = Modality.parse(modality)
+        with torch.inference_mode():
+            y = self.model.embed_one(m, self._prepare(m, x), scaled=False)
+            y = torch.nn.functional.normalize(y.float(), dim=-1)
+        return y.cpu().numpy()
+
+
+def _expected_ndims(m: Modality) -> tuple[int, ...]:
+    return {
+        Modality.VISION: (4, 6),  # images (B,3,H,W) or clips (B,S,3,T,H,W)
+        Modality.VIDEO: (6,),
+        Modality.TEXT: (2,),
+        Modality.AUDIO: (4, 5),  # (B,1,F,T) or (B,S,1,F,T)
+        Modality.DEPTH: (4, 5),
+        Modality.THERMAL: (4, 5),
+        Modality.IMU: (3, 4),
+    }[m]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_encoder(
+    checkpoint: str | Path | None = None,
+    config: str | Path | ModelConfig | dict[str, Any] = "imagebind_huge",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    modalities: Iterable[Modality | str] | None = None,
+    sha256: str | None = None,
+    seed: int | None = 0,
+) -> Encoder:
+    """Build an encoder and load its weights once.
+
+    The model is built on the ``meta`` device, so no memory is allocated until the checkpoint's
+    tensors are assigned (strictly: every key of the requested towers, with the official
+    names and shapes). Only the towers of ``modalities`` are built and loaded. Without a
+    checkpoint the weights are random (seeded): for tests and benchmarks.
+
+    Args:
+        checkpoint: ``.pth`` (read with ``weights_only=True``) or ``.safetensors`` (mmap).
+        config: a preset name, a ModelConfig, a dict, or a JSON file (ours or the official
+            constructor kwargs).
+        dtype: parameter dtype; None picks bf16/fp16 on GPU and fp32 on CPU.
+        sha256: when given, the checkpoint file is checked against it before loading.
+    """
+    cfg = resolve_config(config)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    dt = default_dtype(dev) if dtype is None else dtype
+    wanted = TOWERS if modalities is None else tuple(
+        dict.fromkeys(Modality.parse(m).tower for m in modalities)
+    )
+    model = ImageBind(cfg, wanted, device="meta")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+
+    file_sha = None
+    if checkpoint is None:
+        model = model.to_empty(device="cpu")
+        init_weights(model, seed=seed)
+    else:
+        sd = remap_imagebind_keys(read_state_dict(checkpoint, sha256=sha256))
+        sd = select_modalities(sd, model.modalities)
+        check_state_dict(sd, expected)
+        # assign=True: the checkpoint's tensors become the parameters (no second copy).
+        model.load_state_dict(sd, strict=True, assign=True)
+        file_sha = sha256
+    model = model.to(device=dev, dtype=dt)
+    return Encoder(model, dev, dt, checkpoint_sha256=file_sha)

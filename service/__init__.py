@@ -1,0 +1,3 @@
+"""The online half: FastAPI search service and the ``bindsearch`` command line."""
+
+__all__: list[str] = []

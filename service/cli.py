@@ -1,0 +1,24 @@
+"""The ``bindsearch`` command line: one root, sub-commands from each package.
+
+Commands are plain typed functions in their own packages; this module only mounts them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from encoders.cli import weights_app
+
+app = typer.Typer(
+    name="bindsearch",
+    help="Any-to-any search in one ImageBind embedding space.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(weights_app, name="weights")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
