@@ -1,0 +1,1 @@
+"""Input transforms: one module per modality, pure CPU functions (bytes/path -> tensor)."""
