@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -57,18 +58,18 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable safetensors file: {e}"
+        ) from None
 
 
 def _read_torch(path: Path) -> dict[str, Tensor]:
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # Legacy (non-zip) serialisation cannot be memory-mapped: read it whole.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A bare pickle (not torch's zip format) warns about its protocol before the
+            # weights-only unpickler refuses it; the refusal is what the user needs to see.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg:
@@ -88,6 +89,16 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+    # Legacy (non-zip) serialisation cannot be memory-mapped: read it whole.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def remap_imagebind_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official-layout keys for a state dict: strips wrapper prefixes (DDP, compile, ...).
 
@@ -101,7 +112,7 @@ def remap_imagebind_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             stripped = False
             for prefix in _WRAPPER_PREFIXES:
                 if k.startswith(prefix):
-                    k, stripped = k[len(prefix):], True
+                    k, stripped = k[len(prefix) :], True
         out[k] = value
     return out
 
@@ -117,7 +128,9 @@ def key_modality(key: str) -> Modality | None:
         return None
 
 
-def select_modalities(sd: Mapping[str, Tensor], modalities: Iterable[Modality]) -> dict[str, Tensor]:
+def select_modalities(
+    sd: Mapping[str, Tensor], modalities: Iterable[Modality]
+) -> dict[str, Tensor]:
     """Keep the keys of the given towers; unknown keys are an error (a foreign checkpoint)."""
     wanted = set(modalities)
     foreign = [k for k in sd if key_modality(k) is None]
@@ -148,7 +161,8 @@ def check_state_dict(sd: Mapping[str, Tensor], expected: Mapping[str, torch.Size
         problems.append(f"{len(wrong)} shape mismatches ({_few(wrong)})")
     if problems:
         raise CheckpointError(
-            "checkpoint does not match the model config: " + "; ".join(problems)
+            "checkpoint does not match the model config: "
+            + "; ".join(problems)
             + ". Check that --config names the architecture these weights were trained with."
         )
 

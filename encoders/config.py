@@ -287,7 +287,9 @@ def resolve_config(config: str | Path | ModelConfig | dict[str, Any]) -> ModelCo
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a JSON object")
         return _from_any_dict(data, source=str(path))
-    raise ValueError(f"unknown config {text!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
+    raise ValueError(
+        f"unknown config {text!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file"
+    )
 
 
 def _from_any_dict(d: dict[str, Any], source: str) -> ModelConfig:
@@ -297,5 +299,3 @@ def _from_any_dict(d: dict[str, Any], source: str) -> ModelConfig:
         return ModelConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"bad model config in {source}: {e}") from None
-
-

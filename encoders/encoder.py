@@ -23,8 +23,13 @@ class Encoder:
     L2-normalised float32 vectors, the only form the index and the service use.
     """
 
-    def __init__(self, model: ImageBind, device: torch.device, dtype: torch.dtype,
-                 checkpoint_sha256: str | None = None) -> None:
+    def __init__(
+        self,
+        model: ImageBind,
+        device: torch.device,
+        dtype: torch.dtype,
+        checkpoint_sha256: str | None = None,
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.device = device
         self.dtype = dtype
@@ -133,8 +138,10 @@ def load_encoder(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
     dt = default_dtype(dev) if dtype is None else dtype
-    wanted = TOWERS if modalities is None else tuple(
-        dict.fromkeys(Modality.parse(m).tower for m in modalities)
+    wanted = (
+        TOWERS
+        if modalities is None
+        else tuple(dict.fromkeys(Modality.parse(m).tower for m in modalities))
     )
     model = ImageBind(cfg, wanted, device="meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -38,6 +38,8 @@ class Attention(nn.Module):
     """
 
     fused: bool = True
+    bias_k: nn.Parameter | None
+    bias_v: nn.Parameter | None
 
     def __init__(self, dim: int, heads: int, bias_kv: bool = False, **fk: Any) -> None:
         super().__init__()
@@ -71,19 +73,22 @@ class Attention(nn.Module):
                 att = att + mask
             y = att.softmax(dim=-1) @ v
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
-        return self.out_proj(y)
+        out: Tensor = self.out_proj(y)
+        return out
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, act_layer: Callable[[], nn.Module] = nn.GELU,
-                 **fk: Any) -> None:
+    def __init__(
+        self, dim: int, hidden: int, act_layer: Callable[[], nn.Module] = nn.GELU, **fk: Any
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, **fk)
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden, dim, **fk)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        out: Tensor = self.fc2(self.act(self.fc1(x)))
+        return out
 
 
 class DropPath(nn.Module):
@@ -103,9 +108,16 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, bias_kv: bool = False,
-                 drop_path: float = 0.0,
-                 norm_layer: Callable[..., nn.Module] = LayerNorm6, **fk: Any) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: int = 4,
+        bias_kv: bool = False,
+        drop_path: float = 0.0,
+        norm_layer: Callable[..., nn.Module] = LayerNorm6,
+        **fk: Any,
+    ) -> None:
         super().__init__()
         self.attn = Attention(dim, heads, bias_kv=bias_kv, **fk)
         self.norm_1 = norm_layer(dim, **fk)
@@ -122,9 +134,17 @@ class Block(nn.Module):
 class Trunk(nn.Module):
     """A stack of blocks, with the vision tower's extra LayerNorm in front."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: int = 4,
-                 pre_norm: bool = False, bias_kv: bool = False, drop_path: float = 0.0,
-                 **fk: Any) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: int = 4,
+        pre_norm: bool = False,
+        bias_kv: bool = False,
+        drop_path: float = 0.0,
+        **fk: Any,
+    ) -> None:
         super().__init__()
         if pre_norm:
             self.pre_transformer_layer = nn.Sequential(LayerNorm6(dim, **fk))
@@ -191,8 +211,9 @@ class PatchStem(nn.Module):
     audio and thermal; ``depth_stem`` for depth), as in the official state dict.
     """
 
-    def __init__(self, patch: PatchEmbed, num_patches: int, dim: int,
-                 stem_name: str = "rgbt_stem", **fk: Any) -> None:
+    def __init__(
+        self, patch: PatchEmbed, num_patches: int, dim: int, stem_name: str = "rgbt_stem", **fk: Any
+    ) -> None:
         super().__init__()
         self.stem_name = stem_name
         self.add_module(stem_name, patch)
@@ -231,6 +252,8 @@ class IMUStem(nn.Module):
 class TextStem(nn.Module):
     """Token ids (B, L) -> embeddings + positional embedding; the causal mask is a buffer."""
 
+    mask: Tensor
+
     def __init__(self, vocab: int, context: int, dim: int, **fk: Any) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(vocab, dim, **fk)
@@ -240,7 +263,8 @@ class TextStem(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         L = ids.shape[1]
-        return self.token_embedding(ids) + self.pos_embed[:, :L]
+        out: Tensor = self.token_embedding(ids) + self.pos_embed[:, :L]
+        return out
 
 
 # ----------------------------------------------------------------------------- heads
@@ -263,7 +287,8 @@ class TextHead(nn.Module):
         self.proj = nn.Sequential(LayerNorm6(dim, **fk), nn.Linear(dim, out, bias=False, **fk))
 
     def forward(self, x: Tensor, eot: Tensor) -> Tensor:
-        return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
+        out: Tensor = self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
+        return out
 
 
 class Normalize(nn.Module):
@@ -274,8 +299,7 @@ class Normalize(nn.Module):
 class LogitScale(nn.Module):
     """Multiply by ``min(exp(log_logit_scale), max_scale)``; learnable for text only."""
 
-    def __init__(self, init: float, learnable: bool, max_scale: float = 100.0,
-                 **fk: Any) -> None:
+    def __init__(self, init: float, learnable: bool, max_scale: float = 100.0, **fk: Any) -> None:
         super().__init__()
         self.max_scale = max_scale
         value = torch.full((), math.log(init), **fk)
@@ -301,9 +325,13 @@ class ImageBind(nn.Module):
     the modality's logit scale, averaged over clips for 5-D/6-D inputs.
     """
 
-    def __init__(self, cfg: ModelConfig, modalities: Iterable[Modality | str] | None = None,
-                 device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        modalities: Iterable[Modality | str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         wanted = TOWERS if modalities is None else {Modality.parse(m).tower for m in modalities}
@@ -339,49 +367,47 @@ class ImageBind(nn.Module):
         self.modality_preprocessors[m.value] = stem
 
         self.modality_trunks[m.value] = Trunk(
-            D, t.depth, t.heads, t.mlp_ratio,
+            D,
+            t.depth,
+            t.heads,
+            t.mlp_ratio,
             pre_norm=m is Modality.VISION,
             bias_kv=m not in (Modality.VISION, Modality.TEXT),
-            drop_path=t.drop_path, **fk,
+            drop_path=t.drop_path,
+            **fk,
         )
 
         out = cfg.embed_dim
         if m is Modality.TEXT:
             head: nn.Module = TextHead(D, out, **fk)
         elif m is Modality.IMU:  # an inert Dropout sits before the projection (key index 3)
-            head = nn.Sequential(LayerNorm6(D, **fk), SelectToken(0), nn.Dropout(0.5),
-                                 nn.Linear(D, out, bias=False, **fk))
+            head = nn.Sequential(
+                LayerNorm6(D, **fk),
+                SelectToken(0),
+                nn.Dropout(0.5),
+                nn.Linear(D, out, bias=False, **fk),
+            )
         else:
-            head = nn.Sequential(LayerNorm6(D, **fk), SelectToken(0),
-                                 nn.Linear(D, out, bias=False, **fk))
+            head = nn.Sequential(
+                LayerNorm6(D, **fk), SelectToken(0), nn.Linear(D, out, bias=False, **fk)
+            )
         self.modality_heads[m.value] = head
 
         if m is Modality.VISION:
             self.modality_postprocessors[m.value] = Normalize()
         else:
             init = getattr(cfg, f"{m.value}_logit_scale")
-            scale = LogitScale(init, learnable=m is Modality.TEXT,
-                               max_scale=cfg.max_logit_scale, **fk)
+            scale = LogitScale(
+                init, learnable=m is Modality.TEXT, max_scale=cfg.max_logit_scale, **fk
+            )
             self.modality_postprocessors[m.value] = nn.Sequential(Normalize(), scale)
 
     # -- pieces, exposed for tests and for training
 
     def tokens(self, modality: Modality | str, x: Tensor) -> Tensor:
         """Stem output: (B, L, D) tokens for a batch of single items/clips."""
-        return self.modality_preprocessors[Modality.parse(modality).tower.value](x)  # type: ignore[no-any-return]
-
-    def head_features(self, modality: Modality | str, x: Tensor) -> Tensor:
-        """Head output (before normalisation) for a batch of single items/clips."""
-        m = Modality.parse(modality).tower
-        tokens = self.tokens(m, x)
-        if m is Modality.TEXT:
-            stem: TextStem = self.modality_preprocessors[m.value]  # type: ignore[assignment]
-            L = tokens.shape[1]
-            mask = stem.mask[:L, :L].to(tokens.dtype)
-            h = self.modality_trunks[m.value](tokens, mask)
-            return self.modality_heads[m.value](h, x.argmax(dim=-1))  # type: ignore[no-any-return]
-        h = self.modality_trunks[m.value](tokens)
-        return self.modality_heads[m.value](h)  # type: ignore[no-any-return]
+        out: Tensor = self.modality_preprocessors[Modality.parse(modality).tower.value](x)
+        return out
 
     def trunk_output(self, modality: Modality | str, x: Tensor) -> Tensor:
         """Trunk output (B, L, D) for a batch of single items/clips."""
@@ -389,15 +415,28 @@ class ImageBind(nn.Module):
         tokens = self.tokens(m, x)
         mask = None
         if m is Modality.TEXT:
+            stem: TextStem = self.modality_preprocessors[m.value]  # type: ignore[assignment]
             L = tokens.shape[1]
-            mask = self.modality_preprocessors[m.value].mask[:L, :L].to(tokens.dtype)
-        return self.modality_trunks[m.value](tokens, mask)  # type: ignore[no-any-return]
+            mask = stem.mask[:L, :L].to(tokens.dtype)  # (L, L) additive causal mask
+        out: Tensor = self.modality_trunks[m.value](tokens, mask)
+        return out
+
+    def head_features(self, modality: Modality | str, x: Tensor) -> Tensor:
+        """Head output (before normalisation) for a batch of single items/clips."""
+        m = Modality.parse(modality).tower
+        h = self.trunk_output(m, x)
+        if m is Modality.TEXT:  # pool at the end-of-text token: the argmax of the ids
+            out: Tensor = self.modality_heads[m.value](h, x.argmax(dim=-1))
+        else:
+            out = self.modality_heads[m.value](h)
+        return out
 
     def logit_scale(self, modality: Modality | str) -> Tensor | None:
         """The clamped logit scale of a tower (None for vision)."""
         post = self.modality_postprocessors[Modality.parse(modality).tower.value]
         if isinstance(post, nn.Sequential):
-            return post[1].scale()  # type: ignore[no-any-return]
+            scale: LogitScale = post[1]  # type: ignore[assignment]
+            return scale.scale()
         return None
 
     def embed_one(self, modality: Modality | str, x: Tensor, scaled: bool = True) -> Tensor:
@@ -408,14 +447,19 @@ class ImageBind(nn.Module):
         """
         m = Modality.parse(modality).tower
         if m.value not in self.modality_trunks:
-            raise KeyError(f"this model has no {m.value} tower (loaded: "
-                           f"{', '.join(t.value for t in self.modalities)})")
+            raise KeyError(
+                f"this model has no {m.value} tower (loaded: "
+                f"{', '.join(t.value for t in self.modalities)})"
+            )
         clips = x.ndim >= 5
         if clips:  # (B, S, ...) -> (B*S, ...): every clip embedded, then averaged
             B, S = x.shape[:2]
             x = x.reshape(B * S, *x.shape[2:])
-        y = self.modality_postprocessors[m.value](self.head_features(m, x)) if scaled \
+        y = (
+            self.modality_postprocessors[m.value](self.head_features(m, x))
+            if scaled
             else F.normalize(self.head_features(m, x), dim=-1)
+        )
         if clips:
             y = y.reshape(B, S, -1).mean(dim=1)
             if not scaled:
@@ -434,7 +478,11 @@ def init_weights(model: ImageBind, seed: int | None = None) -> None:
         g.manual_seed(seed)
 
     def normal_(t: Tensor, std: float) -> None:
-        t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(std).clamp_(-2 * std, 2 * std))
+        t.copy_(
+            torch.randn(t.shape, generator=g, dtype=torch.float32)
+            .mul_(std)
+            .clamp_(-2 * std, 2 * std)
+        )
 
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear | nn.Conv2d | nn.Conv3d):
@@ -463,7 +511,7 @@ def init_weights(model: ImageBind, seed: int | None = None) -> None:
             elif pname.endswith("cls_token"):
                 normal_(p, p.shape[-1] ** -0.5)
         if isinstance(pre, TextStem):
-            L = pre.mask.shape[0]
+            L = int(pre.mask.shape[0])
             pre.mask.copy_(torch.full((L, L), float("-inf")).triu(1))
         if m is not Modality.VISION:
             ls: LogitScale = model.modality_postprocessors[m.value][1]  # type: ignore[index]

@@ -18,7 +18,6 @@ from encoders import Encoder, Modality, load_encoder
 from .parity import ModelCase, assert_within, model_cases, model_input
 
 
-
 def _cases() -> list[ModelCase]:
     from .conftest import shared_dir
 
@@ -31,8 +30,9 @@ def encoder(parity_dir: Path) -> Encoder:
     return load_encoder(parity_dir / "checkpoint.pth", config=parity_dir / "config.json")
 
 
-@pytest.mark.parametrize("case", [c for c in _cases() if c.kind != "official_video_preprocessing"],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [c for c in _cases() if c.kind != "official_video_preprocessing"], ids=lambda c: c.id
+)
 def test_model_case(case: ModelCase, encoder: Encoder, parity_dir: Path) -> None:
     x = model_input(parity_dir, case)
     assert x is not None
@@ -58,10 +58,12 @@ def test_model_case(case: ModelCase, encoder: Encoder, parity_dir: Path) -> None
     assert_within(trunk, np.load(parity_dir / outputs["trunk_item0"]["file"]), inter, "trunk")
 
 
-@pytest.mark.parametrize("case", [c for c in _cases() if c.kind != "official_video_preprocessing"],
-                         ids=lambda c: c.id)
-def test_embed_is_unit_cosine_of_forward(case: ModelCase, encoder: Encoder,
-                                         parity_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "case", [c for c in _cases() if c.kind != "official_video_preprocessing"], ids=lambda c: c.id
+)
+def test_embed_is_unit_cosine_of_forward(
+    case: ModelCase, encoder: Encoder, parity_dir: Path
+) -> None:
     """``embed`` is the normalised official output: no logit scale, unit norm, float32."""
     x = model_input(parity_dir, case)
     assert x is not None
