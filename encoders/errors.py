@@ -13,3 +13,7 @@ class CheckpointError(EncoderError, ValueError):
 
 class DownloadError(EncoderError):
     """Weights could not be fetched or failed their checksum."""
+
+
+class InvalidInput(EncoderError, ValueError):
+    """An input that cannot be decoded or is out of range; the message says what is accepted."""

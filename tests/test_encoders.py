@@ -231,13 +231,21 @@ def test_wrapper_prefixes_are_stripped(tmp_path: Path, parity_dir: Path, fixture
 # ----------------------------------------------------------------------------- dtypes, inputs
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_half_precision_cosine(parity_dir: Path, dtype: torch.dtype) -> None:
-    """bf16 on CPU keeps cosine >= 0.999 to fp32 on every fixture case."""
-    ref = load_encoder(parity_dir / "checkpoint.pth", config=parity_dir / "config.json")
-    half = load_encoder(
-        parity_dir / "checkpoint.pth", config=parity_dir / "config.json", dtype=dtype
-    )
+def _half_dtypes() -> list[torch.dtype]:
+    import os
+
+    on_gpu = os.environ.get("BINDSEARCH_TEST_DEVICE", "cpu").startswith("cuda")
+    return [torch.bfloat16, torch.float16] if on_gpu else [torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", _half_dtypes(), ids=str)
+def test_half_precision_cosine(
+    parity_dir: Path, dtype: torch.dtype, test_device: torch.device
+) -> None:
+    """Half precision keeps cosine >= 0.999 to fp32 on every fixture case (bf16 on CPU too)."""
+    ckpt, cfg = parity_dir / "checkpoint.pth", parity_dir / "config.json"
+    ref = load_encoder(ckpt, config=cfg)
+    half = load_encoder(ckpt, config=cfg, dtype=dtype, device=test_device)
     assert next(half.model.parameters()).dtype == dtype
     for case in model_cases(parity_dir):
         x = model_input(parity_dir, case)

@@ -26,8 +26,10 @@ def _cases() -> list[ModelCase]:
 
 
 @pytest.fixture(scope="module")
-def encoder(parity_dir: Path) -> Encoder:
-    return load_encoder(parity_dir / "checkpoint.pth", config=parity_dir / "config.json")
+def encoder(parity_dir: Path, test_device: torch.device) -> Encoder:
+    return load_encoder(
+        parity_dir / "checkpoint.pth", config=parity_dir / "config.json", device=test_device
+    )
 
 
 @pytest.mark.parametrize(
@@ -40,18 +42,18 @@ def test_model_case(case: ModelCase, encoder: Encoder, parity_dir: Path) -> None
     tol = case.raw["tolerance"]
     m = Modality.parse(case.modality)
 
-    got = encoder.forward({m: torch.from_numpy(x)})[m].numpy()
+    got = encoder.forward({m: torch.from_numpy(x)})[m].cpu().numpy()
     assert_within(got, np.load(parity_dir / outputs["final"]["file"]), tol["final"], "final")
 
     # Per-clip pieces on the flattened (B*S, ...) batch.
-    flat = torch.from_numpy(x)
+    flat = torch.from_numpy(x).to(encoder.device)
     if flat.ndim >= 5:
         flat = flat.reshape(-1, *flat.shape[2:])
     model = encoder.model
     with torch.inference_mode():
-        head = model.head_features(m, flat).numpy()
-        tokens = model.tokens(m, flat[:1]).numpy()[0]
-        trunk = model.trunk_output(m, flat[:1]).numpy()[0]
+        head = model.head_features(m, flat).cpu().numpy()
+        tokens = model.tokens(m, flat[:1]).cpu().numpy()[0]
+        trunk = model.trunk_output(m, flat[:1]).cpu().numpy()[0]
     assert_within(head, np.load(parity_dir / outputs["head"]["file"]), tol["head"], "head")
     inter = tol.get("intermediates_item0", tol["head"])
     assert_within(tokens, np.load(parity_dir / outputs["tokens_item0"]["file"]), inter, "tokens")
