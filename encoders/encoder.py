@@ -114,7 +114,7 @@ def load_encoder(
     checkpoint: str | Path | None = None,
     config: str | Path | ModelConfig | dict[str, Any] = "imagebind_huge",
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype | None = None,
     modalities: Iterable[Modality | str] | None = None,
     sha256: str | None = None,
     seed: int | None = 0,
@@ -130,7 +130,8 @@ def load_encoder(
         checkpoint: ``.pth`` (read with ``weights_only=True``) or ``.safetensors`` (mmap).
         config: a preset name, a ModelConfig, a dict, or a JSON file (ours or the official
             constructor kwargs).
-        dtype: parameter dtype; None picks bf16/fp16 on GPU and fp32 on CPU.
+        dtype: parameter dtype; None (the default) picks bf16 on GPUs that support it (fp16 on
+            older ones) and fp32 on CPU. ``torch.bfloat16`` works on CPU too.
         sha256: when given, the checkpoint file is checked against it before loading.
     """
     cfg = resolve_config(config)

@@ -166,6 +166,49 @@ class Trunk(nn.Module):
 # ----------------------------------------------------------------------------- stems
 
 
+def _patchify(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """Non-overlapping patches, flattened: (B, C, *S) -> (B, N, C * prod(kernel)).
+
+    Patch order is row-major over the grid and features are (C, *kernel), exactly the order of
+    a convolution's flattened output and flattened weight. Trailing pixels that do not fill a
+    patch are dropped, as a convolution with stride = kernel does.
+    """
+    B, C, *S = x.shape
+    grid = [s // k for s, k in zip(S, kernel, strict=True)]
+    x = x[(..., *(slice(0, g * k) for g, k in zip(grid, kernel, strict=True)))]
+    split = [d for g, k in zip(grid, kernel, strict=True) for d in (g, k)]
+    x = x.reshape(B, C, *split)  # (B, C, g0, k0, g1, k1, ...)
+    n = len(kernel)
+    order = [0, *range(2, 2 + 2 * n, 2), 1, *range(3, 3 + 2 * n, 2)]
+    x = x.permute(order)  # (B, g0, g1, ..., C, k0, k1, ...)
+    return x.reshape(B, math.prod(grid), -1)
+
+
+class PatchProj(nn.Module):
+    """A bias-free convolution whose kernel is a patch, computed as one matmul over patches.
+
+    The weight has the layout of ``nn.Conv2d``/``nn.Conv3d``, so checkpoints load unchanged.
+    As a plain GEMM it runs at matmul speed on CPU and stays true fp32 on GPU (cuDNN
+    convolutions default to TF32, which would cost parity). Returns tokens (B, N, D).
+    """
+
+    def __init__(
+        self, in_ch: int, dim: int, kernel: tuple[int, ...], stride: tuple[int, ...], **fk: Any
+    ) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+        self.weight = nn.Parameter(torch.empty(dim, in_ch, *kernel, **fk))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel == self.stride:
+            patches = _patchify(x, self.kernel)  # (B, N, C*prod(k))
+        elif len(self.kernel) == 2:  # overlapping patches (audio): im2col
+            patches = F.unfold(x, self.kernel, stride=self.stride).transpose(1, 2)
+        else:
+            raise ValueError("overlapping 3-D patches are not supported")
+        return F.linear(patches, self.weight.flatten(1))  # (B, N, D)
+
+
 class RepeatFrames(nn.Module):
     """Turn a still image (B, C, H, W) into a clip (B, C, T, H, W) by repeating it in time."""
 
@@ -179,6 +222,24 @@ class RepeatFrames(nn.Module):
         if x.shape[2] == 1:
             x = x.expand(-1, -1, self.frames, -1, -1)
         return x
+
+
+class ClipPatchProj(nn.Sequential):
+    """Vision patch projection: [RepeatFrames, PatchProj] (keys ``proj.1.weight``).
+
+    A still image repeated over the clip's frames meets the same pixels at every time step of
+    the kernel, so when one temporal patch spans the whole clip the kernel is summed over time
+    and applied to the image once: the same result at half the cost, with no repeated copy.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        repeat: RepeatFrames = self[0]  # type: ignore[assignment]
+        proj: PatchProj = self[1]  # type: ignore[assignment]
+        kt, kh, kw = proj.kernel
+        if x.ndim == 4 and repeat.frames == kt and proj.kernel == proj.stride:
+            w = proj.weight.sum(dim=2)  # (D, C, kh, kw)
+            return F.linear(_patchify(x, (kh, kw)), w.flatten(1))
+        return proj(repeat(x))
 
 
 class PatchEmbed(nn.Module):
@@ -349,19 +410,20 @@ class ImageBind(nn.Module):
         t = cfg.trunk(m)
         D, n = t.width, cfg.num_patches(m)
         if m is Modality.VISION:
-            conv = nn.Conv3d(3, D, cfg.vision_patch, stride=cfg.vision_patch, bias=False, **fk)
-            proj = nn.Sequential(RepeatFrames(p.video_frames), conv)
+            k3 = cfg.vision_patch
+            proj = ClipPatchProj(RepeatFrames(p.video_frames), PatchProj(3, D, k3, k3, **fk))
             stem: nn.Module = PatchStem(PatchEmbed(proj), n, D, **fk)
         elif m is Modality.TEXT:
             stem = TextStem(p.vocab_size, p.context_length, D, **fk)
         elif m is Modality.AUDIO:
-            conv2 = nn.Conv2d(1, D, cfg.audio_patch, stride=cfg.audio_stride, bias=False, **fk)
-            stem = PatchStem(PatchEmbed(conv2, nn.LayerNorm(D, **fk)), n, D, **fk)
+            ka, sa = (cfg.audio_patch,) * 2, (cfg.audio_stride,) * 2
+            conv = PatchProj(1, D, ka, sa, **fk)
+            stem = PatchStem(PatchEmbed(conv, nn.LayerNorm(D, **fk)), n, D, **fk)
         elif m in (Modality.DEPTH, Modality.THERMAL):
             k = cfg.depth_patch if m is Modality.DEPTH else cfg.thermal_patch
-            conv2 = nn.Conv2d(1, D, k, stride=k, bias=False, **fk)
+            conv = PatchProj(1, D, (k, k), (k, k), **fk)
             name = "depth_stem" if m is Modality.DEPTH else "rgbt_stem"
-            stem = PatchStem(PatchEmbed(conv2, nn.LayerNorm(D, **fk)), n, D, stem_name=name, **fk)
+            stem = PatchStem(PatchEmbed(conv, nn.LayerNorm(D, **fk)), n, D, stem_name=name, **fk)
         else:
             stem = IMUStem(p.imu_channels, p.imu_samples, cfg.imu_window, D, **fk)
         self.modality_preprocessors[m.value] = stem
@@ -485,7 +547,9 @@ def init_weights(model: ImageBind, seed: int | None = None) -> None:
         )
 
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear | nn.Conv2d | nn.Conv3d):
+        if isinstance(mod, PatchProj):
+            normal_(mod.weight, 0.02)
+        elif isinstance(mod, nn.Linear):
             normal_(mod.weight, 0.02)
             if mod.bias is not None:
                 mod.bias.zero_()

@@ -279,3 +279,37 @@ def test_video_modality_uses_vision_tower() -> None:
     per_clip = np.stack([enc.embed("vision", clips[:, i : i + 1])[0] for i in range(2)])
     mean = per_clip.mean(0)
     np.testing.assert_allclose(v[0], mean / np.linalg.norm(mean), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- stems as GEMMs
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "stride"),
+    [
+        ((2, 1, 128, 204), (16, 16), (10, 10)),  # audio: overlapping patches
+        ((2, 1, 230, 227), (16, 16), (16, 16)),  # depth, with trailing pixels a conv drops
+        ((2, 3, 2, 56, 42), (2, 14, 14), (2, 14, 14)),  # video clip
+    ],
+)
+def test_patch_proj_equals_convolution(shape: tuple, kernel: tuple, stride: tuple) -> None:
+    from encoders.model import PatchProj
+
+    torch.manual_seed(0)
+    proj = PatchProj(shape[1], 8, kernel, stride)
+    torch.nn.init.normal_(proj.weight)
+    x = torch.randn(shape)
+    conv = torch.nn.functional.conv2d if len(kernel) == 2 else torch.nn.functional.conv3d
+    ref = conv(x, proj.weight, stride=stride).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(proj(x), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_still_image_summed_kernel_equals_repeated_clip() -> None:
+    """A still image embeds exactly like the 2-frame clip that repeats it (official behaviour)."""
+    enc = load_encoder(config="imagebind_test", modalities=["vision"], seed=3)
+    x = torch.randn(2, 3, 224, 224)
+    clip = x.unsqueeze(2).expand(-1, -1, 2, -1, -1)  # (B, 3, 2, H, W)
+    with torch.inference_mode():
+        a = enc.model.tokens("vision", x)
+        b = enc.model.tokens("vision", clip)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

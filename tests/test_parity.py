@@ -28,7 +28,10 @@ def _cases() -> list[ModelCase]:
 @pytest.fixture(scope="module")
 def encoder(parity_dir: Path, test_device: torch.device) -> Encoder:
     return load_encoder(
-        parity_dir / "checkpoint.pth", config=parity_dir / "config.json", device=test_device
+        parity_dir / "checkpoint.pth",
+        config=parity_dir / "config.json",
+        device=test_device,
+        dtype=torch.float32,
     )
 
 
