@@ -175,7 +175,8 @@ def _patchify(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
     """
     B, C, *S = x.shape
     grid = [s // k for s, k in zip(S, kernel, strict=True)]
-    x = x[(..., *(slice(0, g * k) for g, k in zip(grid, kernel, strict=True)))]
+    crop = tuple(slice(0, g * k) for g, k in zip(grid, kernel, strict=True))
+    x = x[(slice(None), slice(None), *crop)]
     split = [d for g, k in zip(grid, kernel, strict=True) for d in (g, k)]
     x = x.reshape(B, C, *split)  # (B, C, g0, k0, g1, k1, ...)
     n = len(kernel)
@@ -232,14 +233,15 @@ class ClipPatchProj(nn.Sequential):
     and applied to the image once: the same result at half the cost, with no repeated copy.
     """
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor) -> Tensor:
         repeat: RepeatFrames = self[0]  # type: ignore[assignment]
         proj: PatchProj = self[1]  # type: ignore[assignment]
         kt, kh, kw = proj.kernel
         if x.ndim == 4 and repeat.frames == kt and proj.kernel == proj.stride:
             w = proj.weight.sum(dim=2)  # (D, C, kh, kw)
             return F.linear(_patchify(x, (kh, kw)), w.flatten(1))
-        return proj(repeat(x))
+        out: Tensor = proj(repeat(x))
+        return out
 
 
 class PatchEmbed(nn.Module):
