@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,10 @@ from torch import Tensor
 
 from .checkpoint import check_state_dict, read_state_dict, remap_imagebind_keys, select_modalities
 from .config import ModelConfig, PreprocessConfig, resolve_config
+from .inputs import Item, preprocess
 from .modality import TOWERS, Modality
 from .model import ImageBind, init_weights
+from .transforms.text import trim_to_longest
 
 
 class Encoder:
@@ -89,6 +91,39 @@ class Encoder:
             y = self.model.embed_one(m, self._prepare(m, x), scaled=False)
             y = torch.nn.functional.normalize(y.float(), dim=-1)
         return y.cpu().numpy()
+
+
+    def preprocess(
+        self,
+        modality: Modality | str,
+        items: Sequence[Item] | str,
+        official: bool = False,
+        **options: Any,
+    ) -> Tensor:
+        """Files, bytes or strings -> the batch this model takes (see ``encoders.inputs``)."""
+        return preprocess(modality, items, self.preprocess_cfg, official=official, **options)
+
+    def embed_items(
+        self,
+        modality: Modality | str,
+        items: Sequence[Item] | str,
+        official: bool = False,
+        batch_size: int = 16,
+        **options: Any,
+    ) -> np.ndarray:
+        """Files, bytes or strings -> (N, D) float32 L2-normalised embeddings, in input order."""
+        m = Modality.parse(modality)
+        if isinstance(items, str | bytes | Path):
+            items = [items]
+        out = []
+        for start in range(0, len(items), batch_size):
+            x = self.preprocess(m, items[start : start + batch_size], official, **options)
+            if m is Modality.TEXT:
+                x = trim_to_longest(x)  # exact: see trim_to_longest
+            out.append(self.embed(m, x))
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate(out)
 
 
 def _expected_ndims(m: Modality) -> tuple[int, ...]:

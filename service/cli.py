@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from encoders.cli import weights_app
+from encoders.embed_cli import embed
 
 app = typer.Typer(
     name="bindsearch",
@@ -17,6 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(weights_app, name="weights")
+app.command("embed")(embed)
 
 
 def main() -> None:
