@@ -1,26 +1,39 @@
-"""ImageBind encoders: configs, the model, checkpoint loading.
+"""ImageBind encoders: configs, the model, checkpoint loading, input transforms.
 
 No web framework, no index library, no settings in here.
+
+    from encoders import load_encoder
+    enc = load_encoder("imagebind_huge.safetensors", config="imagebind_huge", device="cuda")
+    vectors = enc.embed_items("vision", ["cat.jpg", "dog.png"])  # (2, 1024) unit vectors
 """
 
 from .checkpoint import read_state_dict, remap_imagebind_keys, sha256_file
 from .config import PRESETS, ModelConfig, PreprocessConfig, TrunkConfig, list_presets
 from .encoder import Encoder, load_encoder
-from .errors import CheckpointError, DownloadError, EncoderError
+from .errors import CheckpointError, DownloadError, EncoderError, InvalidInput, UnknownWeights
+from .inputs import InputLimits, preprocess
 from .modality import Modality
+from .weights import WEIGHTS, WeightsSpec, download_weights
 
 __all__ = [
     "PRESETS",
+    "WEIGHTS",
     "CheckpointError",
     "DownloadError",
     "Encoder",
     "EncoderError",
+    "InputLimits",
+    "InvalidInput",
     "Modality",
     "ModelConfig",
     "PreprocessConfig",
     "TrunkConfig",
+    "UnknownWeights",
+    "WeightsSpec",
+    "download_weights",
     "list_presets",
     "load_encoder",
+    "preprocess",
     "read_state_dict",
     "remap_imagebind_keys",
     "sha256_file",

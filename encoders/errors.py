@@ -17,3 +17,7 @@ class DownloadError(EncoderError):
 
 class InvalidInput(EncoderError, ValueError):
     """An input that cannot be decoded or is out of range; the message says what is accepted."""
+
+
+class UnknownWeights(EncoderError, ValueError):
+    """A weights name that is not in the registry; the message lists the known ones."""

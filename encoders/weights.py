@@ -26,7 +26,7 @@ from typing import Literal
 from torch import Tensor
 
 from .checkpoint import read_state_dict, sha256_file
-from .errors import DownloadError, EncoderError
+from .errors import DownloadError, EncoderError, UnknownWeights
 
 CACHE_ENV = "BINDSEARCH_CACHE"
 TIMEOUT_S = 30.0  # per connect and per read: a stalled server fails instead of hanging
@@ -35,10 +35,6 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 # Metadata keys of the safetensors copy: which file it was converted from.
 META_SHA256 = "source_sha256"
 META_URL = "source_url"
-
-
-class UnknownWeights(EncoderError, ValueError):
-    """A weights name that is not in the registry; the message lists the known ones."""
 
 
 @dataclass(frozen=True)
