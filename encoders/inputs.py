@@ -7,10 +7,12 @@ names the offending item in every error.
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -28,6 +30,10 @@ class InputLimits:
     max_bytes: int = 1 << 30  # 1 GiB per file
     max_text_chars: int = 20_000  # a caption, not a book; the model reads 75 tokens anyway
     max_items: int = 100_000  # per call
+    # Audio is decoded whole before its clips are taken: 10 min of 48 kHz stereo is 230 MB of
+    # float32. Longer recordings belong in the index, which cuts them into segments.
+    max_audio_seconds: float = 600.0
+    max_pixels: int = 64_000_000  # per image (Pillow's own bomb guard is 89.5 M)
 
     def check_item(self, item: Item, name: str) -> None:
         if isinstance(item, bytes):
@@ -41,6 +47,72 @@ class InputLimits:
             raise InvalidInput(f"{name}: the file is empty (0 bytes)")
         if size > self.max_bytes:
             raise InvalidInput(f"{name}: {size} bytes is over the limit of {self.max_bytes} bytes")
+
+    def check_content(self, m: Modality, item: Item, name: str) -> None:
+        """Header-only checks (pixels, duration) before a full decode."""
+        if m is Modality.VISION:
+            pixels = _image_pixels(item)
+            if pixels is not None and pixels > self.max_pixels:
+                raise InvalidInput(
+                    f"{name}: {pixels} pixels is over the limit of {self.max_pixels}"
+                )
+        elif m is Modality.AUDIO:
+            seconds = _audio_seconds(item)
+            if seconds is not None and seconds > self.max_audio_seconds:
+                raise InvalidInput(
+                    f"{name}: {seconds:.0f} s of audio is over the limit of "
+                    f"{self.max_audio_seconds:.0f} s (index long recordings: they are segmented)"
+                )
+
+
+def _open_item(item: Item) -> Any:
+    return io.BytesIO(item) if isinstance(item, bytes) else str(item)
+
+
+def open_binary(item: Item) -> IO[bytes]:
+    """A binary file object for a path or bytes (opened by Python, never by a decoder)."""
+    return io.BytesIO(item) if isinstance(item, bytes) else open(item, "rb")
+
+
+def _image_pixels(item: Item) -> int | None:
+    """Width x height from the header, or None if Pillow cannot tell (the loader will say)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the bomb warning: our own limit speaks instead
+            with Image.open(_open_item(item)) as im:
+                return int(im.size[0]) * int(im.size[1])
+    except Exception:
+        return None
+
+
+def _audio_seconds(item: Item) -> float | None:
+    """Duration from the header (libsndfile, else FFmpeg), or None if unknown."""
+    try:
+        import soundfile
+
+        info = soundfile.info(_open_item(item))
+        if info.samplerate > 0:
+            return float(info.frames) / float(info.samplerate)
+    except Exception:
+        pass
+    try:
+        import av
+
+        from .transforms.audio import sniff_audio_container
+
+        with open_binary(item) as fp:
+            fmt = sniff_audio_container(fp.read(12))
+            fp.seek(0)
+            if fmt is None:
+                return None  # the loader refuses it with the proper message
+            with av.open(fp, format=fmt) as container:
+                if container.duration is not None:
+                    return float(container.duration) / 1e6  # microseconds (AV_TIME_BASE)
+    except Exception:
+        return None
+    return None
 
 
 DEFAULT_LIMITS = InputLimits()
@@ -123,6 +195,7 @@ def preprocess(
     for i, item in enumerate(items):
         name = item_name(item, i)
         limits.check_item(item, name)
+        limits.check_content(m, item, name)
         try:
             x = load(item, cfg, official=official, **options)
         except InvalidInput as e:
