@@ -49,12 +49,21 @@ def main() -> None:
         ("vision", "EXIF orientation 6 applied", str(root / "inputs/img_exif_orient6_400x300.jpg")),
         ("vision", "alpha composited over white", str(root / "inputs/img_rgba_330x240.png")),
         ("vision", "16-bit PNG scaled, not clipped", _png16_mid_grey()),
-        ("audio", "per-clip mean on a copy (44.1 kHz, 5 s)",
-         str(root / "inputs/aud_44k1_stereo_pcm16_5s.wav")),
-        ("audio", "per-clip mean on a copy (22.05 kHz, 3.3 s)",
-         str(root / "inputs/aud_22k05_mono_pcm16_3.3s_silence.wav")),
-        ("audio", "per-clip mean on a copy (16 kHz, 12.3 s: no overlap)",
-         str(root / "inputs/aud_16k_stereo_pcm16_12.3s.wav")),
+        (
+            "audio",
+            "per-clip mean on a copy (44.1 kHz, 5 s)",
+            str(root / "inputs/aud_44k1_stereo_pcm16_5s.wav"),
+        ),
+        (
+            "audio",
+            "per-clip mean on a copy (22.05 kHz, 3.3 s)",
+            str(root / "inputs/aud_22k05_mono_pcm16_3.3s_silence.wav"),
+        ),
+        (
+            "audio",
+            "per-clip mean on a copy (16 kHz, 12.3 s: no overlap)",
+            str(root / "inputs/aud_16k_stereo_pcm16_12.3s.wav"),
+        ),
     ]
     rows = []
     print(f"{'modality':8}  {'departure':55}  cosine(default, official)")
@@ -66,8 +75,14 @@ def main() -> None:
         print(f"{modality:8}  {what:55}  {cos:.6f}")
     # Audio shorter than one 25 ms frame: the official loader fails; ours pads.
     short = enc.embed_items("audio", [_short_wav()])
-    rows.append({"modality": "audio", "departure": "10 ms clip padded (official: error)",
-                 "cosine": None, "norm": float(np.linalg.norm(short))})
+    rows.append(
+        {
+            "modality": "audio",
+            "departure": "10 ms clip padded (official: error)",
+            "cosine": None,
+            "norm": float(np.linalg.norm(short)),
+        }
+    )
     print(f"{'audio':8}  {'10 ms clip padded (official: error)':55}  n/a (official fails)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"fixture": str(root), "rows": rows}, indent=1))
