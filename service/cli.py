@@ -9,6 +9,7 @@ import typer
 
 from encoders.cli import weights_app
 from encoders.embed_cli import embed
+from service.serve_cli import serve
 
 app = typer.Typer(
     name="bindsearch",
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(weights_app, name="weights")
 app.command("embed")(embed)
+app.command("serve")(serve)
 
 
 def main() -> None:

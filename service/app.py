@@ -1,0 +1,247 @@
+"""``create_app``: the FastAPI application, its lifespan, error mapping and middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from encoders import InvalidInput
+
+from .batcher import Batcher, BatchSettings
+from .deps import AppState
+from .embedders import Embedder
+from .errors import (
+    InvalidContent,
+    MalformedRequest,
+    PayloadTooLarge,
+    ServiceError,
+    status_of,
+)
+from .metrics import Metrics, MetricsMiddleware
+from .pipeline import Pipeline
+from .routes import embed, items, ops, search
+from .schemas import EmbedRequest, SearchRequest
+from .searchers import Searcher
+from .settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+_HTTP_TYPES = {
+    400: "malformed_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media",
+}
+
+
+def create_app(
+    settings: ServiceSettings,
+    embedder: Embedder | Callable[[], Embedder],
+    searcher: Searcher | None = None,
+) -> FastAPI:
+    """The service. ``embedder`` is an Embedder, or a function that loads one in the lifespan.
+
+    Without a ``searcher`` the service embeds but does not search (503 ``no_index``).
+    """
+    metrics = Metrics()
+    state = AppState(settings=settings, metrics=metrics, searcher=searcher)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        emb = embedder if isinstance(embedder, Embedder) else await asyncio.to_thread(embedder)
+        info = emb.info
+        if searcher is not None and searcher.dim != info.dim:
+            raise ValueError(
+                f"the index holds {searcher.dim}-d vectors but the model makes {info.dim}-d "
+                "ones: serve the index with the model that built it"
+            )
+        decode_pool = ThreadPoolExecutor(settings.decode_workers, "bindsearch-decode")
+        batcher = Batcher(
+            emb,
+            BatchSettings(
+                max_batch_size=settings.max_batch_size,
+                max_wait_ms=settings.max_wait_ms,
+                max_queue=settings.max_queue,
+                retry_after_s=settings.retry_after_s,
+            ),
+            metrics,
+        )
+        state.pipeline = Pipeline(emb, batcher, settings, decode_pool)
+        state.model = info
+        state.not_ready_reason = "the model is warming up"
+        warm = asyncio.create_task(_warm_up(state, emb, batcher))
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.not_ready_reason = "shutting down"
+            warm.cancel()
+            await batcher.close()
+            decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="bindsearch",
+        summary="Any-to-any search in one ImageBind embedding space.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.bindsearch = state
+    for router in (ops.router, ops.info_router, search.router, embed.router, items.router):
+        app.include_router(router)
+    _register_errors(app)
+    # Added last = outermost: metrics see every answer, including the body limit's 413.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def _warm_up(state: AppState, emb: Embedder, batcher: Batcher) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(batcher.model_thread, emb.warmup)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.exception("warm-up failed")
+        state.not_ready_reason = f"warm-up failed ({type(e).__name__}: {e})"
+        return
+    state.ready = True
+    log.info("ready: %s, %d-d", emb.info.name, emb.info.dim)
+
+
+def error_response(err: ServiceError) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": err.type, "message": err.message}},
+        status_code=status_of(err),
+        headers=err.headers(),
+    )
+
+
+def _register_errors(app: FastAPI) -> None:
+    """The one mapping from exceptions to responses (``service.errors`` has the table)."""
+
+    async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return error_response(exc)
+
+    async def on_invalid_input(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(InvalidContent(str(exc)))
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        parts = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        return error_response(MalformedRequest("; ".join(parts) or "malformed request"))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, ServiceError):  # e.g. the body limit, inside a body read
+            return error_response(exc.__cause__)
+        kind = _HTTP_TYPES.get(exc.status_code, "error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}; see /docs"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; see /docs"
+        return JSONResponse(
+            {"error": {"type": kind, "message": message}},
+            status_code=exc.status_code,
+            headers=dict(exc.headers or {}),
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"error": {"type": "internal", "message": "internal error; it has been logged"}},
+            status_code=500,
+        )
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(InvalidInput, on_invalid_input)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` (413): by Content-Length, or while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(
+            f"the request body is over the limit of {self.max_bytes} bytes"
+        )
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await error_response(MalformedRequest("bad Content-Length"))(
+                        scope, receive, send
+                    )
+                    return
+                if length > self.max_bytes:
+                    await error_response(too_large)(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the JSON bodies of the routes that also take multipart."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        routes=app.routes,
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (SearchRequest, EmbedRequest):
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in js.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components[model.__name__] = js
+    app.openapi_schema = schema
+    return schema

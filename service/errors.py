@@ -1,0 +1,108 @@
+"""The service's one error hierarchy and its one mapping to HTTP status.
+
+Every error the service raises on purpose is a ``ServiceError``; its class decides the status
+(``STATUS``) and the ``type`` in the JSON body ``{"error": {"type": ..., "message": ...}}``.
+Errors from elsewhere are translated once, in ``service.app``: ``encoders.InvalidInput`` -> 422,
+request validation -> 400, unknown routes -> 404.
+
+    ServiceError
+    ├── MalformedRequest      400  the request does not parse or fit the schema
+    ├── Unauthorized          401  API key missing or wrong
+    ├── NotFound              404  unknown item, route, or a media file not on disk
+    ├── PayloadTooLarge       413  over a byte, pixel, duration, text or count cap
+    ├── UnsupportedMedia      415  modality unknown to the sniffer or to this model
+    ├── InvalidContent        422  well-formed request, content that cannot be used
+    ├── Overloaded            429  a queue is full (Retry-After)
+    └── Unavailable           503  not ready, no index loaded, or the model failed
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ServiceError(Exception):
+    """Base of every error the service raises on purpose; the message is shown to the client."""
+
+    type: ClassVar[str] = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class MalformedRequest(ServiceError):
+    type = "malformed_request"
+
+
+class Unauthorized(ServiceError):
+    type = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(ServiceError):
+    type = "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    type = "too_large"
+
+
+class UnsupportedMedia(ServiceError):
+    type = "unsupported_media"
+
+
+class InvalidContent(ServiceError):
+    type = "invalid_content"
+
+
+class Overloaded(ServiceError):
+    type = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class Unavailable(ServiceError):
+    type = "unavailable"
+
+
+class NotReady(Unavailable):
+    type = "not_ready"
+
+
+class NoIndex(Unavailable):
+    type = "no_index"
+
+
+class ModelFailed(Unavailable):
+    type = "model_failed"
+
+
+STATUS: dict[type[ServiceError], int] = {
+    MalformedRequest: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    UnsupportedMedia: 415,
+    InvalidContent: 422,
+    Overloaded: 429,
+    Unavailable: 503,
+}
+
+
+def status_of(err: ServiceError) -> int:
+    """The HTTP status of an error: its nearest class in ``STATUS``."""
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500

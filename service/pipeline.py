@@ -1,0 +1,204 @@
+"""From request inputs to unit vectors: caps, modality, decoding off the loop, the batcher.
+
+Order matters: cheap checks first (counts, bytes, text length, the modality), then a load
+check against the queues (so an overloaded service does not decode what it will refuse),
+then decoding in the thread pool, then the batcher. Errors come out as ``ServiceError``s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from encoders import InputLimits, InvalidInput, Modality
+
+from .batcher import Batcher
+from .embedders import Embedder, Sample, unit
+from .errors import InvalidContent, MalformedRequest, PayloadTooLarge, UnsupportedMedia
+from .settings import ServiceSettings
+from .sniff import sniff_modality
+
+
+@dataclass(frozen=True)
+class TextInput:
+    text: str
+    name: str = "text"
+
+
+@dataclass(frozen=True)
+class BlobInput:
+    """An upload's bytes; ``modality`` None means: sniff it from the content."""
+
+    data: bytes
+    modality: Modality | None
+    name: str
+
+
+Input = TextInput | BlobInput
+
+
+def parse_modality(value: str | None, what: str = "modality") -> Modality | None:
+    """A client's modality name (None or empty: not given); 400 listing the accepted names."""
+    if value is None or not value.strip():
+        return None
+    try:
+        return Modality.parse(value)
+    except ValueError as e:
+        raise MalformedRequest(f"{what}: {e}") from None
+
+
+def decode_base64(data: str, name: str) -> bytes:
+    """Standard or URL-safe base64, padding optional; 400 when it is not base64."""
+    s = re.sub(r"\s+", "", data)
+    try:
+        if "-" in s or "_" in s:
+            return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+        return base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedRequest(f"{name}: `data` is not valid base64") from None
+
+
+_DATA_URI = re.compile(r"^data:(?P<params>[^,]*?);base64,(?P<payload>.*)$", re.DOTALL)
+_MIME_MODALITY = {"image": Modality.VISION, "audio": Modality.AUDIO, "video": Modality.VIDEO}
+
+
+def parse_data_uri(s: str, name: str) -> BlobInput | None:
+    """``data:<mime>[;modality=<m>];base64,<payload>`` -> a BlobInput; None if not a data URI.
+
+    The MIME's major type gives the modality (image, audio, video); ``;modality=`` overrides
+    it (``data:image/png;modality=depth;base64,...``); otherwise the content is sniffed.
+    """
+    if not s.startswith("data:"):
+        return None
+    m = _DATA_URI.match(s)
+    if m is None:
+        raise MalformedRequest(
+            f"{name}: a data URI must be base64: data:<mime>[;modality=<name>];base64,<payload>"
+        )
+    params = [p.strip() for p in m["params"].split(";")]
+    modality: Modality | None = None
+    for p in params[1:]:
+        if p.lower().startswith("modality="):
+            modality = parse_modality(p.split("=", 1)[1], f"{name}: modality")
+    if modality is None and params[0]:
+        modality = _MIME_MODALITY.get(params[0].split("/", 1)[0].lower())
+    return BlobInput(decode_base64(m["payload"], name), modality, name)
+
+
+def mix(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Embedding arithmetic: normalise each term, weight, sum, normalise -> (D,)."""
+    w = np.asarray(weights, np.float64)
+    total = (unit(vectors).astype(np.float64) * w[:, None]).sum(axis=0)
+    norm = float(np.linalg.norm(total))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise InvalidContent(
+            "the weighted terms cancel out (their sum is zero): nothing to search for; "
+            "change the weights"
+        )
+    out: np.ndarray = (total / norm).astype(np.float32)
+    return out
+
+
+class Pipeline:
+    """Caps, modality resolution, decoding (thread pool) and batching, for one app."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        batcher: Batcher,
+        settings: ServiceSettings,
+        decode_pool: ThreadPoolExecutor,
+    ) -> None:
+        self.embedder = embedder
+        self.batcher = batcher
+        self.settings = settings
+        self.decode_pool = decode_pool
+        self.modalities = frozenset(embedder.info.modalities)
+        self.limits = InputLimits(
+            max_bytes=settings.max_upload_bytes,
+            max_text_chars=settings.max_text_chars,
+            max_audio_seconds=settings.max_audio_seconds,
+            max_pixels=settings.max_pixels,
+        )
+
+    def check_count(self, n: int, what: str = "inputs") -> None:
+        if n > self.settings.max_inputs:
+            raise PayloadTooLarge(
+                f"{n} {what} in one request; the limit is {self.settings.max_inputs}"
+            )
+
+    def modality_of(self, inp: Input) -> Modality:
+        """The input's modality (sniffed if not given), checked against caps and the model."""
+        if isinstance(inp, TextInput):
+            m = Modality.TEXT
+            if len(inp.text) > self.settings.max_text_chars:
+                raise PayloadTooLarge(
+                    f"{inp.name}: {len(inp.text)} characters; the limit is "
+                    f"{self.settings.max_text_chars}"
+                )
+            if not inp.text.strip():
+                raise InvalidContent(f"{inp.name}: the text is empty")
+        else:
+            if len(inp.data) > self.settings.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"{inp.name}: {len(inp.data)} bytes; the limit is "
+                    f"{self.settings.max_upload_bytes} bytes per upload"
+                )
+            if not inp.data:
+                raise InvalidContent(f"{inp.name}: the upload is empty (0 bytes)")
+            try:
+                m = inp.modality or sniff_modality(inp.data)
+            except UnsupportedMedia as e:
+                raise UnsupportedMedia(f"{inp.name}: {e.message}") from None
+            if m is Modality.TEXT:
+                raise UnsupportedMedia(
+                    f"{inp.name}: text is sent as a string (`text`), not as a file"
+                )
+        if m not in self.modalities:
+            accepted = ", ".join(sorted(x.value for x in self.modalities))
+            raise UnsupportedMedia(
+                f"{inp.name}: this model does not embed {m.value}; it embeds {accepted}"
+            )
+        return m
+
+    def _decode(self, m: Modality, inp: Input) -> Sample:
+        """Runs in the decode pool: header caps (pixels, duration), then the full decode."""
+        item: bytes | str
+        if isinstance(inp, TextInput):
+            item = inp.text
+        else:
+            item = inp.data
+            try:
+                self.limits.check_content(m, item, inp.name)
+            except InvalidInput as e:
+                raise PayloadTooLarge(str(e)) from None
+        try:
+            return self.embedder.preprocess(m, item)
+        except InvalidInput as e:
+            msg = str(e).replace("<bytes #0>", inp.name)
+            raise InvalidContent(msg if inp.name in msg else f"{inp.name}: {msg}") from None
+
+    async def embed(self, inputs: Sequence[Input]) -> tuple[np.ndarray, list[Modality]]:
+        """Inputs -> ((N, D) unit vectors, their modalities), in order."""
+        self.check_count(len(inputs))
+        mods = [self.modality_of(inp) for inp in inputs]
+        counts: dict[Modality, int] = {}
+        for m in mods:
+            counts[m] = counts.get(m, 0) + 1
+        self.batcher.check_room(counts)  # shed load before spending CPU on decoding
+        loop = asyncio.get_running_loop()
+        samples = await asyncio.gather(
+            *(
+                loop.run_in_executor(self.decode_pool, self._decode, m, inp)
+                for m, inp in zip(mods, inputs, strict=True)
+            )
+        )
+        vectors = await self.batcher.embed(list(zip(mods, samples, strict=True)))
+        return vectors, mods

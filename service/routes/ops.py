@@ -1,0 +1,80 @@
+"""Operations: liveness, readiness, metrics, the root pointer, and /v1/info."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..deps import ModelDep, StateDep, require_api_key
+from ..schemas import IndexOut, InfoResponse, ModelOut, Status
+from . import error_responses
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/", response_model=dict[str, str])
+async def root() -> dict[str, str]:
+    """Where to look: the API docs and the OpenAPI schema."""
+    return {"name": "bindsearch", "docs": "/docs", "openapi": "/openapi.json"}
+
+
+@router.get("/healthz", response_model=Status)
+async def healthz() -> Status:
+    """Liveness: the process answers."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": Status}})
+async def readyz(state: StateDep) -> Response:
+    """Readiness: 200 once the model is loaded and warmed up, 503 until then."""
+    if state.ready:
+        return JSONResponse(Status(status="ready").model_dump())
+    body = Status(status="not_ready", detail=state.not_ready_reason)
+    return JSONResponse(body.model_dump(), status_code=503)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus metrics (unauthenticated, like /healthz: scrape it from inside)."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+info_router = APIRouter(
+    prefix="/v1", tags=["operations"], dependencies=[Depends(require_api_key)]
+)
+
+
+@info_router.get("/info", response_model=InfoResponse, responses=error_responses(401, 503))
+async def info(state: StateDep, model: ModelDep) -> InfoResponse:
+    """The model (with the licence of its weights), the indexes with counts and recipes."""
+    s = state.settings
+    indexes = [] if state.searcher is None else state.searcher.info()
+    return InfoResponse(
+        model=ModelOut(
+            name=model.name,
+            licence=model.licence,
+            licence_url=model.licence_url,
+            dim=model.dim,
+            modalities=[m.value for m in model.modalities],
+            device=model.device,
+            dtype=model.dtype,
+        ),
+        indexes=[
+            IndexOut(name=i.name, modality=i.modality.value, count=i.count, recipe=i.recipe)
+            for i in indexes
+        ],
+        limits={
+            "max_k": s.max_k,
+            "max_inputs": s.max_inputs,
+            "max_upload_bytes": s.max_upload_bytes,
+            "max_request_bytes": s.max_request_bytes,
+            "max_pixels": s.max_pixels,
+            "max_audio_seconds": s.max_audio_seconds,
+            "max_text_chars": s.max_text_chars,
+        },
+    )

@@ -1,0 +1,192 @@
+"""``POST /v1/search``: by upload (multipart), text, item id, base64 data, or a weighted mix."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from ..deps import PipelineDep, SearcherDep, SettingsDep, require_api_key
+from ..errors import MalformedRequest, NotFound
+from ..pipeline import BlobInput, Input, Pipeline, TextInput, decode_base64, mix, parse_modality
+from ..schemas import QueryEcho, ResultOut, SearchForm, SearchRequest, SearchResponse, TermEcho
+from ..searchers import Searcher
+from ..settings import ServiceSettings
+from . import body_ref, error_responses
+from ._body import content_kind, read_form, read_json, split_list, validation_message
+from .items import item_out
+
+router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_api_key)])
+
+_MULTIPART = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "One or more files; several make a weighted mix.",
+        },
+        "modality": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "One for all files or one per file; sniffed from content if absent.",
+        },
+        "weights": {
+            "type": "array",
+            "items": {"type": "number"},
+            "description": "One per file (default 1.0 each).",
+        },
+        "k": {"type": "integer", "minimum": 1, "description": "Results wanted (default 10)."},
+        "target": {"type": "array", "items": {"type": "string"}},
+        "tag": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+@dataclass
+class _Term:
+    weight: float
+    echo: TermEcho
+    input: Input | None = None
+    item_id: int | None = None
+
+
+@dataclass
+class _Query:
+    terms: list[_Term]
+    k: int | None
+    target: list[str]
+    tags: list[str]
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503),
+    openapi_extra=body_ref("SearchRequest", _MULTIPART),
+)
+async def search(
+    request: Request, pipeline: PipelineDep, searcher: SearcherDep, settings: SettingsDep
+) -> SearchResponse:
+    """Nearest items to a query: JSON (text, item_id, data or terms) or multipart files.
+
+    A mix normalises each term, weights it, sums and renormalises; items used as terms are
+    left out of the results. ``tags`` keeps items carrying every tag; ``k`` is capped.
+    """
+    t0 = time.perf_counter()
+    if content_kind(request) == "json":
+        q = _from_json(await read_json(request, SearchRequest))
+    else:
+        q = await _from_form(request, settings)
+    k = min(q.k or settings.default_k, settings.max_k)
+    targets = [m for t in q.target if (m := parse_modality(t, "target")) is not None] or None
+    vectors = await _term_vectors(q.terms, pipeline, searcher)
+    query = mix(vectors, [t.weight for t in q.terms])
+    exclude = {t.item_id for t in q.terms if t.item_id is not None}
+    hits = (
+        await run_in_threadpool(searcher.search, query[None], k + len(exclude), targets, q.tags)
+    )[0]
+    results = [
+        ResultOut(score=h.score, **item_out(h.item).model_dump())
+        for h in hits
+        if h.item.id not in exclude
+    ][:k]
+    echo = QueryEcho(
+        terms=[t.echo for t in q.terms],
+        k=k,
+        target=None if targets is None else [m.value for m in targets],
+        tags=q.tags,
+    )
+    return SearchResponse(
+        results=results, query=echo, took_ms=round((time.perf_counter() - t0) * 1e3, 3)
+    )
+
+
+def _from_json(body: SearchRequest) -> _Query:
+    terms: list[_Term] = []
+    for i, t in enumerate(body.as_terms()):
+        name = f"terms[{i}]" if body.terms is not None else "query"
+        if t.text is not None:
+            echo = TermEcho(kind="text", weight=t.weight, modality="text", text=t.text)
+            terms.append(_Term(t.weight, echo, input=TextInput(t.text, name)))
+        elif t.item_id is not None:
+            echo = TermEcho(kind="item", weight=t.weight, modality="", item_id=t.item_id)
+            terms.append(_Term(t.weight, echo, item_id=t.item_id))
+        else:
+            data = decode_base64(t.data or "", name)
+            m = parse_modality(t.modality, f"{name}.modality")
+            echo = TermEcho(
+                kind="data", weight=t.weight, modality=m.value if m else "", bytes=len(data)
+            )
+            terms.append(_Term(t.weight, echo, input=BlobInput(data, m, name)))
+    target = [body.target] if isinstance(body.target, str) else (body.target or [])
+    return _Query(terms, body.k, split_list(target), body.tags or [])
+
+
+async def _from_form(request: Request, settings: ServiceSettings) -> _Query:
+    files, fields = await read_form(request, settings.max_inputs, settings.max_text_chars * 4)
+    try:
+        form = SearchForm.model_validate(
+            {
+                "modality": fields.pop("modality", []),
+                "weights": fields.pop("weights", []),
+                "k": (fields.pop("k", [None]) or [None])[-1],
+                "target": fields.pop("target", []),
+                "tag": fields.pop("tag", []),
+                **fields,
+            }
+        )
+    except ValidationError as e:
+        raise MalformedRequest(validation_message(e, "form")) from None
+    if not files:
+        raise MalformedRequest("no file: send one or more files in the `file` field")
+    n = len(files)
+    mods = split_list(form.modality)
+    if len(mods) not in (0, 1, n):
+        raise MalformedRequest(f"{len(mods)} modality values for {n} files: give 1 or {n}")
+    weights = form.weights
+    if len(weights) not in (0, n):
+        raise MalformedRequest(f"{len(weights)} weights for {n} files: give {n}")
+    if any(not math.isfinite(w) for w in weights):
+        raise MalformedRequest("weights must be finite numbers")
+    terms = []
+    for i, f in enumerate(files):
+        m = parse_modality(mods[0] if len(mods) == 1 else (mods[i] if mods else None))
+        w = weights[i] if weights else 1.0
+        name = f"file {f.name!r}"
+        echo = TermEcho(
+            kind="file", weight=w, modality=m.value if m else "", filename=f.name,
+            bytes=len(f.data),
+        )
+        terms.append(_Term(w, echo, input=BlobInput(f.data, m, name)))
+    return _Query(terms, form.k, split_list(form.target), split_list(form.tag))
+
+
+async def _term_vectors(terms: list[_Term], pipeline: Pipeline, searcher: Searcher) -> np.ndarray:
+    """(T, D) vectors of the terms, in order: stored vectors for ids, the model for the rest."""
+    pipeline.check_count(len(terms), "terms")
+    out: list[np.ndarray | None] = [None] * len(terms)
+    for i, t in enumerate(terms):
+        if t.item_id is None:
+            continue
+        item = await run_in_threadpool(searcher.get_item, t.item_id)
+        v = None if item is None else await run_in_threadpool(searcher.item_vector, t.item_id)
+        if item is None or v is None:
+            raise NotFound(f"item {t.item_id} is not in the index")
+        t.echo.modality = item.modality.value
+        out[i] = v
+    todo = [i for i, t in enumerate(terms) if t.input is not None]
+    if todo:
+        inputs = [terms[i].input for i in todo]
+        vectors, mods = await pipeline.embed([x for x in inputs if x is not None])
+        for i, v, m in zip(todo, vectors, mods, strict=True):
+            out[i] = v
+            terms[i].echo.modality = m.value
+    return np.stack([v for v in out if v is not None])
+

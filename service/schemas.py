@@ -1,0 +1,227 @@
+"""Request and response bodies of the HTTP API (the OpenAPI schema is built from these)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Machine-readable kind, e.g. invalid_content, overloaded.")
+    message: str = Field(description="What was wrong and what is accepted.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Term(_Strict):
+    """One term of a query: exactly one of ``text``, ``item_id`` or ``data`` (base64)."""
+
+    text: str | None = None
+    item_id: int | None = None
+    data: str | None = Field(None, description="Base64 file content (any modality).")
+    modality: str | None = Field(None, description="Modality of `data`; sniffed if absent.")
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Term:
+        given = [n for n in ("text", "item_id", "data") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("a term has exactly one of text, item_id or data")
+        if self.modality is not None and self.data is None:
+            raise ValueError("modality goes with data")
+        return self
+
+
+class SearchRequest(_Strict):
+    """A JSON search: exactly one of ``text``, ``item_id``, ``data`` or ``terms``."""
+
+    text: str | None = None
+    item_id: int | None = None
+    data: str | None = Field(None, description="Base64 file content (any modality).")
+    modality: str | None = Field(None, description="Modality of `data`; sniffed if absent.")
+    terms: list[Term] | None = Field(
+        None, description="A weighted mix: each term normalised, weighted, summed, renormalised."
+    )
+    k: int | None = Field(None, ge=1, description="Results wanted (default 10; capped).")
+    target: list[str] | str | None = Field(
+        None, description="Item modalities to return (default: all)."
+    )
+    tags: list[str] | None = Field(None, description="Only items carrying every one of these.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchRequest:
+        given = [n for n in ("text", "item_id", "data", "terms") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text, item_id, data or terms")
+        if self.modality is not None and self.data is None:
+            raise ValueError("modality goes with data")
+        if self.terms is not None and not self.terms:
+            raise ValueError("terms is empty")
+        return self
+
+    def as_terms(self) -> list[Term]:
+        if self.terms is not None:
+            return self.terms
+        return [
+            Term(
+                text=self.text, item_id=self.item_id, data=self.data, modality=self.modality,
+                weight=1.0,
+            )
+        ]
+
+
+class SearchForm(_Strict):
+    """The non-file fields of a multipart search (validated like a JSON body)."""
+
+    modality: list[str] = Field(default_factory=list)
+    weights: list[float] = Field(default_factory=list)
+    k: int | None = Field(None, ge=1)
+    target: list[str] = Field(default_factory=list)
+    tag: list[str] = Field(default_factory=list)
+
+
+class ItemOut(BaseModel):
+    id: int
+    modality: str
+    path: str | None
+    start: float | None
+    end: float | None
+    caption: str | None
+    tags: list[str]
+    media_url: str | None
+
+
+class ResultOut(ItemOut):
+    score: float
+
+
+class TermEcho(BaseModel):
+    kind: Literal["text", "item", "data", "file"]
+    weight: float
+    modality: str
+    text: str | None = None
+    item_id: int | None = None
+    filename: str | None = None
+    bytes: int | None = None
+
+
+class QueryEcho(BaseModel):
+    terms: list[TermEcho]
+    k: int
+    target: list[str] | None
+    tags: list[str]
+
+
+class SearchResponse(BaseModel):
+    results: list[ResultOut]
+    query: QueryEcho
+    took_ms: float
+
+
+class EmbedInput(_Strict):
+    """One input to embed: ``text``, or ``data`` (base64) with an optional ``modality``."""
+
+    text: str | None = None
+    data: str | None = None
+    modality: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EmbedInput:
+        if (self.text is None) == (self.data is None):
+            raise ValueError("an input has exactly one of text or data")
+        if self.modality is not None and self.data is None:
+            raise ValueError("modality goes with data")
+        return self
+
+
+class EmbedRequest(_Strict):
+    """``{"text": "..."}``, ``{"text": ["...", ...]}`` or ``{"inputs": [...]}``."""
+
+    text: str | list[str] | None = None
+    inputs: list[EmbedInput] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EmbedRequest:
+        if (self.text is None) == (self.inputs is None):
+            raise ValueError("give exactly one of text or inputs")
+        return self
+
+
+class EmbeddingOut(BaseModel):
+    index: int
+    modality: str
+    embedding: list[float]
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    data: list[EmbeddingOut]
+
+
+class OpenAIEmbeddingsRequest(BaseModel):
+    """OpenAI ``POST /v1/embeddings``: strings are text; data URIs are files of any modality."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string or a list of strings. `data:<mime>;base64,...` strings are "
+        "files (image/*, audio/*, video/*; `;modality=depth` etc. to say which)."
+    )
+    model: str = Field(description="Any name: this server has one model.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class ModelOut(BaseModel):
+    name: str
+    licence: str
+    licence_url: str | None
+    dim: int
+    modalities: list[str]
+    device: str
+    dtype: str
+
+
+class IndexOut(BaseModel):
+    name: str
+    modality: str
+    count: int
+    recipe: dict[str, Any]
+
+
+class InfoResponse(BaseModel):
+    model: ModelOut
+    indexes: list[IndexOut]
+    limits: dict[str, float]
+
+
+class Status(BaseModel):
+    status: str
+    detail: str | None = None

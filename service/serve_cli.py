@@ -1,0 +1,89 @@
+"""``bindsearch serve``: the search service on uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from .embedders import Embedder
+    from .settings import ServiceSettings
+
+
+def serve(
+    index: Annotated[Path | None, typer.Option(
+        help="Index directory, or a .jsonl of items with vectors (tests, demos). "
+        "Without one the service embeds but does not search.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help=".pth or .safetensors weights (default: the downloaded official ones).")] = None,
+    config: Annotated[str | None, typer.Option(
+        help="Preset name or JSON config of the checkpoint.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (half precision on GPU).")] = None,
+    random_weights: Annotated[bool, typer.Option(
+        "--random-weights", help="TESTING ONLY: the --config architecture with random weights; "
+        "the vectors mean nothing.")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve search and embedding over HTTP (settings: BINDSEARCH_* environment variables)."""
+    import uvicorn
+
+    from encoders import EncoderError
+
+    from .app import create_app
+    from .embedders import load_torch_embedder
+    from .searchers import load_searcher
+    from .settings import ServiceSettings
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides: dict[str, object] = {
+            k: v
+            for k, v in {
+                "index": index, "checkpoint": checkpoint, "config": config, "device": device,
+            }.items()
+            if v is not None
+        }
+        if random_weights:
+            overrides["random_weights"] = True
+        settings = ServiceSettings.model_validate(overrides)
+        _check_weights(settings)
+        searcher = None if settings.index is None else load_searcher(settings.index)
+    except (EncoderError, ValueError, OSError) as e:
+        _fail(str(e))
+
+    def load() -> Embedder:
+        return load_torch_embedder(
+            settings.checkpoint, settings.config, settings.device, settings.random_weights
+        )
+
+    app = create_app(settings, load, searcher)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
+
+
+def _check_weights(settings: ServiceSettings) -> None:
+    """Fail fast, in one line, when there are no weights to load or no device to load on."""
+    from encoders.config import resolve_config
+    from encoders.weights import default_checkpoint
+
+    resolve_config(settings.config)
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {settings.device!r} was asked for but there is no CUDA GPU")
+    if settings.random_weights:
+        return
+    if settings.checkpoint is None:
+        default_checkpoint(settings.config)
+    elif not settings.checkpoint.is_file():
+        raise ValueError(f"checkpoint {settings.checkpoint} does not exist")
+
+
+def _fail(msg: str) -> NoReturn:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)

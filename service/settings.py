@@ -1,0 +1,48 @@
+"""Service settings: environment variables prefixed ``BINDSEARCH_``, overridable by ``serve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service reads from its environment (``BINDSEARCH_API_KEY`` and so on).
+
+    List settings (``cors_origins``) are JSON in the environment: ``'["https://a.example"]'``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BINDSEARCH_", extra="ignore")
+
+    # What to serve. ``index`` is a directory built by ``bindsearch index`` or, for tests and
+    # demos, a ``.jsonl`` file of items with their vectors (see ``MemorySearcher.from_jsonl``).
+    index: Path | None = None
+    checkpoint: Path | None = None
+    config: str = "imagebind_huge"
+    device: str = "cpu"
+    random_weights: bool = False  # testing only: the architecture of ``config``, random weights
+
+    # Access.
+    api_key: SecretStr | None = None  # when set, /v1 wants ``Authorization: Bearer <key>``
+    cors_origins: list[str] = Field(default_factory=list)
+
+    # Dynamic batching, per modality.
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(256, ge=1)  # waiting inputs per modality; beyond it: 429
+    retry_after_s: int = Field(1, ge=1)
+    decode_workers: int = Field(4, ge=1)
+
+    # Search.
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+
+    # Upload caps (per input unless said otherwise).
+    max_upload_bytes: int = Field(50 << 20, ge=1)
+    max_request_bytes: int = Field(200 << 20, ge=1)  # whole request body
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_audio_seconds: float = Field(300.0, gt=0)
+    max_text_chars: int = Field(2000, ge=1)
+    max_inputs: int = Field(32, ge=1)  # files, terms or strings in one request
