@@ -9,6 +9,7 @@ import typer
 
 from encoders.cli import weights_app
 from encoders.embed_cli import embed
+from index.cli import index_app
 from service.serve_cli import serve
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(weights_app, name="weights")
+app.add_typer(index_app, name="index")
 app.command("embed")(embed)
 app.command("serve")(serve)
 

@@ -1,0 +1,348 @@
+"""``bindsearch index ...``: build, info, query, verify, add, remove, sync.
+
+Each command is a thin typer wrapper around a function of this package; user errors are one
+line on stderr and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from encoders import EncoderError, Modality
+
+from .errors import IndexStoreError
+
+index_app = typer.Typer(
+    help="Build, update, inspect and query an index of a media corpus.", no_args_is_help=True
+)
+
+T = TypeVar("T")
+
+Checkpoint = Annotated[
+    str | None,
+    typer.Option(
+        help="Weights (.pth/.safetensors). Default: the downloaded weights of --config; for an "
+        "existing index, the weights it was built with. 'none': seeded random weights (tests).",
+    ),
+]
+Config = Annotated[
+    str | None,
+    typer.Option(help="Model preset or JSON config (default: imagebind_huge, or the index's)."),
+]
+Device = Annotated[str, typer.Option(help="cpu or cuda.")]
+Workers = Annotated[int, typer.Option(min=0, help="Decode processes (0: decode in-process).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Items per model call.")]
+ChunkSize = Annotated[
+    int, typer.Option("--chunk-size", min=1, help="Items per committed chunk (resume unit).")
+]
+Progress = Annotated[
+    bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a tty).")
+]
+
+
+@index_app.command("build")
+def build(
+    corpus: Annotated[Path, typer.Argument(help="A folder, or a .csv/.jsonl manifest.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The index directory.")],
+    checkpoint: Checkpoint = None,
+    config: Config = None,
+    modalities: Annotated[
+        list[str] | None,
+        typer.Option("--modalities", help="Only these item modalities (repeat or comma-separate)."),
+    ] = None,
+    factory: Annotated[
+        str, typer.Option(help="'auto' (from size and memory budget) or a FAISS factory string.")
+    ] = "auto",
+    memory_budget: Annotated[
+        str, typer.Option("--memory-budget", help="Memory the index may use, e.g. 4GB.")
+    ] = "4GB",
+    target_recall: Annotated[
+        float, typer.Option(help="Recall@10 the auto recipe tunes its search for.")
+    ] = 0.95,
+    workers: Workers = 2,
+    batch_size: BatchSize = 16,
+    chunk_size: ChunkSize = 512,
+    device: Device = "cpu",
+    segment_seconds: Annotated[
+        float, typer.Option(help="Audio/video longer than 1.5x this become segments (0: never).")
+    ] = 10.0,
+    soundtrack: Annotated[
+        bool, typer.Option(help="Also embed a video's soundtrack as audio items.")
+    ] = True,
+    progress: Progress = None,
+) -> None:
+    """Build an index from a corpus; rerun the same command to finish an interrupted build."""
+    from .pipeline import BuildOptions, build_index
+    from .spec import parse_size
+
+    def run() -> Any:
+        opts = BuildOptions(
+            factory=factory, memory_budget=parse_size(memory_budget), target_recall=target_recall,
+            workers=workers, batch_size=batch_size, chunk_items=chunk_size,
+            segment_seconds=segment_seconds, soundtrack=soundtrack,
+            modalities=_modalities(modalities), progress=progress,
+        )
+        model = _model(checkpoint, config, device)
+        if factory != "auto":  # a bad factory string fails now, not after embedding
+            _check_factory(factory, model.config.embed_dim)
+        return build_index(corpus, output, model, opts, log=_log)
+
+    summary = _guard(run)
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"index: {output}")
+
+
+@index_app.command("add")
+def add(
+    index: Annotated[Path, typer.Argument(help="The index directory.")],
+    paths: Annotated[list[Path], typer.Argument(help="Files, folders or manifests to add.")],
+    checkpoint: Checkpoint = None,
+    config: Config = None,
+    workers: Workers = 2,
+    batch_size: BatchSize = 16,
+    device: Device = "cpu",
+    progress: Progress = None,
+) -> None:
+    """Add files (new or changed) to an index without rebuilding it."""
+    from .pipeline import BuildOptions, add_to_index
+
+    def run() -> Any:
+        opts = BuildOptions(workers=workers, batch_size=batch_size, progress=progress)
+        return add_to_index(index, paths, _model_for(index, checkpoint, config, device), opts,
+                            log=_log)
+
+    for line in _guard(run).lines():
+        typer.echo(line)
+
+
+@index_app.command("sync")
+def sync(
+    index: Annotated[Path, typer.Argument(help="The index directory.")],
+    corpus: Annotated[Path, typer.Argument(help="The folder or manifest the index mirrors.")],
+    checkpoint: Checkpoint = None,
+    config: Config = None,
+    workers: Workers = 2,
+    batch_size: BatchSize = 16,
+    device: Device = "cpu",
+    progress: Progress = None,
+) -> None:
+    """Add new files, re-embed changed ones and remove deleted ones."""
+    from .pipeline import BuildOptions, sync_index
+
+    def run() -> Any:
+        opts = BuildOptions(workers=workers, batch_size=batch_size, progress=progress)
+        return sync_index(index, corpus, _model_for(index, checkpoint, config, device), opts,
+                          log=_log)
+
+    for line in _guard(run).lines():
+        typer.echo(line)
+
+
+@index_app.command("remove")
+def remove(
+    index: Annotated[Path, typer.Argument(help="The index directory.")],
+    ids: Annotated[list[int] | None, typer.Option("--id", help="Item id (repeatable).")] = None,
+    paths: Annotated[
+        list[str] | None, typer.Option("--path", help="File path (repeatable): all its items.")
+    ] = None,
+) -> None:
+    """Remove items by id or whole files by path."""
+    from .pipeline import remove_from_index
+
+    if not ids and not paths:
+        _fail("give --id N and/or --path P")
+    summary = _guard(lambda: remove_from_index(index, ids or [], paths or []))
+    typer.echo(f"removed {summary.removed_items} items ({summary.removed_files} files)")
+
+
+@index_app.command("info")
+def info(
+    index: Annotated[Path, typer.Argument(help="The index directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Counts, recipe and recall per modality, and the files that were rejected."""
+    data = _guard(lambda: index_info(index))
+    if as_json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    c = data["counts"]
+    typer.echo(f"index {index}  ({data['dim']}-d, cosine)")
+    typer.echo(f"model: {data['model']['checkpoint']}  preprocessing v"
+               f"{data['model']['preprocess_version']}")
+    typer.echo(f"{c['items']} items from {c['files']} files; {c['duplicates']} duplicates, "
+               f"{c['rejected']} rejected")
+    for m, e in data["modalities"].items():
+        recall = e.get("recall")
+        r = f", recall@10 {recall['recall_at_10']:.3f}" if recall else " (exact)"
+        params = e["spec"]["search_params"]
+        p = f" {','.join(f'{k}={v}' for k, v in params.items())}" if params else ""
+        typer.echo(f"  {m:8s} {e['count']:>9d} items  {e['spec']['factory']}{p}{r}")
+    if data["rejected"]:
+        typer.echo("rejected files:")
+        for r in data["rejected"]:
+            typer.echo(f"  {r['path']}: {r['error']}")
+
+
+def index_info(index: Path) -> dict[str, Any]:
+    """The manifest plus the rejected files (``index info --json``)."""
+    from .store import META, connect, read_manifest
+
+    manifest = read_manifest(Path(index))
+    conn = connect(Path(index) / META, readonly=True)
+    try:
+        rejected = [
+            {"path": r["path"], "error": r["error"]}
+            for r in conn.execute("SELECT path, error FROM files WHERE status = 'rejected' "
+                                  "ORDER BY path")
+        ]
+    finally:
+        conn.close()
+    return {**manifest, "rejected": rejected}
+
+
+@index_app.command("query")
+def query(
+    index: Annotated[Path, typer.Argument(help="The index directory.")],
+    item: Annotated[str | None, typer.Argument(help="A file to search with.")] = None,
+    modality: Annotated[
+        str | None, typer.Option("--modality", "-m", help="The modality of ITEM.")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="Search with this text instead.")] = None,
+    targets: Annotated[
+        list[str] | None, typer.Option("--target", help="Item modalities to search (repeat).")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="How many results.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    checkpoint: Checkpoint = None,
+    config: Config = None,
+    device: Device = "cpu",
+) -> None:
+    """Search an index with a file of any modality, or with text."""
+    if (text is None) == (item is None):
+        _fail("give either ITEM with --modality, or --text")
+    if item is not None and modality is None:
+        _fail("give the modality of ITEM with --modality/-m")
+
+    def run() -> Any:
+        from .search import open_index
+
+        m = Modality.TEXT if text is not None else Modality.parse(str(modality))
+        model = _model_for(index, checkpoint, config, device)
+        encoder = model.load([m])
+        searcher = open_index(index, encoder, checkpoint=model.identity)
+        with searcher:
+            vec = encoder.embed_items(m, [text if text is not None else str(item)])
+            return searcher.search(vec, k, _modalities(targets))[0]
+
+    hits = _guard(run)
+    if as_json:
+        json.dump([h.to_dict() for h in hits], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    for rank, h in enumerate(hits, 1):
+        seg = f"  {_clock(h.start)}–{_clock(h.end)}" if h.start is not None else ""
+        typer.echo(f"{rank:>3d}  {h.score:.4f}  {h.modality:8s} #{h.id:<7d} {h.path}{seg}")
+
+
+@index_app.command("verify")
+def verify(index: Annotated[Path, typer.Argument(help="The index directory.")]) -> None:
+    """Check checksums, and that vectors and metadata agree; exit 1 on any problem."""
+    from .verify import verify_index
+
+    report = _guard(lambda: verify_index(index))
+    for name, what in report.checked.items():
+        typer.echo(f"checked {name}: {json.dumps(what)}")
+    if report.problems:
+        for p in report.problems:
+            typer.echo(f"problem: {p}", err=True)
+        _fail(f"{len(report.problems)} problems found")
+    typer.echo("ok")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _model(checkpoint: str | None, config: str | None, device: str) -> Any:
+    from encoders.config import resolve_config
+    from encoders.weights import default_checkpoint
+
+    from .pipeline import ModelSource
+
+    preset = config or "imagebind_huge"
+    if checkpoint is not None and checkpoint.lower() == "none":
+        return ModelSource(resolve_config(preset), None, device)
+    if checkpoint is None:
+        path, preset = default_checkpoint(preset)
+        return ModelSource(resolve_config(preset), Path(path), device)
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    return ModelSource(resolve_config(preset), Path(checkpoint), device)
+
+
+def _model_for(index: Path, checkpoint: str | None, config: str | None, device: str) -> Any:
+    """The model an existing index was built with, unless told otherwise."""
+    from encoders import ModelConfig
+
+    from .pipeline import ModelSource
+    from .store import read_manifest
+
+    manifest = read_manifest(Path(index))
+    if checkpoint is not None or config is not None:
+        return _model(checkpoint, config, device)
+    cfg = ModelConfig.from_dict(manifest["model"]["config"])
+    identity = str(manifest["model"]["checkpoint"])
+    if identity.startswith("random:"):
+        return ModelSource(cfg, None, device, seed=int(identity.split(":", 1)[1]))
+    path = manifest.get("checkpoint_path")
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"the weights the index was built with ({path}) are not there: pass --checkpoint"
+        )
+    return ModelSource(cfg, Path(path), device)
+
+
+def _modalities(values: list[str] | None) -> tuple[Modality, ...] | None:
+    if not values:
+        return None
+    names = [v for value in values for v in value.split(",") if v.strip()]
+    return tuple(Modality.parse(n) for n in names)
+
+
+def _check_factory(factory: str, dim: int) -> None:
+    from .spec import IndexSpec, new_index
+
+    new_index(IndexSpec.parse(factory), dim)
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{s // 60:02d}:{s % 60:02d}"
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except (IndexStoreError, EncoderError, ValueError, KeyError, OSError, sqlite3.Error) as e:
+        _fail(str(e).strip("'\""))
+
+
+def _fail(msg: str) -> NoReturn:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)

@@ -1,0 +1,106 @@
+"""Index recipes: ``--factory auto`` from corpus size and memory budget, recall@10 recorded
+against exact search, forced factory strings (HNSW, IVF-PQ) through the same store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from encoders.config import resolve_config
+from index import (
+    IndexSpec,
+    IndexStoreError,
+    choose_spec,
+    model_fingerprint,
+    open_index,
+    recall_at_k,
+    verify_index,
+)
+from index.spec import parse_size
+from index.store import IndexStore, ItemRecord
+
+FP = model_fingerprint(resolve_config("imagebind_test"), "random:0")
+
+
+def clustered(n: int, d: int, centers: int, seed: int = 0, spread: float = 0.8) -> np.ndarray:
+    """Unit vectors around random centres (a stand-in for real embeddings' cluster structure)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d)).astype(np.float32)
+    x = c[rng.integers(0, centers, n)] + spread * rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def fill(root: Path, x: np.ndarray, chunk: int = 50_000) -> IndexStore:
+    store = IndexStore.create(root, FP, x.shape[1], {})
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk]
+        items = [ItemRecord(f"/v/{start + i}", "vision", f"{start + i:064x}", 1)
+                 for i in range(len(part))]
+        store.commit_chunk([], items, part)
+    return store
+
+
+def test_choose_spec_and_sizes() -> None:
+    assert choose_spec(50_000, 1024) == IndexSpec("Flat")
+    big = choose_spec(200_000, 64, parse_size("4GB"))
+    assert big.factory == "IVF512,Flat" and big.train_size == 512 * 40
+    short = choose_spec(200_000, 64, parse_size("20MB"))  # flat vectors alone need 51 MB
+    assert short.factory.startswith("IVF512,PQ") and short.factory.endswith("np")
+    assert 200_000 * (int(short.factory[9:-2]) + 8) <= 20e6
+    with pytest.raises(IndexStoreError, match="too small"):
+        choose_spec(200_000, 64, parse_size("1MB"))
+    assert parse_size("4GB") == 4 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    assert parse_size("512mb") == 512 * 10**6 and parse_size("1e9") == 10**9
+    with pytest.raises(ValueError, match="size"):
+        parse_size("lots")
+    assert IndexSpec.parse("IDMap2,HNSW32").factory == "HNSW32"
+    assert not IndexSpec("HNSW32").removable and IndexSpec("IVF64,Flat").removable
+
+
+@pytest.mark.slow
+def test_auto_recipe_on_200k_vectors_is_approximate_with_recall_recorded(tmp_path: Path) -> None:
+    d = 64
+    x = clustered(200_000, d, 1000)
+    with fill(tmp_path / "idx", x) as store:
+        manifest = store.refresh(factory="auto")
+    entry = manifest["modalities"]["vision"]
+    spec = entry["spec"]
+    assert spec["factory"] == "IVF512,Flat"  # non-flat above 100k vectors
+    nprobe = spec["search_params"]["nprobe"]
+    assert entry["recall"]["recall_at_10"] >= 0.95 and entry["recall"]["queries"] == 1000
+    assert nprobe <= 512 // 4  # far from scanning every list
+    # The recorded recall holds on queries the index has never seen, against an exact oracle.
+    centres = np.random.default_rng(0).standard_normal((1000, d)).astype(np.float32)  # as above
+    q = centres[np.random.default_rng(1).integers(0, 1000, 500)]
+    q = q + 0.8 * np.random.default_rng(2).standard_normal(q.shape).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, exact = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    with open_index(tmp_path / "idx") as s:
+        got = np.array([[h.id for h in hits] for hits in s.search(q, 10)])
+    assert recall_at_k(got, exact, 10) >= 0.93
+    assert verify_index(tmp_path / "idx").ok
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,PQ8np", "IVF32,Flat", "Flat"])
+def test_forced_factories(tmp_path: Path, factory: str) -> None:
+    x = clustered(4000, 32, 50)
+    with fill(tmp_path / "idx", x, chunk=1500) as store:
+        manifest = store.refresh(factory=factory)
+    entry = manifest["modalities"]["vision"]
+    assert entry["spec"]["factory"] == factory and entry["count"] == 4000
+    assert (entry["recall"] is None) == (factory == "Flat")
+    with open_index(tmp_path / "idx") as s:
+        hits = s.search(x[:20], 5)
+    top = [h[0].id for h in hits]
+    assert sum(t == i for i, t in enumerate(top)) >= 18  # each vector finds itself
+    assert verify_index(tmp_path / "idx").ok
+
+
+def test_bad_factory_is_refused(tmp_path: Path) -> None:
+    x = clustered(100, 16, 5)
+    with fill(tmp_path / "idx", x) as store, pytest.raises(ValueError, match="FAISS cannot"):
+        store.refresh(factory="NotAnIndex42")
