@@ -255,6 +255,42 @@ PRESETS: dict[str, ModelConfig] = {
         thermal=TrunkConfig(32, 1, 2),
         imu=TrunkConfig(32, 2, 2),
     ),
+    # The embedded default: the same architecture at toy widths and small inputs, trained by
+    # `bindsearch train` on the demo world (encoders/data/MODEL_CARD_imagebind_demo.md).
+    # Non-text logit scales are 20, not the official 5-10: a tower that perceives a small
+    # part of the image (IMU, depth) cannot separate its positives at a temperature of 1/5.
+    "imagebind_demo": ModelConfig(
+        embed_dim=64,
+        vision=TrunkConfig(96, 4, 4),
+        text=TrunkConfig(64, 2, 4),
+        audio=TrunkConfig(64, 2, 4),
+        depth=TrunkConfig(64, 2, 4),
+        thermal=TrunkConfig(64, 2, 4),
+        imu=TrunkConfig(64, 2, 4),
+        vision_patch=(2, 16, 16),
+        audio_patch=8,
+        audio_stride=8,
+        depth_patch=16,
+        thermal_patch=16,
+        audio_logit_scale=20.0,
+        depth_logit_scale=20.0,
+        thermal_logit_scale=20.0,
+        imu_logit_scale=20.0,
+        preprocess=PreprocessConfig(
+            image_size=64,
+            context_length=16,
+            audio_sample_rate=8000,
+            audio_mel_bins=32,
+            audio_target_length=96,
+            audio_clip_duration=1.0,
+            audio_clips=1,
+            video_clip_duration=1.0,
+            video_clips=1,
+            depth_size=64,
+            thermal_size=64,
+            imu_samples=128,
+        ),
+    ),
 }
 
 

@@ -11,6 +11,7 @@ from encoders.cli import weights_app
 from encoders.embed_cli import embed
 from index.cli import index_app
 from service.serve_cli import serve
+from train.cli import demo_app, train
 
 app = typer.Typer(
     name="bindsearch",
@@ -23,6 +24,8 @@ app.add_typer(weights_app, name="weights")
 app.add_typer(index_app, name="index")
 app.command("embed")(embed)
 app.command("serve")(serve)
+app.add_typer(demo_app, name="demo")
+app.command("train")(train)
 
 
 def main() -> None:

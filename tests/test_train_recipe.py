@@ -1,0 +1,124 @@
+"""The two-stage recipe: loss falls on a tiny world, resume is exact, any manifest trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from encoders.config import resolve_config
+from encoders.encoder import load_encoder
+from train.recipe import PairedData, TrainConfig, export_weights, from_manifest, from_world, train
+from train.world import write_world
+
+CFG = resolve_config("imagebind_demo")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> PairedData:
+    return from_world(48, CFG, seed=0, progress=False)
+
+
+def _tc(**kw: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "stage1_steps": 30,
+        "stage2_steps": 20,
+        "batch_size": 16,
+        "warmup": 5,
+        "checkpoint_every": 0,
+        "lr": 1e-3,
+    }
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_loss_falls_in_both_stages(tiny: PairedData, tmp_path: Path) -> None:
+    r = train(tiny, _tc(), tmp_path, progress=False)
+    s1 = r.losses["stage1"]
+    assert len(s1) == 30
+    assert np.mean(s1[-5:]) < np.mean(s1[:5]) - 0.3
+    for m in ("audio", "depth", "thermal", "imu"):
+        ls = r.losses[f"stage2/{m}"]
+        assert len(ls) == 20
+        assert np.mean(ls[-5:]) < np.mean(ls[:5]), m
+    # Stage 2 never touched the image or text towers: they stay as stage 1 left them.
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["stage"] == 3
+
+
+def test_stage2_freezes_vision_and_text(tiny: PairedData, tmp_path: Path) -> None:
+    a = train(tiny, _tc(stage2_steps=0), tmp_path / "a", progress=False).model
+    b = train(tiny, _tc(), tmp_path / "b", progress=False).model
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if ".vision." in k or ".text." in k:
+            torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if ".audio." in k)
+
+
+def test_resume_gives_the_uninterrupted_result(tiny: PairedData, tmp_path: Path) -> None:
+    tc = _tc(stage1_steps=6, stage2_steps=4, checkpoint_every=2)
+    full = train(tiny, tc, tmp_path / "full", progress=False).model.state_dict()
+    for stop in (3, 8):  # once in each stage
+        out = tmp_path / f"cut{stop}"
+        train(tiny, tc, out, progress=False, stop_after=stop)
+        resumed = train(tiny, tc, out, resume=True, progress=False).model.state_dict()
+        for k, v in full.items():
+            torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_refuses_another_config(tiny: PairedData, tmp_path: Path) -> None:
+    train(tiny, _tc(stage1_steps=2, stage2_steps=0), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different training config"):
+        train(tiny, _tc(stage1_steps=3, stage2_steps=0), tmp_path, resume=True, progress=False)
+
+
+def test_manifest_of_pairs_trains_and_exports(tmp_path: Path) -> None:
+    manifest = write_world(tmp_path / "w", 6, CFG.preprocess, seed=2, progress=False)
+    # A manifest may hold any subset of columns per row.
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    del rows[0]["audio"]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = from_manifest(manifest, CFG, progress=False)
+    assert data.present["audio"].sum() == 5 and len(data.rows("vision", "text")) == 6
+    r = train(
+        data, _tc(stage1_steps=2, stage2_steps=2, batch_size=4), tmp_path / "o", progress=False
+    )
+    path = export_weights(r.model, tmp_path / "demo.safetensors")
+    enc = load_encoder(path, config="imagebind_demo")
+    emb = enc.embed_items("text", ["a red star"])
+    assert emb.shape == (1, CFG.embed_dim)
+    assert abs(float(np.linalg.norm(emb)) - 1) < 1e-5
+
+
+def test_train_cli(tmp_path: Path) -> None:
+    from service.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "-o",
+            str(tmp_path),
+            "--world",
+            "24",
+            "--stage1-steps",
+            "2",
+            "--stage2-steps",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "imagebind_demo.safetensors").is_file()
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["train_config"]["stage1_steps"] == 2
+    bad = CliRunner().invoke(
+        app, ["train", "-o", str(tmp_path), "--resume", "--world", "24", "--stage1-steps", "3"]
+    )
+    assert bad.exit_code == 1

@@ -1,0 +1,281 @@
+"""``bindsearch demo world``, ``bindsearch demo eval`` and ``bindsearch train``.
+
+Each command is a plain typed function (callable from Python) under a thin typer layer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn
+
+import typer
+
+from encoders.errors import EncoderError
+
+__all__ = [
+    "DEMO_PRESET",
+    "demo_app",
+    "demo_weights_path",
+    "run_demo_eval",
+    "run_train",
+    "train",
+    "write_demo_world",
+]
+
+DEMO_PRESET = "imagebind_demo"
+
+demo_app = typer.Typer(
+    help="The demo world and the demo model trained on it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def demo_weights_path() -> Path:
+    """The shipped demo weights (package data of ``encoders``)."""
+    import encoders
+
+    return Path(encoders.__file__).parent / "data" / f"{DEMO_PRESET}.safetensors"
+
+
+# ----------------------------------------------------------------------------- functions
+
+
+def write_demo_world(
+    out: Path,
+    n: int = 200,
+    seed: int = 0,
+    split: Literal["train", "test"] = "test",
+    preset: str = DEMO_PRESET,
+    progress: bool = True,
+) -> Path:
+    """Write ``n`` samples of the demo world as files + ``manifest.jsonl``; the manifest path."""
+    from encoders.config import resolve_config
+
+    from .world import write_world
+
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    return write_world(
+        out, n, resolve_config(preset).preprocess, seed=seed, split=split, progress=progress
+    )
+
+
+def run_demo_eval(
+    weights: Path | None = None,
+    n: int = 600,
+    seed: int = 1234,
+    preset: str = DEMO_PRESET,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate weights (default: the shipped demo weights) on a fresh held-out world."""
+    import torch
+
+    from encoders.encoder import load_encoder
+
+    from .eval import best_arithmetic, check, evaluate
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = weights or demo_weights_path()
+    enc = load_encoder(path, config=preset, device="cpu")
+    report = evaluate(enc.model, n=n, seed=seed)
+    if "arithmetic" in report:
+        report["arithmetic_best"] = best_arithmetic(report["arithmetic"])[0]
+    report["done_when_failures"] = check(report)
+    report["weights"] = str(path)
+    return report
+
+
+def run_train(
+    out: Path,
+    preset: str = DEMO_PRESET,
+    world: int = 6000,
+    world_seed: int = 0,
+    manifest: Path | None = None,
+    stage1_steps: int = 1200,
+    stage2_steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    threads: int | None = None,
+    export: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (both stages) on a manifest of pairs, or else on an in-memory demo world.
+
+    Writes ``out/checkpoint.pt`` as it goes, ``out/<preset>.safetensors`` (fp16) and
+    ``out/train_log.json`` at the end; returns the log.
+    """
+    import time
+
+    import torch
+
+    from encoders.config import resolve_config
+
+    from .recipe import TrainConfig, export_weights, from_manifest, from_world
+    from .recipe import train as train_model
+
+    t0 = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = resolve_config(preset)
+    tc = TrainConfig(
+        preset=preset,
+        stage1_steps=stage1_steps,
+        stage2_steps=stage2_steps,
+        batch_size=batch_size,
+        lr=lr,
+        stage2_lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    if manifest is not None:
+        data = from_manifest(manifest, cfg, progress=progress)
+        source = f"manifest {manifest}"
+    else:
+        data = from_world(world, cfg, seed=world_seed, progress=progress)
+        source = f"demo world n={world} seed={world_seed}"
+    t_data = time.perf_counter() - t0
+    result = train_model(
+        data, tc, out, resume=resume, progress=progress, log=lambda s: typer.echo(s, err=True)
+    )
+    target = export or (Path(out) / f"{preset}.safetensors")
+    total = time.perf_counter() - t0
+    log = {
+        "source": source,
+        "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tc).items()},
+        "threads": torch.get_num_threads(),
+        "seconds_data": round(t_data, 1),
+        "seconds_train": round(result.seconds, 1),
+        "seconds_total": round(total, 1),
+        "loss_first": {k: v[:10] for k, v in result.losses.items()},
+        "loss_last": {k: v[-10:] for k, v in result.losses.items()},
+    }
+    export_weights(result.model, target, metadata={"train": json.dumps(log)})
+    log["weights"] = str(target)
+    (Path(out) / "train_log.json").write_text(json.dumps(log, indent=1), encoding="utf-8")
+    return log
+
+
+# ----------------------------------------------------------------------------- typer layer
+
+
+def _fail(msg: str) -> NoReturn:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+_ERRORS = (EncoderError, ValueError, KeyError, FileNotFoundError, OSError)
+
+
+@demo_app.command("world")
+def world(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write into.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 200,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+    split: Annotated[
+        str,
+        typer.Option(help="test (every combination) or train (held-out combinations left out)."),
+    ] = "test",
+    preset: Annotated[
+        str, typer.Option(help="Preset whose input sizes to render at.")
+    ] = DEMO_PRESET,
+) -> None:
+    """Write the demo world as real files (PNG, 16-bit PNG, WAV, MP4, CSV) + manifest.jsonl."""
+    if split not in ("train", "test"):
+        _fail(f"--split must be train or test, got {split!r}")
+    try:
+        path = write_demo_world(out, n, seed, "train" if split == "train" else "test", preset)
+    except _ERRORS as e:
+        _fail(str(e).strip("'\""))
+    typer.echo(f"wrote {n} samples; manifest {path}", err=True)
+
+
+@demo_app.command("eval")
+def eval_(
+    weights: Annotated[
+        Path | None, typer.Option(help="safetensors weights (default: the shipped demo weights).")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=50, help="Held-out samples.")] = 600,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out world.")] = 1234,
+    preset: Annotated[str, typer.Option(help="Architecture of the weights.")] = DEMO_PRESET,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Measure zero-shot, retrieval, emergent alignment and arithmetic on held-out data."""
+    from .eval import format_report
+
+    try:
+        report = run_demo_eval(weights, n, seed, preset)
+    except _ERRORS as e:
+        _fail(str(e).strip("'\""))
+    if as_json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
+    typer.echo(format_report(report))
+    fails = report["done_when_failures"]
+    typer.echo("done-when: all met" if not fails else "done-when misses:\n  " + "\n  ".join(fails))
+
+
+def train(
+    out: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--out", help="Folder for checkpoints, the log and the exported weights."
+        ),
+    ],
+    preset: Annotated[str, typer.Option(help="Architecture to train.")] = DEMO_PRESET,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSONL manifest of pairs (image, "
+            "text, audio, ...); default: the demo "
+            "world in memory."
+        ),
+    ] = None,
+    world: Annotated[int, typer.Option(help="Demo-world samples to train on.")] = 6000,
+    world_seed: Annotated[int, typer.Option(help="Demo-world seed.")] = 0,
+    stage1_steps: Annotated[int, typer.Option(min=0, help="Image-text steps.")] = 1200,
+    stage2_steps: Annotated[int, typer.Option(min=0, help="X-to-image steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(min=2)] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Training seed (init and batches).")] = 0,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=0, help="Steps between checkpoints (0: only at stage ends).")
+    ] = 100,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the weights (default OUT/<preset>.safetensors)."),
+    ] = None,
+) -> None:
+    """Train an ImageBind model: image-text (stage 1), then each modality to images only."""
+    try:
+        log = run_train(
+            out,
+            preset,
+            world,
+            world_seed,
+            manifest,
+            stage1_steps,
+            stage2_steps,
+            batch_size,
+            lr,
+            seed,
+            checkpoint_every,
+            resume,
+            threads,
+            export,
+        )
+    except _ERRORS as e:
+        _fail(str(e).strip("'\""))
+    typer.echo(f"trained in {log['seconds_total']:.0f} s; weights {log['weights']}", err=True)

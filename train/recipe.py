@@ -1,0 +1,490 @@
+"""The ImageBind recipe on our encoders, for any preset and any paired dataset.
+
+Stage 1 binds images (and video clips) to text: symmetric InfoNCE with the text tower's
+learnable temperature, both towers trained. Stage 2 binds every other modality to images
+ONLY: the vision tower is frozen, its embeddings of the training set are computed once and
+cached, and each of audio, depth, thermal and IMU is trained against them with its own tower's
+logit scale. No non-image modality ever sees text; whatever alignment with text (or with each
+other) they show is emergent.
+
+Data is a ``PairedData``: aligned rows of model-ready tensors, each key optional per row
+(``present`` masks). ``from_world`` builds one from the demo world in memory; ``from_manifest``
+from a JSONL manifest of pairs (the one ``bindsearch demo world`` writes, or any other) through
+the real file loaders.
+
+Training is budgeted by steps, seeded (every batch is a function of seed, stage and step, so a
+resumed run sees the batches an uninterrupted one would), checkpointed every N steps and
+resumable. The result is exported as a safetensors file the encoder loads like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from encoders.config import ModelConfig, resolve_config
+from encoders.model import ImageBind, init_weights
+from encoders.transforms.text import trim_to_longest
+
+__all__ = [
+    "STAGE2_MODALITIES",
+    "PairedData",
+    "TrainConfig",
+    "TrainResult",
+    "export_weights",
+    "from_manifest",
+    "from_world",
+    "train",
+]
+
+# Text keys and the vision keys they caption (a video's caption may name its motion).
+STAGE1_PAIRS: tuple[tuple[str, str], ...] = (("vision", "text"), ("video", "video_text"))
+STAGE2_MODALITIES = ("audio", "depth", "thermal", "imu")
+# Which vision input anchors a modality in stage 2 (IMU moves with the camera: video, as
+# Ego4D pairs them); the image is the fallback.
+ANCHORS = {"imu": "video"}
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class PairedData:
+    """Aligned rows of model inputs: ``tensors[key][i]`` belongs with ``tensors[other][i]``.
+
+    Keys: ``vision`` (N,3,S,S), ``video`` (N,clips,3,T,S,S), ``text``/``video_text`` (N,L) ids,
+    ``audio``, ``depth``, ``thermal``, ``imu``. ``present[key]`` (N,) bool says which rows have
+    it (a missing row holds zeros).
+    """
+
+    tensors: dict[str, Tensor]
+    present: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = {k: len(v) for k, v in self.tensors.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"all keys must have the same number of rows, got {sizes}")
+        for k, v in self.tensors.items():
+            self.present.setdefault(k, np.ones(len(v), bool))
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values()))) if self.tensors else 0
+
+    def rows(self, *keys: str) -> np.ndarray:
+        """Indices of the rows that have every key."""
+        if any(k not in self.tensors for k in keys):
+            return np.zeros(0, np.int64)
+        mask = np.ones(len(self), bool)
+        for k in keys:
+            mask &= self.present[k]
+        return np.flatnonzero(mask)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of both stages; the defaults trained the shipped demo weights."""
+
+    preset: str = "imagebind_demo"
+    stage1_steps: int = 1200
+    stage2_steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3
+    stage2_lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 40
+    seed: int = 0
+    checkpoint_every: int = 100
+    modalities: tuple[str, ...] = STAGE2_MODALITIES
+
+    def __post_init__(self) -> None:
+        if self.stage1_steps < 0 or self.stage2_steps < 0:
+            raise ValueError("step budgets must be non-negative")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (contrastive loss needs negatives)")
+        unknown = sorted(set(self.modalities) - set(STAGE2_MODALITIES))
+        if unknown:
+            raise ValueError(f"unknown stage-2 modalities {unknown}; accepted: {STAGE2_MODALITIES}")
+
+
+@dataclass
+class TrainResult:
+    model: ImageBind
+    losses: dict[str, list[float]]  # "stage1", "stage2/<modality>": loss per step
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def from_world(
+    n: int, cfg: ModelConfig, seed: int = 0, caption_dropout: float = 0.2, progress: bool = True
+) -> PairedData:
+    """The demo world's training split, rendered in memory straight into model inputs."""
+    from .world import generate, to_model_inputs
+
+    p = cfg.preprocess
+    world = generate(
+        n,
+        p,
+        seed=seed,
+        split="train",
+        caption_dropout=caption_dropout,
+        video_frames=p.video_frames,
+        progress=progress,
+    )
+    return PairedData(to_model_inputs(world, p))
+
+
+def from_manifest(
+    path: str | Path, cfg: ModelConfig, keys: Sequence[str] | None = None, progress: bool = True
+) -> PairedData:
+    """A JSONL manifest of pairs -> PairedData, every file through ``encoders.inputs``.
+
+    Each line is a JSON object with any of ``image``, ``video``, ``audio``, ``depth``,
+    ``thermal``, ``imu`` (file paths, relative to the manifest's folder) and ``text`` (the
+    image's caption), ``video_text`` (the video's caption; ``text`` when absent). Rows may
+    have any subset: each stage uses the rows that hold its pair.
+    """
+    from encoders.inputs import preprocess
+
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    if not rows:
+        raise ValueError(f"manifest {path} has no rows")
+    file_keys = {
+        "vision": "image",
+        "video": "video",
+        "audio": "audio",
+        "depth": "depth",
+        "thermal": "thermal",
+        "imu": "imu",
+    }
+    wanted = set(keys) if keys is not None else None
+    tensors: dict[str, Tensor] = {}
+    present: dict[str, np.ndarray] = {}
+    p = cfg.preprocess
+    for key, col in file_keys.items():
+        if wanted is not None and key not in wanted:
+            continue
+        have = np.array([bool(r.get(col)) for r in rows])
+        if not have.any():
+            continue
+        items = []
+        for r in tqdm(rows, desc=f"load {key}", disable=not progress, leave=False):
+            if r.get(col):
+                items.append(preprocess(key, [str(path.parent / r[col])], p)[0])
+        stacked = torch.stack(items)
+        full = torch.zeros((len(rows), *stacked.shape[1:]), dtype=stacked.dtype)
+        full[torch.from_numpy(have)] = stacked
+        tensors[key], present[key] = full, have
+    for key, col in (("text", "text"), ("video_text", "video_text")):
+        texts = [r.get(col) or (r.get("text") if key == "video_text" else None) for r in rows]
+        have = np.array([bool(t) for t in texts])
+        if have.any():
+            ids = preprocess("text", [t or "" for t in texts], p)
+            tensors[key], present[key] = ids, have
+    return PairedData(tensors, present)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def info_nce(
+    a: Tensor, b: Tensor, scale: Tensor | float, positives: Tensor | None = None
+) -> Tensor:
+    """Symmetric InfoNCE of unit vectors a (B, D) and b (B, D), logits = scale * a @ b.T.
+
+    ``positives`` (B, B) bool marks extra matching pairs (e.g. identical captions); each row's
+    target is then spread over its positives instead of a single diagonal entry.
+    """
+    logits = scale * a @ b.T  # (B, B)
+    if positives is None:
+        target = torch.arange(len(a), device=a.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    t = positives.float()
+    loss_a = -(t / t.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    loss_b = -(t.T / t.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    return (loss_a + loss_b) / 2
+
+
+def _same_rows(ids: Tensor) -> Tensor:
+    """(B, B) bool: rows with identical token ids (identical captions are all positives)."""
+    return (ids[:, None, :] == ids[None, :, :]).all(-1)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _param_groups(params: list[tuple[str, nn.Parameter]], wd: float) -> list[dict[str, Any]]:
+    decay = [p for n, p in params if p.ndim >= 2 and "pos_embed" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "pos_embed" not in n)]
+    return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def _batch(rows: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    return rows[rng.choice(len(rows), size=min(size, len(rows)), replace=False)]
+
+
+def _unit(model: ImageBind, key: str, x: Tensor) -> Tensor:
+    """Unit embeddings (B, D) of a batch, clip-averaged for clip inputs."""
+    return model.embed_one(_tower(key), x, scaled=False)
+
+
+def _tower(key: str) -> str:
+    return "vision" if key == "video" else key
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write never leaves a broken checkpoint
+
+
+@torch.no_grad()
+def cache_embeddings(model: ImageBind, data: PairedData, key: str, batch: int = 256) -> Tensor:
+    """(N, D) unit embeddings of every row of ``data[key]`` (zeros where absent)."""
+    x = data.tensors[key]
+    out = torch.zeros(len(x), model.cfg.embed_dim)
+    rows = data.rows(key)
+    was = model.training
+    model.eval()
+    for i in range(0, len(rows), batch):
+        r = torch.from_numpy(rows[i : i + batch])
+        out[r] = _unit(model, key, x[r]).float()
+    model.train(was)
+    return out
+
+
+def train(
+    data: PairedData,
+    tc: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Run both stages on ``data``; checkpoints go to ``out/checkpoint.pt``.
+
+    Args:
+        resume: continue from ``out/checkpoint.pt`` (same config and data) instead of
+            starting afresh.
+        log: called with one line per stage summary (the CLI passes ``typer.echo``).
+        stop_after: stop (after checkpointing) once this many steps of both stages together
+            are done, e.g. to fit a time slot; ``resume`` continues from there.
+    """
+    t0 = time.perf_counter()
+    cfg = resolve_config(tc.preset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+    say = log or (lambda s: None)
+
+    torch.manual_seed(tc.seed)
+    model = ImageBind(cfg, device="meta").to_empty(device="cpu")
+    init_weights(model, seed=tc.seed)
+    losses: dict[str, list[float]] = {"stage1": []}
+    state: dict[str, Any] | None = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["train_config"] != _tc_dict(tc):
+            raise ValueError(
+                f"{ckpt_path} was written with a different training config; "
+                "start afresh (without --resume) or pass the same options"
+            )
+        model.load_state_dict(state["model"])
+        losses = {k: list(v) for k, v in state["losses"].items()}
+
+    # ---- stage 1: vision (+ video) <-> text
+    pairs = [(v, t) for v, t in STAGE1_PAIRS if len(data.rows(v, t))]
+    stage1_done = state is not None and state["stage"] > 1
+    if tc.stage1_steps and pairs and not stage1_done:
+        towers = ["vision", "text"]
+        params = [(n, p) for n, p in model.named_parameters() if _in_towers(n, towers)]
+        opt = torch.optim.AdamW(_param_groups(params, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup, tc.stage1_steps))
+        start = 0
+        if state is not None and state["stage"] == 1:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = state["step"]
+        model.train()
+        bar = tqdm(range(start, tc.stage1_steps), desc="stage 1 image-text", disable=not progress)
+        for step in bar:
+            rng = np.random.default_rng([tc.seed, 1, step])
+            torch.manual_seed(tc.seed * 1_000_003 + step)
+            per = max(tc.batch_size // len(pairs), 2)
+            img_parts, ids_parts = [], []
+            for vkey, tkey in pairs:
+                idx = torch.from_numpy(_batch(data.rows(vkey, tkey), per, rng))
+                img_parts.append(_unit(model, vkey, data.tensors[vkey][idx]))
+                ids_parts.append(data.tensors[tkey][idx])
+            ids = torch.cat(ids_parts)
+            txt = _unit(model, "text", trim_to_longest(ids))
+            img = torch.cat(img_parts)
+            scale = model.logit_scale("text")
+            assert scale is not None
+            loss = info_nce(img, txt, scale, positives=_same_rows(ids))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            losses["stage1"].append(float(loss.detach()))
+            bar.set_postfix(
+                loss=f"{float(loss.detach()):.3f}", scale=f"{float(scale.detach()):.1f}"
+            )
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
+                _save(ckpt_path, _state(model, opt, sched, 1, step + 1, tc, losses))
+            if stop_after is not None and step + 1 >= stop_after:
+                _save(ckpt_path, _state(model, opt, sched, 1, step + 1, tc, losses))
+                bar.close()
+                model.requires_grad_(False).eval()
+                return TrainResult(model, losses, time.perf_counter() - t0)
+        bar.close()
+        if losses["stage1"]:
+            say(
+                f"stage 1: loss {_mean(losses['stage1'][:20]):.3f} -> "
+                f"{_mean(losses['stage1'][-20:]):.3f} over {len(losses['stage1'])} steps"
+            )
+        _save(ckpt_path, _state(model, None, None, 2, 0, tc, losses))
+        state = None
+
+    # ---- stage 2: each other modality <-> frozen vision embeddings (never text)
+    mods = [m for m in tc.modalities if len(data.rows(m, _anchor(m, data)))]
+    if tc.stage2_steps and mods:
+        model.requires_grad_(False)
+        for m in mods:
+            for name in ("modality_preprocessors", "modality_trunks", "modality_heads"):
+                getattr(model, name)[m].requires_grad_(True)
+        anchors = {a: cache_embeddings(model, data, a) for a in {_anchor(m, data) for m in mods}}
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            _param_groups(params, tc.weight_decay), lr=tc.stage2_lr, betas=(0.9, 0.98)
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup, tc.stage2_steps))
+        start = 0
+        if state is not None and state["stage"] == 2 and state["step"] > 0:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = state["step"]
+        model.train()
+        for m in mods:
+            losses.setdefault(f"stage2/{m}", [])
+        bar = tqdm(range(start, tc.stage2_steps), desc="stage 2 x-image", disable=not progress)
+        for step in bar:
+            rng = np.random.default_rng([tc.seed, 2, step])
+            torch.manual_seed(tc.seed * 1_000_003 + 500_000 + step)
+            total: Tensor | float = 0.0
+            shown = {}
+            for m in mods:
+                a = _anchor(m, data)
+                idx = torch.from_numpy(_batch(data.rows(m, a), tc.batch_size, rng))
+                emb = model.embed_one(m, data.tensors[m][idx], scaled=False)
+                scale = model.logit_scale(m)
+                assert scale is not None
+                loss = info_nce(emb, anchors[a][idx], scale)
+                total = total + loss
+                losses[f"stage2/{m}"].append(float(loss.detach()))
+                shown[m] = f"{float(loss.detach()):.2f}"
+            assert isinstance(total, Tensor)
+            opt.zero_grad(set_to_none=True)
+            total.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            bar.set_postfix(shown)
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
+                _save(ckpt_path, _state(model, opt, sched, 2, step + 1, tc, losses))
+            if stop_after is not None and tc.stage1_steps + step + 1 >= stop_after:
+                _save(ckpt_path, _state(model, opt, sched, 2, step + 1, tc, losses))
+                bar.close()
+                model.requires_grad_(False).eval()
+                return TrainResult(model, losses, time.perf_counter() - t0)
+        bar.close()
+        for m in mods:
+            ls = losses[f"stage2/{m}"]
+            if ls:
+                say(f"stage 2 {m}: loss {_mean(ls[:20]):.3f} -> {_mean(ls[-20:]):.3f}")
+        _save(ckpt_path, _state(model, None, None, 3, 0, tc, losses))
+    model.requires_grad_(False).eval()
+    return TrainResult(model, losses, time.perf_counter() - t0)
+
+
+def _anchor(m: str, data: PairedData) -> str:
+    a = ANCHORS.get(m, "vision")
+    return a if len(data.rows(m, a)) else "vision"
+
+
+def _in_towers(name: str, towers: Sequence[str]) -> bool:
+    parts = name.split(".")
+    return len(parts) > 1 and parts[1] in towers
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def _tc_dict(tc: TrainConfig) -> dict[str, Any]:
+    d = asdict(tc)
+    d["modalities"] = list(tc.modalities)
+    return d
+
+
+def _state(
+    model: ImageBind,
+    opt: torch.optim.Optimizer | None,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    stage: int,
+    step: int,
+    tc: TrainConfig,
+    losses: dict[str, list[float]],
+) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict() if opt is not None else {},
+        "scheduler": sched.state_dict() if sched is not None else {},
+        "stage": stage,
+        "step": step,
+        "train_config": _tc_dict(tc),
+        "losses": losses,
+    }
+
+
+def export_weights(
+    model: ImageBind,
+    path: str | Path,
+    dtype: torch.dtype = torch.float16,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the model's state dict as safetensors (``load_encoder`` casts back to its dtype).
+
+    fp16 halves the file; the text tower's 49408-token embedding is most of it.
+    """
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps(model.cfg.to_dict()), **(metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata=meta)
+    return path
