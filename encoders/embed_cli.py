@@ -18,7 +18,7 @@ def embed_files(
     modality: str,
     items: list[str],
     checkpoint: Path | None = None,
-    config: str = "imagebind_huge",
+    config: str = "imagebind_demo",
     official: bool = False,
     device: str = "cpu",
     batch_size: int = 16,
@@ -36,15 +36,25 @@ def embed_files(
 
 def embed(
     items: Annotated[list[str], typer.Argument(help="Files to embed (for text: the strings).")],
-    modality: Annotated[str, typer.Option("--modality", "-m", help="vision, video, text, "
-                                          "audio, depth, thermal or imu.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output",
-                                                help="Write (N, D) float32 .npy here.")] = None,
+    modality: Annotated[
+        str,
+        typer.Option("--modality", "-m", help="vision, video, text, audio, depth, thermal or imu."),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write (N, D) float32 .npy here.")
+    ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help=".pth or .safetensors weights.")] = None,
-    config: Annotated[str, typer.Option(help="Preset name or JSON (ours or the official "
-                                        "ImageBindModel kwargs).")] = "imagebind_huge",
-    official: Annotated[bool, typer.Option("--official", help="Reproduce the official "
-                                           "preprocessing bit for bit.")] = False,
+    config: Annotated[
+        str,
+        typer.Option(
+            help="Preset name or JSON (ours or the official "
+            "ImageBindModel kwargs). Without --checkpoint: imagebind_demo uses the shipped "
+            "demo weights, imagebind_huge the downloaded ones."
+        ),
+    ] = "imagebind_demo",
+    official: Annotated[
+        bool, typer.Option("--official", help="Reproduce the official preprocessing bit for bit.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the vectors as JSON.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,

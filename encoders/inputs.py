@@ -107,7 +107,7 @@ def _audio_seconds(item: Item) -> float | None:
             fp.seek(0)
             if fmt is None:
                 return None  # the loader refuses it with the proper message
-            with av.open(fp, format=fmt) as container:
+            with av.open(fp, mode="r", format=fmt) as container:
                 if container.duration is not None:
                     return float(container.duration) / 1e6  # microseconds (AV_TIME_BASE)
     except Exception:

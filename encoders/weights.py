@@ -470,11 +470,33 @@ def _unshared(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def default_checkpoint(config: str = "imagebind_huge") -> tuple[Path, str]:
-    """The weights to use when none are named: the cached download for the preset ``config``.
+# Weights that ship inside the package (encoders/data/): the embedded default.
+DEFAULT_CONFIG = "imagebind_demo"
+BUNDLED: dict[str, str] = {"imagebind_demo": "imagebind_demo.safetensors"}
+BUNDLED_LICENCE = (
+    "Apache-2.0 (the bindsearch demo model, trained by `bindsearch train` on a generated world; "
+    "see encoders/data/MODEL_CARD_imagebind_demo.md)"
+)
+
+
+def bundled_weights(config: str) -> Path | None:
+    """The shipped weights of a preset, or None when the preset ships none."""
+    name = BUNDLED.get(config)
+    if name is None:
+        return None
+    return Path(__file__).parent / "data" / name
+
+
+def default_checkpoint(config: str = DEFAULT_CONFIG) -> tuple[Path, str]:
+    """The weights to use when none are named: shipped ones, else the cached download.
 
     Returns (safetensors path, config preset). The error says how to get weights.
     """
+    bundled = bundled_weights(config)
+    if bundled is not None:
+        if not bundled.is_file():
+            raise DownloadError(f"the shipped {config} weights are missing from {bundled}")
+        return bundled, config
     spec = WEIGHTS.get(config)
     if spec is None:
         raise UnknownWeights(

@@ -34,7 +34,7 @@ Checkpoint = Annotated[
 ]
 Config = Annotated[
     str | None,
-    typer.Option(help="Model preset or JSON config (default: imagebind_huge, or the index's)."),
+    typer.Option(help="Model preset or JSON config (default: imagebind_demo, or the index's)."),
 ]
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Workers = Annotated[int, typer.Option(min=0, help="Decode processes (0: decode in-process).")]
@@ -277,7 +277,7 @@ def _model(checkpoint: str | None, config: str | None, device: str) -> Any:
 
     from .pipeline import ModelSource
 
-    preset = config or "imagebind_huge"
+    preset = config or "imagebind_demo"
     if checkpoint is not None and checkpoint.lower() == "none":
         return ModelSource(resolve_config(preset), None, device)
     if checkpoint is None:

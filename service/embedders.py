@@ -226,7 +226,7 @@ def load_torch_embedder(
     Raises the encoders' one-line errors (no weights downloaded, bad checkpoint, no GPU).
     """
     from encoders import WEIGHTS, load_encoder
-    from encoders.weights import default_checkpoint
+    from encoders.weights import BUNDLED_LICENCE, bundled_weights, default_checkpoint
 
     if random_weights:
         enc = load_encoder(None, config=config, device=device)
@@ -236,6 +236,8 @@ def load_torch_embedder(
     if checkpoint is None:
         checkpoint, config = default_checkpoint(config)
     enc = load_encoder(checkpoint, config=config, device=device)
+    if official and bundled_weights(config) is not None:
+        return TorchEmbedder(enc, config, BUNDLED_LICENCE)
     spec = WEIGHTS.get(config)
     if official and spec is not None:
         return TorchEmbedder(enc, spec.name, spec.licence, spec.licence_url)

@@ -96,9 +96,7 @@ class MemorySearcher:
     ) -> None:
         vectors = np.asarray(vectors, np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(items):
-            raise ValueError(
-                f"vectors of shape {vectors.shape} do not match {len(items)} items"
-            )
+            raise ValueError(f"vectors of shape {vectors.shape} do not match {len(items)} items")
         self._vectors = unit(vectors)
         self._items = list(items)
         self._row = {it.id: i for i, it in enumerate(self._items)}
@@ -204,25 +202,25 @@ def _item_from_row(row: dict[str, Any]) -> Item:
 
 
 class IndexAdapter:
-    """The ``index`` package's searcher behind the ``Searcher`` protocol.
+    """An ``index.IndexSearcher`` (``index.open_index``) behind the ``Searcher`` protocol.
 
-    Written against the announced API: ``index.open_index(path) -> IndexSearcher`` with
-    ``search(vectors, k, targets) -> list[list[Hit]]`` (hits carry id, score, modality, path,
-    start, end, caption, tags), ``get(ids) -> list[row]``, ``vector(id)`` and ``info``.
     The index knows nothing of tags at search time, so with tag filters this over-fetches
-    (doubling k up to the collection size) and filters here.
+    (growing k up to the collection size) and filters here.
     """
 
     _OVERFETCH_LIMIT = 1 << 16
 
-    def __init__(self, searcher: Any, root: Path | None = None) -> None:
+    def __init__(self, searcher: Any) -> None:
         self._s = searcher
-        self._root = root
-        self._dim = int(_first_attr(searcher, ("dim", "d"), default=0))
 
     @property
     def dim(self) -> int:
-        return self._dim
+        return int(self._s.dim)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        value: dict[str, Any] = self._s.fingerprint
+        return value
 
     def search(
         self,
@@ -250,37 +248,40 @@ class IndexAdapter:
         return out
 
     def get_item(self, item_id: int) -> Item | None:
-        try:
-            rows = self._s.get([item_id])
-        except (KeyError, IndexError):
+        rows = self._s.get([int(item_id)])
+        if not rows or not rows[0] or rows[0].get("deleted"):
             return None
-        if not rows or rows[0] is None:
-            return None
-        return _item_from_any(rows[0])
+        row = dict(rows[0])
+        # The store names segment bounds start_s/end_s.
+        row.setdefault("start", row.get("start_s"))
+        row.setdefault("end", row.get("end_s"))
+        return _item_from_any(row)
 
     def item_vector(self, item_id: int) -> np.ndarray | None:
         try:
-            v = self._s.vector(item_id)
+            v = self._s.vector(int(item_id))
         except (KeyError, IndexError):
             return None
-        return None if v is None else unit(np.asarray(v, np.float32).reshape(-1))
+        return unit(np.asarray(v, np.float32).reshape(-1))
 
     def item_media_path(self, item_id: int) -> Path | None:
         item = self.get_item(item_id)
         if item is None or item.path is None:
             return None
         p = Path(item.path)
-        return p if p.is_absolute() or self._root is None else self._root / p
+        return p if p.is_absolute() else Path(self._s.root) / p
 
     def info(self) -> list[IndexInfo]:
-        raw = self._s.info
-        raw = raw() if callable(raw) else raw
-        counts = _get(raw, "counts", {}) or {}
-        recipes = _get(raw, "recipes", {}) or {}
-        name = str(_get(raw, "name", "index"))
+        name = Path(self._s.root).name
+        mods = self._s.manifest.get("modalities", {})
         return [
-            IndexInfo(name, Modality.parse(m), int(n), dict(_as_dict(recipes.get(m, {}))))
-            for m, n in sorted(counts.items())
+            IndexInfo(
+                name,
+                m,
+                int(n),
+                dict(mods.get(m.value, {}).get("spec", {})),
+            )
+            for m, n in sorted(self._s.counts().items())
         ]
 
 
@@ -347,3 +348,21 @@ def load_searcher(path: str | Path) -> Searcher:
             "served yet (a .jsonl of items with vectors can)"
         ) from None
     return IndexAdapter(open_index(path))
+
+
+def check_index_model(
+    searcher: Searcher, config: str, checkpoint: Path | None, random_weights: bool
+) -> None:
+    """Refuse (one line) an index built with another model than the one being served."""
+    if not isinstance(searcher, IndexAdapter):
+        return  # a .jsonl of vectors carries no model fingerprint
+    from encoders.config import resolve_config
+    from encoders.weights import default_checkpoint
+    from index.fingerprint import check_fingerprint, checkpoint_identity, model_fingerprint
+
+    if not random_weights and checkpoint is None:
+        checkpoint, config = default_checkpoint(config)
+    identity = checkpoint_identity(None if random_weights else checkpoint)
+    check_fingerprint(
+        searcher.fingerprint, model_fingerprint(resolve_config(config), identity), "the index"
+    )

@@ -14,29 +14,42 @@ if TYPE_CHECKING:
 
 
 def serve(
-    index: Annotated[Path | None, typer.Option(
-        help="Index directory, or a .jsonl of items with vectors (tests, demos). "
-        "Without one the service embeds but does not search.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(
-        help=".pth or .safetensors weights (default: the downloaded official ones).")] = None,
-    config: Annotated[str | None, typer.Option(
-        help="Preset name or JSON config of the checkpoint.")] = None,
+    index: Annotated[
+        Path | None,
+        typer.Option(
+            help="Index directory, or a .jsonl of items with vectors (tests, demos). "
+            "Without one the service embeds but does not search."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help=".pth or .safetensors weights (default: the downloaded official ones)."),
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option(help="Preset name or JSON config of the checkpoint.")
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (half precision on GPU).")] = None,
-    random_weights: Annotated[bool, typer.Option(
-        "--random-weights", help="TESTING ONLY: the --config architecture with random weights; "
-        "the vectors mean nothing.")] = False,
+    random_weights: Annotated[
+        bool,
+        typer.Option(
+            "--random-weights",
+            help="TESTING ONLY: the --config architecture with random weights; "
+            "the vectors mean nothing.",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve search and embedding over HTTP (settings: BINDSEARCH_* environment variables)."""
     import uvicorn
 
     from encoders import EncoderError
+    from index.errors import IndexStoreError
 
     from .app import create_app
     from .embedders import load_torch_embedder
-    from .searchers import load_searcher
+    from .searchers import check_index_model, load_searcher
     from .settings import ServiceSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -44,7 +57,10 @@ def serve(
         overrides: dict[str, object] = {
             k: v
             for k, v in {
-                "index": index, "checkpoint": checkpoint, "config": config, "device": device,
+                "index": index,
+                "checkpoint": checkpoint,
+                "config": config,
+                "device": device,
             }.items()
             if v is not None
         }
@@ -52,8 +68,18 @@ def serve(
             overrides["random_weights"] = True
         settings = ServiceSettings.model_validate(overrides)
         _check_weights(settings)
+        if uses_demo_defaults(settings):
+            # The embedded default: the shipped demo model over the demo world's index,
+            # built into the cache on first start (with a progress bar), reused afterwards.
+            from .demo import ensure_demo_index
+
+            settings = settings.model_copy(update={"index": ensure_demo_index()})
         searcher = None if settings.index is None else load_searcher(settings.index)
-    except (EncoderError, ValueError, OSError) as e:
+        if searcher is not None:
+            check_index_model(
+                searcher, settings.config, settings.checkpoint, settings.random_weights
+            )
+    except (EncoderError, IndexStoreError, ValueError, OSError) as e:
         _fail(str(e))
 
     def load() -> Embedder:
@@ -63,6 +89,18 @@ def serve(
 
     app = create_app(settings, load, searcher)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
+
+
+def uses_demo_defaults(settings: ServiceSettings) -> bool:
+    """True when nothing was chosen: no index, no checkpoint, the demo config, real weights."""
+    from .demo import DEMO_CONFIG
+
+    return (
+        settings.index is None
+        and settings.checkpoint is None
+        and settings.config == DEMO_CONFIG
+        and not settings.random_weights
+    )
 
 
 def _check_weights(settings: ServiceSettings) -> None:

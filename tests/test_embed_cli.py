@@ -158,6 +158,15 @@ def test_embed_without_weights_says_how_to_get_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BINDSEARCH_CACHE", str(tmp_path))
-    result = runner.invoke(app, ["embed", "-m", "text", "--json", "hello"])
+    result = runner.invoke(app, ["embed", "-m", "text", "--config", "imagebind_huge", "--json",
+                                 "hello"])
     assert result.exit_code == 1
     assert "bindsearch weights download imagebind_huge" in result.output
+
+
+def test_embed_defaults_to_the_shipped_demo_model() -> None:
+    result = runner.invoke(app, ["embed", "-m", "text", "--json", "a red ring", "a blue star"])
+    assert result.exit_code == 0, result.output
+    vectors = np.array(json.loads(result.stdout))
+    assert vectors.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
