@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -102,6 +103,7 @@ def create_app(
     app.state.bindsearch = state
     for router in (ops.router, ops.info_router, search.router, embed.router, items.router):
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=ops.WEB_DIR), name="static")  # the web page
     _register_errors(app)
     # Added last = outermost: metrics see every answer, including the body limit's 413.
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)

@@ -1,22 +1,51 @@
-"""Operations: liveness, readiness, metrics, the root pointer, and /v1/info."""
+"""Operations: liveness, readiness, metrics, the root (web page or pointer), and /v1/info."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import ModelDep, StateDep, require_api_key
 from ..schemas import IndexOut, InfoResponse, ModelOut, Status
 from . import error_responses
 
+# The web page: plain files, no build step; ``create_app`` mounts this directory at /static.
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+# Only this server: the page loads nothing from elsewhere, and previews are object URLs.
+_PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/", response_model=dict[str, str])
-async def root() -> dict[str, str]:
-    """Where to look: the API docs and the OpenAPI schema."""
-    return {"name": "bindsearch", "docs": "/docs", "openapi": "/openapi.json"}
+@router.get(
+    "/",
+    response_model=None,
+    responses={
+        200: {
+            "description": "The web page for a browser (Accept: text/html), else a pointer.",
+            "content": {
+                "text/html": {"schema": {"type": "string"}},
+                "application/json": {
+                    "schema": {"type": "object", "additionalProperties": {"type": "string"}}
+                },
+            },
+        }
+    },
+)
+async def root(request: Request) -> Response:
+    """The search page for browsers; for API clients, where to look (docs, OpenAPI schema)."""
+    if "text/html" in request.headers.get("accept", ""):
+        html = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+        headers = {"Content-Security-Policy": _PAGE_CSP, "Vary": "Accept"}
+        return HTMLResponse(html, headers=headers)
+    pointer = {"name": "bindsearch", "docs": "/docs", "openapi": "/openapi.json", "web": "/"}
+    return JSONResponse(pointer, headers={"Vary": "Accept"})
 
 
 @router.get("/healthz", response_model=Status)
