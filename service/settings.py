@@ -30,7 +30,9 @@ class ServiceSettings(BaseSettings):
 
     # Dynamic batching, per modality.
     max_batch_size: int = Field(32, ge=1)
-    max_wait_ms: float = Field(5.0, ge=0)
+    # 0: an idle model takes a request at once; batches still form from what arrives while the
+    # model is busy (bench/service.py: 5 ms of waiting cost idle requests 2x their latency).
+    max_wait_ms: float = Field(0.0, ge=0)
     max_queue: int = Field(256, ge=1)  # waiting inputs per modality; beyond it: 429
     retry_after_s: int = Field(1, ge=1)
     decode_workers: int = Field(4, ge=1)
