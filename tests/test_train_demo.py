@@ -72,25 +72,23 @@ def test_demo_eval_cli_json() -> None:
 
 
 # Measured on the shipped weights (see the model card); floors a little below the numbers.
-# Stage 1 did not learn object class (shape) or motion: those rows sit at chance and are
-# listed in KNOWN_MISSES rather than asserted.
-STAGE1_FLOOR: dict[str, float] = {"colour": 0.95, "scene": 0.95, "distance": 0.45}
-STAGE1_ASSERTED = ("colour", "scene", "distance")
+# Stage 1 learned class, colour, scene and distance (image distance 0.79, just under the bar);
+# video motion stays at chance, and so IMU, which can only inherit it; thermal scene is under
+# 3x chance. Those rows are KNOWN_MISSES rather than asserted against the bars.
+STAGE1_FLOOR: dict[str, float] = {"class": 0.77, "colour": 0.95, "scene": 0.86, "distance": 0.75}
+STAGE1_ASSERTED = ("class", "colour", "scene", "distance")
 EMERGENT_FLOOR: dict[tuple[str, str], float] = {
-    ("audio", "scene"): 0.95,
-    ("thermal", "scene"): 0.6,  # 3x chance; depth distance (0.52) is 2x chance only
+    ("audio", "class"): 0.9,
+    ("audio", "scene"): 0.85,
+    ("depth", "class"): 0.5,  # 3x chance (0.50); measured 0.54
+    ("depth", "distance"): 0.9,
+    ("thermal", "class"): 0.5,  # 3x chance (0.50); measured 0.54
 }
-ARITH_KEY = "weighted audio x2"
-ARITH_FLOOR = 0.15
+ARITH_KEY = "sum"
+ARITH_FLOOR = 0.19
 KNOWN_MISSES: tuple[str, ...] = (
-    "stage 1: vision->text class",
     "stage 1: vision->text distance",
-    "stage 1: video->text class",
-    "stage 1: video->text distance",
     "stage 1: video->text motion",
-    "emergent: audio->text class",
-    "emergent: thermal->text class",
-    "emergent: depth->text",
+    "emergent: thermal->text scene",
     "emergent: imu->text motion",
-    "arithmetic (weighted audio x2, held_out)",
 )

@@ -122,3 +122,30 @@ def test_train_cli(tmp_path: Path) -> None:
         app, ["train", "-o", str(tmp_path), "--resume", "--world", "24", "--stage1-steps", "3"]
     )
     assert bad.exit_code == 1
+
+
+def test_hard_negative_batches_are_whole_groups() -> None:
+    from train.recipe import _mixed_batch
+
+    rows = np.arange(400)
+    groups = rows % 20  # 20 groups of 20 rows
+    rng = np.random.default_rng(0)
+    b = _mixed_batch(rows, 64, rng, groups, hard=0.5, group_size=8)
+    assert len(b) == 64 and len(set(b.tolist())) == 64
+    _, counts = np.unique(groups[b[:32]], return_counts=True)
+    assert (counts % 8 == 0).all()  # the hard half: four groups of eight
+    plain = _mixed_batch(rows, 64, rng, None, hard=0.5, group_size=8)
+    assert len(set(plain.tolist())) == 64
+
+
+def test_world_data_has_groups_and_factor_captions(tiny: PairedData) -> None:
+    from train.world import CLASSES, DISTANCES
+
+    assert tiny.groups is not None and len(tiny.groups) == len(tiny)
+    assert {"text_short", "video_text_short"} <= set(tiny.tensors)
+    # Factor-level captions name class and distance only: few distinct ones, shorter ones.
+    short = tiny.tensors["text_short"]
+    assert len({tuple(r) for r in short.tolist()}) <= len(CLASSES) * len(DISTANCES)
+    assert int((short > 0).sum()) < int((tiny.tensors["text"] > 0).sum())
+    with pytest.raises(ValueError, match="hard_negatives"):
+        TrainConfig(hard_negatives=1.5)

@@ -7,6 +7,11 @@ cached, and each of audio, depth, thermal and IMU is trained against them with i
 logit scale. No non-image modality ever sees text; whatever alignment with text (or with each
 other) they show is emergent.
 
+Stage-1 batches mix random rows with hard-negative groups (rows that share the nuisance
+factors, ``PairedData.groups``), and an auxiliary term binds images to factor-level captions
+("a star far", clips "a star rising far") where the data has them: without both, the demo
+world's colour and scene lower the loss so far that object class was never learned.
+
 Data is a ``PairedData``: aligned rows of model-ready tensors, each key optional per row
 (``present`` masks). ``from_world`` builds one from the demo world in memory; ``from_manifest``
 from a JSONL manifest of pairs (the one ``bindsearch demo world`` writes, or any other) through
@@ -50,6 +55,10 @@ __all__ = [
 
 # Text keys and the vision keys they caption (a video's caption may name its motion).
 STAGE1_PAIRS: tuple[tuple[str, str], ...] = (("vision", "text"), ("video", "video_text"))
+# Optional factor-level captions of the same rows (the demo world's name class and distance,
+# and for video motion, with colour and scene left unsaid): an auxiliary stage-1 term,
+# weighted by ``TrainConfig.aux_weight``, whose identical captions are all positives.
+AUX_TEXT = {"text": "text_short", "video_text": "video_text_short"}
 STAGE2_MODALITIES = ("audio", "depth", "thermal", "imu")
 # Which vision input anchors a modality in stage 2 (IMU moves with the camera: video, as
 # Ego4D pairs them); the image is the fallback.
@@ -68,11 +77,17 @@ class PairedData:
 
     tensors: dict[str, Tensor]
     present: dict[str, np.ndarray] = field(default_factory=dict)
+    # (N,) int64 or None: rows with the same id share the nuisance factors (colour and scene
+    # in the demo world: learned first, from random batches alone) and differ in the rest
+    # (class, distance, motion): each other's hard negatives (``TrainConfig.hard_negatives``).
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         sizes = {k: len(v) for k, v in self.tensors.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"all keys must have the same number of rows, got {sizes}")
+        if self.groups is not None and len(self.groups) != len(self):
+            raise ValueError(f"groups has {len(self.groups)} rows, data {len(self)}")
         for k, v in self.tensors.items():
             self.present.setdefault(k, np.ones(len(v), bool))
 
@@ -94,8 +109,8 @@ class TrainConfig:
     """Hyper-parameters of both stages; the defaults trained the shipped demo weights."""
 
     preset: str = "imagebind_demo"
-    stage1_steps: int = 1200
-    stage2_steps: int = 300
+    stage1_steps: int = 1800
+    stage2_steps: int = 400
     batch_size: int = 128
     lr: float = 1e-3
     stage2_lr: float = 1e-3
@@ -104,10 +119,24 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     modalities: tuple[str, ...] = STAGE2_MODALITIES
+    # Fraction of each stage-1 batch drawn as hard-negative groups (``PairedData.groups``):
+    # ``group_size`` rows sharing colour and scene, so that the loss can only fall by telling
+    # their classes, distances (and motions) apart. Random batches of the demo world almost
+    # never hold two captions that differ only in the class word, and a model of 1200
+    # random-batch steps never learned class. Ignored when the data has no groups. Rounded
+    # down to whole groups: 0.625 of 64 rows per pair is 5 groups of 8.
+    hard_negatives: float = 0.625
+    group_size: int = 8
+    # Weight of the auxiliary factor-level caption term (``AUX_TEXT``; 0 turns it off).
+    aux_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.stage1_steps < 0 or self.stage2_steps < 0:
             raise ValueError("step budgets must be non-negative")
+        if not 0.0 <= self.hard_negatives <= 1.0:
+            raise ValueError(f"hard_negatives must be in [0, 1], got {self.hard_negatives}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be at least 2, got {self.group_size}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2 (contrastive loss needs negatives)")
         unknown = sorted(set(self.modalities) - set(STAGE2_MODALITIES))
@@ -129,7 +158,7 @@ def from_world(
     n: int, cfg: ModelConfig, seed: int = 0, caption_dropout: float = 0.2, progress: bool = True
 ) -> PairedData:
     """The demo world's training split, rendered in memory straight into model inputs."""
-    from .world import generate, to_model_inputs
+    from .world import factor_captions, generate, nuisance_groups, to_model_inputs
 
     p = cfg.preprocess
     world = generate(
@@ -141,7 +170,9 @@ def from_world(
         video_frames=p.video_frames,
         progress=progress,
     )
-    return PairedData(to_model_inputs(world, p))
+    tensors = to_model_inputs(world, p)
+    tensors.update(factor_captions(world.factors, p))
+    return PairedData(tensors, groups=nuisance_groups(world.factors))
 
 
 def from_manifest(
@@ -244,6 +275,33 @@ def _batch(rows: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     return rows[rng.choice(len(rows), size=min(size, len(rows)), replace=False)]
 
 
+def _mixed_batch(
+    rows: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    groups: np.ndarray | None,
+    hard: float,
+    group_size: int,
+) -> np.ndarray:
+    """``size`` distinct rows: a ``hard`` fraction as whole groups of ``group_size`` rows
+    sharing a group id (hard negatives of each other), the rest drawn uniformly."""
+    n_hard = round(hard * min(size, len(rows))) // group_size * group_size
+    if groups is None or n_hard == 0:
+        return _batch(rows, size, rng)
+    g = groups[rows]
+    ids, counts = np.unique(g, return_counts=True)
+    ids = ids[counts >= group_size]
+    k = min(n_hard // group_size, len(ids))
+    picked: list[np.ndarray] = []
+    for gid in rng.choice(ids, size=k, replace=False):
+        members = rows[g == gid]
+        picked.append(members[rng.choice(len(members), size=group_size, replace=False)])
+    hard_rows = np.concatenate(picked) if picked else np.zeros(0, rows.dtype)
+    rest = np.setdiff1d(rows, hard_rows, assume_unique=True)
+    easy = _batch(rest, size - len(hard_rows), rng)
+    return np.concatenate([hard_rows, easy])
+
+
 def _unit(model: ImageBind, key: str, x: Tensor) -> Tensor:
     """Unit embeddings (B, D) of a batch, clip-averaged for clip inputs."""
     return model.embed_one(_tower(key), x, scaled=False)
@@ -335,17 +393,27 @@ def train(
             rng = np.random.default_rng([tc.seed, 1, step])
             torch.manual_seed(tc.seed * 1_000_003 + step)
             per = max(tc.batch_size // len(pairs), 2)
-            img_parts, ids_parts = [], []
+            img_parts, ids_parts, aux_parts = [], [], []
             for vkey, tkey in pairs:
-                idx = torch.from_numpy(_batch(data.rows(vkey, tkey), per, rng))
+                rows = data.rows(vkey, tkey)
+                picked = _mixed_batch(rows, per, rng, data.groups, tc.hard_negatives, tc.group_size)
+                idx = torch.from_numpy(picked)
                 img_parts.append(_unit(model, vkey, data.tensors[vkey][idx]))
                 ids_parts.append(data.tensors[tkey][idx])
+                if AUX_TEXT[tkey] in data.tensors:
+                    aux_parts.append(data.tensors[AUX_TEXT[tkey]][idx])
             ids = torch.cat(ids_parts)
             txt = _unit(model, "text", trim_to_longest(ids))
             img = torch.cat(img_parts)
             scale = model.logit_scale("text")
             assert scale is not None
             loss = info_nce(img, txt, scale, positives=_same_rows(ids))
+            if tc.aux_weight and len(aux_parts) == len(pairs):
+                aux_ids = torch.cat(aux_parts)
+                aux = _unit(model, "text", trim_to_longest(aux_ids))
+                loss = loss + tc.aux_weight * info_nce(
+                    img, aux, scale, positives=_same_rows(aux_ids)
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()

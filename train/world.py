@@ -53,7 +53,9 @@ __all__ = [
     "SCENES",
     "World",
     "caption",
+    "factor_captions",
     "generate",
+    "nuisance_groups",
     "sample_factors",
     "to_model_inputs",
     "write_world",
@@ -105,6 +107,10 @@ _F0 = np.array([220.0, 294.0, 370.0, 466.0, 587.0, 740.0])  # class pitch (Hz)
 _MOVE = np.array([(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)], np.float32)  # (dx, dy), image axes
 _MOVE_FRAC = 0.16  # displacement over the clip, as a fraction of the side
 VIDEO_FPS = 8
+# Depth of the class surface pattern, as a fraction of the colour. At 0.35 a supervised probe
+# of the vision tower reached 0.49 class accuracy in 200 steps, at 0.7 0.70: the pattern is
+# what makes class as cheap to see as colour.
+PATTERN_CONTRAST = 0.9
 
 
 @dataclass
@@ -143,6 +149,36 @@ def caption(f: dict[str, int], motion: bool, drop: Sequence[str] = ()) -> str:
     if "scene" not in drop:
         words.append(f"in the {SCENES[f['scene']]}")
     return " ".join(words)
+
+
+# Factors that hard-negative groups share (``nuisance_groups``): what random batches already
+# teach (colour and scene are learned first), so that within a group only class, distance and
+# motion differ.
+NUISANCE = ("colour", "scene")
+
+
+def nuisance_groups(factors: dict[str, np.ndarray]) -> np.ndarray:
+    """(n,) int64 group id: samples with the same nuisance factors (colour, scene) share one."""
+    gid = np.zeros(len(factors["class"]), np.int64)
+    for k in NUISANCE:
+        gid = gid * len(FACTORS[k]) + factors[k]
+    return gid
+
+
+def factor_captions(
+    factors: dict[str, np.ndarray], cfg: PreprocessConfig
+) -> dict[str, torch.Tensor]:
+    """Token ids of factor-level captions: ``text_short`` ("a star far") and ``video_text_short``
+    ("a star rising far"), which name only the factors that are not ``NUISANCE`` (class,
+    distance, motion), for the auxiliary stage-1 term."""
+    from encoders.transforms.text import tokenize
+
+    n = len(factors["class"])
+    rows = [{k: int(v[i]) for k, v in factors.items()} for i in range(n)]
+    return {
+        "text_short": tokenize([caption(f, False, drop=NUISANCE) for f in rows], cfg),
+        "video_text_short": tokenize([caption(f, True, drop=NUISANCE) for f in rows], cfg),
+    }
 
 
 def sample_factors(n: int, rng: np.random.Generator, split: Split) -> dict[str, np.ndarray]:
@@ -300,7 +336,7 @@ def _render_frames(
     colour = (_RGB[f["colour"]] * shade[:, None])[:, None, None]  # (n, 1, 1, 3)
     # Each class has its own surface pattern (a painted ball is not a striped box), fixed to
     # the object so it moves with it; it makes class as visible as colour, not only shape.
-    colour = colour * (1 - 0.35 * _pattern(f["class"], ox, oy, size))[..., None]
+    colour = colour * (1 - PATTERN_CONTRAST * _pattern(f["class"], ox, oy, size))[..., None]
     # Aerial perspective: farther objects fade towards the scene's average colour.
     haze = _HAZE[f["distance"]][:, None, None, None]
     colour = colour * (1 - haze) + bg.mean(axis=(1, 2), keepdims=True) * haze
