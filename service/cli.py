@@ -9,9 +9,21 @@ import typer
 
 from encoders.cli import weights_app
 from encoders.embed_cli import embed
-from index.cli import index_app
 from service.serve_cli import serve
 from train.cli import demo_app, train
+
+NO_FAISS = (
+    "FAISS is not installed: install bindsearch with the 'cpu' extra (faiss-cpu), or 'gpu' "
+    "on a CUDA machine (faiss-gpu); never both"
+)
+
+index_app: typer.Typer | None
+try:
+    from index.cli import index_app
+except ImportError as e:  # faiss comes from an extra; `embed` and `weights` work without it
+    if "faiss" not in str(e):
+        raise
+    index_app = None
 
 app = typer.Typer(
     name="bindsearch",
@@ -21,7 +33,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(weights_app, name="weights")
-app.add_typer(index_app, name="index")
+if index_app is not None:
+    app.add_typer(index_app, name="index")
+else:
+
+    @app.command(
+        "index", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    )
+    def _index_without_faiss() -> None:
+        """Build and query indexes (needs FAISS: not installed)."""
+        typer.echo(f"error: {NO_FAISS}", err=True)
+        raise typer.Exit(1)
 app.command("embed")(embed)
 app.command("serve")(serve)
 app.add_typer(demo_app, name="demo")

@@ -45,7 +45,13 @@ def serve(
     import uvicorn
 
     from encoders import EncoderError
-    from index.errors import IndexStoreError
+
+    try:
+        from index.errors import IndexStoreError
+    except ImportError as e:  # index/__init__ imports faiss, which comes from an extra
+        from .cli import NO_FAISS
+
+        _fail(NO_FAISS if "faiss" in str(e) else str(e))
 
     from .app import create_app
     from .embedders import load_torch_embedder

@@ -170,3 +170,22 @@ def test_embed_defaults_to_the_shipped_demo_model() -> None:
     vectors = np.array(json.loads(result.stdout))
     assert vectors.shape == (2, 64)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_cli_without_faiss_embeds_and_says_how_to_get_index(tmp_path: Path) -> None:
+    """FAISS comes from an extra: without it `embed` works and `index` says what to install."""
+    code = (
+        "import sys; sys.modules['faiss'] = None; from service.cli import main; "
+        "sys.argv = ['bindsearch'] + sys.argv[1:]; main()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "index", "info", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: FAISS is not installed: install bindsearch with the 'cpu' extra (faiss-cpu), "
+        "or 'gpu' on a CUDA machine (faiss-gpu); never both"
+    ]
+    proc = subprocess.run([sys.executable, "-c", code, "embed", "-m", "text", "--json", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)[0]) == 64
