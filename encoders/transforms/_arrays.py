@@ -225,6 +225,29 @@ def resize_short_crop(
     return t[0, :, top : top + size, left : left + size].contiguous()  # (1, S, S)
 
 
+def read_map(
+    source: str | Path | bytes | np.ndarray, what: str, accepted: str, colour_png: str
+) -> np.ndarray:
+    """A single-channel map (depth, thermal) from an array, a ``.npy`` or a greyscale PNG.
+
+    Args:
+        accepted: what the loader accepts, appended to every refusal.
+        colour_png: why a colour PNG is refused for this modality (it cannot be inverted).
+    """
+    if isinstance(source, np.ndarray):
+        return check_2d(source, what)
+    data = read_bytes(source, what)
+    kind = sniff(data)
+    if kind == "npy":
+        return check_2d(read_npy(data, what), what)
+    if kind == "png":
+        arr = read_png(data, what)
+        if arr.ndim == 3:
+            raise InvalidInput(f"{what}: got a colour PNG ({colour_png}); {accepted}")
+        return check_2d(arr, what)
+    raise InvalidInput(f"{what}: got {describe(kind, data)}; {accepted}")
+
+
 def check_2d(arr: np.ndarray, what: str) -> np.ndarray:
     """Squeeze a single-channel map to (H, W), or refuse it with the accepted shapes."""
     if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):

@@ -178,23 +178,16 @@ def normalise_disparity(disparity: np.ndarray, size: int) -> torch.Tensor:
 
 
 def _read_depth_array(source: str | Path | bytes | np.ndarray) -> np.ndarray:
-    if isinstance(source, np.ndarray):
-        if source.dtype.hasobject or source.dtype.kind not in "buif":
-            raise InvalidInput(f"depth: array dtype {source.dtype} is not numeric; {_ACCEPTED}")
-        return _arrays.check_2d(source, "depth")
-    data = _arrays.read_bytes(source, "depth")
-    kind = _arrays.sniff(data)
-    if kind == "npy":
-        return _arrays.check_2d(_arrays.read_npy(data, "depth"), "depth")
-    if kind == "png":
-        arr = _arrays.read_png(data, "depth")
-        if arr.ndim == 3:
-            raise InvalidInput(
-                "depth: got a colour PNG (an RGB photo or a colour-mapped depth rendering, "
-                f"which cannot be inverted); {_ACCEPTED}"
-            )
-        return _arrays.check_2d(arr, "depth")
-    raise InvalidInput(f"depth: got {_arrays.describe(kind, data)}; {_ACCEPTED}")
+    if isinstance(source, np.ndarray) and (
+        source.dtype.hasobject or source.dtype.kind not in "buif"
+    ):
+        raise InvalidInput(f"depth: array dtype {source.dtype} is not numeric; {_ACCEPTED}")
+    return _arrays.read_map(
+        source,
+        "depth",
+        _ACCEPTED,
+        "an RGB photo or a colour-mapped depth rendering, which cannot be inverted",
+    )
 
 
 def _auto_units(arr: np.ndarray) -> Literal["mm", "m", "disparity"]:

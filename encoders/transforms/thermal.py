@@ -112,18 +112,9 @@ def _stretch(values: np.ndarray, lo_p: float, hi_p: float) -> np.ndarray:
 
 
 def _read_thermal_array(source: str | Path | bytes | np.ndarray) -> np.ndarray:
-    if isinstance(source, np.ndarray):
-        return _arrays.check_2d(source, "thermal")
-    data = _arrays.read_bytes(source, "thermal")
-    kind = _arrays.sniff(data)
-    if kind == "npy":
-        return _arrays.check_2d(_arrays.read_npy(data, "thermal"), "thermal")
-    if kind == "png":
-        arr = _arrays.read_png(data, "thermal")
-        if arr.ndim == 3:
-            raise InvalidInput(
-                "thermal: got a colour PNG (a photo or a false-colour thermal rendering, whose "
-                f"palette cannot be inverted); {_ACCEPTED}"
-            )
-        return _arrays.check_2d(arr, "thermal")
-    raise InvalidInput(f"thermal: got {_arrays.describe(kind, data)}; {_ACCEPTED}")
+    return _arrays.read_map(
+        source,
+        "thermal",
+        _ACCEPTED,
+        "a photo or a false-colour thermal rendering, whose palette cannot be inverted",
+    )
