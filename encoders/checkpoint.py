@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import pickle
 import re
 import warnings
@@ -22,7 +24,19 @@ _KEY = re.compile(r"^modality_(preprocessors|trunks|heads|postprocessors)\.([a-z
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
+    """Hex sha256 of a file, streamed; memoised per (file, size, mtime) within the process.
+
+    One start of ``serve`` or ``index build`` fingerprints the same weights file several times
+    (the demo index's name, the build's model identity, the served index's model check): a
+    4.5 GB checkpoint is read once, not three times.
+    """
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
+    del size, mtime_ns  # part of the cache key only: a rewritten file is hashed again
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -313,3 +313,18 @@ def test_still_image_summed_kernel_equals_repeated_clip() -> None:
         a = enc.model.tokens("vision", x)
         b = enc.model.tokens("vision", clip)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sha256_file_memo_follows_rewrites(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from encoders import sha256_file
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 10)
+    assert sha256_file(f) == hashlib.sha256(b"a" * 10).hexdigest()
+    f.write_bytes(b"b" * 10)  # same size: the new mtime makes it a new key
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(f) == hashlib.sha256(b"b" * 10).hexdigest()
