@@ -8,7 +8,6 @@ names the offending item in every error.
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +64,6 @@ class InputLimits:
                 )
 
 
-def _open_item(item: Item) -> Any:
-    return io.BytesIO(item) if isinstance(item, bytes) else str(item)
-
-
 def open_binary(item: Item) -> IO[bytes]:
     """A binary file object for a path or bytes (opened by Python, never by a decoder)."""
     return io.BytesIO(item) if isinstance(item, bytes) else open(item, "rb")
@@ -78,11 +73,11 @@ def _image_pixels(item: Item) -> int | None:
     """Width x height from the header, or None if Pillow cannot tell (the loader will say)."""
     from PIL import Image
 
+    # No warnings.catch_warnings() here: it swaps process-wide state under the service's decode
+    # threads. Pillow's own bomb warning may show once; our limit (below Pillow's) still refuses.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the bomb warning: our own limit speaks instead
-            with Image.open(_open_item(item)) as im:
-                return int(im.size[0]) * int(im.size[1])
+        with open_binary(item) as fp, Image.open(fp) as im:
+            return int(im.size[0]) * int(im.size[1])
     except Exception:
         return None
 
@@ -92,7 +87,8 @@ def _audio_seconds(item: Item) -> float | None:
     try:
         import soundfile
 
-        info = soundfile.info(_open_item(item))
+        with open_binary(item) as fp:
+            info = soundfile.info(fp)
         if info.samplerate > 0:
             return float(info.frames) / float(info.samplerate)
     except Exception:
