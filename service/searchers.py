@@ -167,11 +167,7 @@ class MemorySearcher:
         return None if row is None else self._vectors[row].copy()
 
     def item_media_path(self, item_id: int) -> Path | None:
-        item = self.get_item(item_id)
-        if item is None or item.path is None:
-            return None
-        p = Path(item.path)
-        return p if p.is_absolute() or self._root is None else self._root / p
+        return _media_path(self.get_item(item_id), self._root)
 
     def info(self) -> list[IndexInfo]:
         counts: dict[Modality, int] = {}
@@ -265,11 +261,7 @@ class IndexAdapter:
         return unit(np.asarray(v, np.float32).reshape(-1))
 
     def item_media_path(self, item_id: int) -> Path | None:
-        item = self.get_item(item_id)
-        if item is None or item.path is None:
-            return None
-        p = Path(item.path)
-        return p if p.is_absolute() else Path(self._s.root) / p
+        return _media_path(self.get_item(item_id), Path(self._s.root))
 
     def info(self) -> list[IndexInfo]:
         name = Path(self._s.root).name
@@ -283,6 +275,14 @@ class IndexAdapter:
             )
             for m, n in sorted(self._s.counts().items())
         ]
+
+
+def _media_path(item: Item | None, root: Path | None) -> Path | None:
+    """An item's stored path; relative ones resolve against the index's folder."""
+    if item is None or item.path is None:
+        return None
+    p = Path(item.path)
+    return p if p.is_absolute() or root is None else root / p
 
 
 def _get(obj: Any, key: str, default: Any) -> Any:
