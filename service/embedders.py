@@ -220,6 +220,7 @@ def load_torch_embedder(
     config: str,
     device: str,
     random_weights: bool = False,
+    modalities: Sequence[str] | None = None,
 ) -> TorchEmbedder:
     """Load the model for ``serve``: a checkpoint, else the cached official weights.
 
@@ -229,13 +230,13 @@ def load_torch_embedder(
     from encoders.weights import BUNDLED_LICENCE, bundled_weights, default_checkpoint
 
     if random_weights:
-        enc = load_encoder(None, config=config, device=device)
+        enc = load_encoder(None, config=config, device=device, modalities=modalities)
         name = f"{config} (random weights)"
         return TorchEmbedder(enc, name, "none: random weights, testing only")
     official = checkpoint is None
     if checkpoint is None:
         checkpoint, config = default_checkpoint(config)
-    enc = load_encoder(checkpoint, config=config, device=device)
+    enc = load_encoder(checkpoint, config=config, device=device, modalities=modalities)
     if official and bundled_weights(config) is not None:
         return TorchEmbedder(enc, config, BUNDLED_LICENCE)
     spec = WEIGHTS.get(config)

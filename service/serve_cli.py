@@ -39,6 +39,13 @@ def serve(
             "the vectors mean nothing.",
         ),
     ] = False,
+    modalities: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated towers to load, e.g. vision,text (default: all); "
+            "inputs of other modalities get 415."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve search and embedding over HTTP (settings: BINDSEARCH_* environment variables)."""
@@ -72,6 +79,8 @@ def serve(
         }
         if random_weights:
             overrides["random_weights"] = True
+        if modalities is not None:
+            overrides["modalities"] = [m.strip() for m in modalities.split(",") if m.strip()]
         settings = ServiceSettings.model_validate(overrides)
         _check_weights(settings)
         if uses_demo_defaults(settings):
@@ -89,8 +98,16 @@ def serve(
         _fail(str(e))
 
     def load() -> Embedder:
+        if settings.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         return load_torch_embedder(
-            settings.checkpoint, settings.config, settings.device, settings.random_weights
+            settings.checkpoint,
+            settings.config,
+            settings.device,
+            settings.random_weights,
+            modalities=settings.modalities,
         )
 
     app = create_app(settings, load, searcher)
@@ -111,10 +128,15 @@ def uses_demo_defaults(settings: ServiceSettings) -> bool:
 
 def _check_weights(settings: ServiceSettings) -> None:
     """Fail fast, in one line, when there are no weights to load or no device to load on."""
+    from encoders import Modality
     from encoders.config import resolve_config
     from encoders.weights import default_checkpoint
 
     resolve_config(settings.config)
+    for m in settings.modalities or ():
+        Modality.parse(m)  # ValueError: the accepted names
+    if settings.modalities == []:
+        raise ValueError("modalities: give at least one tower, e.g. vision,text")
     if settings.device.startswith("cuda"):
         import torch
 

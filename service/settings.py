@@ -23,6 +23,12 @@ class ServiceSettings(BaseSettings):
     config: str = "imagebind_demo"  # the embedded default: shipped weights
     device: str = "cpu"
     random_weights: bool = False  # testing only: the architecture of ``config``, random weights
+    # Towers to load (JSON list in the environment, ``'["vision","text"]'``); None: all of them.
+    # The huge model's six towers hold 1.2 B parameters; vision + text alone hold 0.99 B.
+    modalities: list[str] | None = None
+    # torch's CPU threads for the model (None: torch's default, one per core). On a machine
+    # shared with other work, fewer threads avoid OpenMP spin-waiting against other processes.
+    torch_threads: int | None = Field(None, ge=1)
 
     # Access.
     api_key: SecretStr | None = None  # when set, /v1 wants ``Authorization: Bearer <key>``

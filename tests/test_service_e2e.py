@@ -60,8 +60,17 @@ def _start(tmp: Path, args: list[str], env: dict[str, str]) -> tuple[Server, _Pr
     port = _free_port()
     log = tmp / f"server-{port}.log"
     cmd = [
-        sys.executable, "-c", "from service.cli import main; main()", "serve",
-        "--random-weights", "--config", CONFIG, "--port", str(port), "--log-level", "warning",
+        sys.executable,
+        "-c",
+        "from service.cli import main; main()",
+        "serve",
+        "--random-weights",
+        "--config",
+        CONFIG,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
         *args,
     ]
     with log.open("wb") as f:
@@ -165,12 +174,26 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Media]]
     for m in media:
         (root / m.name).write_bytes(m.data)
         v = enc.embed_items(m.modality, [m.data])[0]
-        rows.append({"id": m.id, "modality": m.modality, "path": m.name,
-                     "tags": ["generated", m.modality], "vector": v.tolist()})
+        rows.append(
+            {
+                "id": m.id,
+                "modality": m.modality,
+                "path": m.name,
+                "tags": ["generated", m.modality],
+                "vector": v.tolist(),
+            }
+        )
     for i, text in TEXTS.items():
         v = enc.embed_items("text", [text])[0]
-        rows.append({"id": i, "modality": "text", "caption": text, "tags": ["caption"],
-                     "vector": v.tolist()})
+        rows.append(
+            {
+                "id": i,
+                "modality": "text",
+                "caption": text,
+                "tags": ["caption"],
+                "vector": v.tolist(),
+            }
+        )
     (root / "items.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return root, media
 
@@ -359,3 +382,42 @@ def test_no_index_no_auth(tmp_path: Path) -> None:
         assert r.status_code == 503 and r.json()["error"]["type"] == "no_index"
     finally:
         _stop(proc)
+
+
+def test_only_some_towers(tmp_path: Path) -> None:
+    """``--modalities text`` loads the text tower alone; other inputs get a 415 that says so."""
+    srv, proc = _start(tmp_path, ["--modalities", "text"], {"BINDSEARCH_TORCH_THREADS": "1"})
+    try:
+        assert httpx.get(f"{srv.url}/v1/info").json()["model"]["modalities"] == ["text"]
+        assert httpx.post(f"{srv.url}/v1/embed", json={"text": "a"}).status_code == 200
+        r = httpx.post(
+            f"{srv.url}/v1/embed", files={"file": ("x.png", _png(np.zeros((8, 8, 3), np.uint8)))}
+        )
+        assert r.status_code == 415
+        assert "does not embed vision" in r.json()["error"]["message"]
+    finally:
+        _stop(proc)
+
+
+def test_unknown_tower_is_one_line(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from service.cli import main; main()",
+            "serve",
+            "--config",
+            CONFIG,
+            "--random-weights",
+            "--modalities",
+            "vision,smell",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: unknown modality 'smell'; accepted: vision, video, text, audio, depth, thermal, imu"
+    ]
