@@ -421,3 +421,89 @@ def test_unknown_tower_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == [
         "error: unknown modality 'smell'; accepted: vision, video, text, audio, depth, thermal, imu"
     ]
+
+
+# ------------------------------------------------------- a real FAISS index built with the CLI
+
+
+@pytest.fixture(scope="module")
+def indexed(
+    corpus: tuple[Path, list[Media]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, dict[str, int]]]:
+    """``bindsearch index build`` over the media files, then ``serve --index`` on that index."""
+    _, media = corpus
+    tmp = tmp_path_factory.mktemp("real")
+    files = tmp / "media"
+    files.mkdir()
+    for m in media:
+        if not m.explicit:  # depth and thermal files are not recognisable from content alone
+            (files / m.name).write_bytes(m.data)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from service.cli import main; main()",
+            "index",
+            "build",
+            str(files),
+            "-o",
+            str(tmp / "idx"),
+            "--checkpoint",
+            "none",
+            "--config",
+            CONFIG,
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    srv, proc = _start(tmp, ["--index", str(tmp / "idx")], {"BINDSEARCH_TORCH_THREADS": "1"})
+    try:
+        items = httpx.post(f"{srv.url}/v1/search", json={"text": "x", "k": 100}).json()
+        ids = {Path(h["path"]).name: h["id"] for h in items["results"] if h["modality"] == "vision"}
+        yield srv, ids
+    finally:
+        _stop(proc)
+
+
+def test_real_index_upload_finds_itself(
+    indexed: tuple[Server, dict[str, int]], corpus: tuple[Path, list[Media]]
+) -> None:
+    srv, _ = indexed
+    info = httpx.get(f"{srv.url}/v1/info").json()
+    # 5 files; the video's soundtrack (if any) is an audio item of the same file.
+    assert {i["modality"] for i in info["indexes"]} >= {"vision", "audio", "video"}
+    for m in corpus[1]:
+        if m.explicit:
+            continue
+        r = httpx.post(
+            f"{srv.url}/v1/search",
+            files={"file": (m.name, m.data)},
+            data={"k": "1", "target": m.modality},
+        )
+        assert r.status_code == 200, r.text
+        top = r.json()["results"][0]
+        assert Path(top["path"]).name == m.name and top["score"] > 0.999, (m.name, top)
+        media = httpx.get(f"{srv.url}{top['media_url']}")
+        assert media.status_code == 200 and media.content == m.data
+
+
+def test_real_index_item_mix_and_bad_ids(indexed: tuple[Server, dict[str, int]]) -> None:
+    srv, ids = indexed
+    red = ids["red.png"]
+    r = httpx.post(f"{srv.url}/v1/search", json={"item_id": red, "k": 3})
+    assert r.status_code == 200 and red not in [h["id"] for h in r.json()["results"]]
+    terms = [{"item_id": red, "weight": 1.0}, {"text": "a sound", "weight": 0.5}]
+    r = httpx.post(f"{srv.url}/v1/search", json={"terms": terms, "k": 3})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+    # Ids that cannot exist (negative, beyond int64) are unknown items, never a 500.
+    for bad in (-1, 1 << 63, 10**30):
+        r = httpx.post(f"{srv.url}/v1/search", json={"item_id": bad})
+        assert r.status_code == 404, (bad, r.text)
+        assert httpx.get(f"{srv.url}/v1/items/{bad}").status_code == 404
+        assert httpx.get(f"{srv.url}/v1/items/{bad}/media").status_code == 404
