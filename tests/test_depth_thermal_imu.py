@@ -359,6 +359,9 @@ def test_imu_refuses_nan_inf_and_ragged_csv() -> None:
         load_imu(b"1,2,3,4,5,6\n1,2,x,4,5,6\n", CFG)
     with pytest.raises(InvalidInput, match="header"):
         load_imu(b"foo,bar\n1,2\n", CFG)
+    for empty in (np.zeros((0, 6), np.float32), np.zeros((6, 0), np.float32)):
+        with pytest.raises(InvalidInput, match="0 sample"):
+            load_imu(npy_bytes(empty), CFG)
 
 
 def test_imu_csv_row_cap(monkeypatch: pytest.MonkeyPatch) -> None:

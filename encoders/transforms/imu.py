@@ -119,6 +119,8 @@ def resample_imu(
     Longer traces give their centred window; shorter ones are padded at both ends with their
     first/last sample (a held pose, not a jump to zero that would read as a jolt).
     """
+    if len(t_s) < MIN_SAMPLES:
+        raise InvalidInput(f"imu: {len(t_s)} sample(s); at least {MIN_SAMPLES} are needed")
     order = np.argsort(t_s, kind="stable")  # Ego4D warns timestamps can be non-monotonic
     t_s, values = t_s[order], values[order]
     keep = np.concatenate([[True], np.diff(t_s) > 0])  # drop repeated timestamps
