@@ -99,6 +99,9 @@ def parse_data_uri(s: str, name: str) -> BlobInput | None:
 def mix(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     """Embedding arithmetic: normalise each term, weight, sum, normalise -> (D,)."""
     w = np.asarray(weights, np.float64)
+    top = float(np.abs(w).max(initial=0.0))
+    if top > 0:
+        w = w / top  # the direction is all that counts; this keeps 1e308-sized weights finite
     total = (unit(vectors).astype(np.float64) * w[:, None]).sum(axis=0)
     norm = float(np.linalg.norm(total))
     if not np.isfinite(norm) or norm < 1e-6:

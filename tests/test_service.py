@@ -189,6 +189,16 @@ def test_weighted_mix_is_normalised_sum(client: TestClient, searcher: MemorySear
     assert echo[2]["bytes"] == len(wav)
 
 
+def test_huge_weights_mix_like_small_ones(client: TestClient) -> None:
+    """Only the weights' ratios matter: 1e308-sized weights do not overflow into an error."""
+    small = [{"text": "dog", "weight": 1.0}, {"text": "cat", "weight": 0.5}]
+    huge = [{"text": "dog", "weight": 1e308}, {"text": "cat", "weight": 5e307}]
+    a = client.post("/v1/search", json={"terms": small, "k": 4}).json()["results"]
+    b = client.post("/v1/search", json={"terms": huge, "k": 4}).json()["results"]
+    assert [h["id"] for h in a] == [h["id"] for h in b]
+    assert [h["score"] for h in a] == pytest.approx([h["score"] for h in b], abs=1e-6)
+
+
 def test_search_by_item_id_excludes_itself(client: TestClient, searcher: MemorySearcher) -> None:
     body = client.post("/v1/search", json={"item_id": 0}).json()
     ids = [h["id"] for h in body["results"]]
