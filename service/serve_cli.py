@@ -28,8 +28,10 @@ def serve(
     config: Annotated[
         str | None, typer.Option(help="Preset name or JSON config of the checkpoint.")
     ] = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    host: Annotated[
+        str, typer.Option(envvar="BINDSEARCH_HOST", help="Interface to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, envvar="BINDSEARCH_PORT")] = 8000,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (half precision on GPU).")] = None,
     random_weights: Annotated[
         bool,

@@ -507,3 +507,36 @@ def test_real_index_item_mix_and_bad_ids(indexed: tuple[Server, dict[str, int]])
         assert r.status_code == 404, (bad, r.text)
         assert httpx.get(f"{srv.url}/v1/items/{bad}").status_code == 404
         assert httpx.get(f"{srv.url}/v1/items/{bad}/media").status_code == 404
+
+
+def test_port_from_environment(tmp_path: Path) -> None:
+    """``BINDSEARCH_PORT`` / ``BINDSEARCH_HOST`` work like the flags (``docker run -e``)."""
+    port = _free_port()
+    log = tmp_path / "log"
+    cmd = [
+        sys.executable,
+        "-c",
+        "from service.cli import main; main()",
+        "serve",
+        "--random-weights",
+        "--config",
+        CONFIG,
+        "--log-level",
+        "warning",
+    ]
+    env = {**os.environ, "BINDSEARCH_PORT": str(port), "BINDSEARCH_HOST": "127.0.0.1"}
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        else:
+            raise AssertionError(log.read_text())
+    finally:
+        _stop(_Proc(proc, log))
