@@ -10,6 +10,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -47,6 +48,13 @@ Progress = Annotated[
 ]
 
 
+class Engine(StrEnum):
+    """Where ``index build`` runs."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
 @index_app.command("build")
 def build(
     corpus: Annotated[Path, typer.Argument(help="A folder, or a .csv/.jsonl manifest.")],
@@ -77,12 +85,32 @@ def build(
         bool, typer.Option(help="Also embed a video's soundtrack as audio items.")
     ] = True,
     progress: Progress = None,
+    engine: Annotated[
+        Engine, typer.Option(help="local: this machine; ray: Ray Data (bindsearch[ray]).")
+    ] = Engine.LOCAL,
+    address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: the cluster ('auto', 'ray://head:10001'); "
+                     "default: a local Ray instance."),
+    ] = None,
+    ray_num_actors: Annotated[
+        int | None,
+        typer.Option("--ray-num-actors", min=1,
+                     help="--engine ray: embedding actors (default: one per GPU, else CPUs/2)."),
+    ] = None,
 ) -> None:
     """Build an index from a corpus; rerun the same command to finish an interrupted build."""
     from .pipeline import BuildOptions, build_index
     from .spec import parse_size
 
+    if engine is Engine.LOCAL and (address is not None or ray_num_actors is not None):
+        _fail("--address and --ray-num-actors need --engine ray")
+
     def run() -> Any:
+        if engine is Engine.RAY:  # a missing extra is the first thing to hear about
+            from .ray_engine import import_ray
+
+            import_ray()
         opts = BuildOptions(
             factory=factory, memory_budget=parse_size(memory_budget), target_recall=target_recall,
             workers=workers, batch_size=batch_size, chunk_items=chunk_size,
@@ -92,6 +120,11 @@ def build(
         model = _model(checkpoint, config, device)
         if factory != "auto":  # a bad factory string fails now, not after embedding
             _check_factory(factory, model.config.embed_dim)
+        if engine is Engine.RAY:
+            from .ray_engine import RayOptions, build_index_ray
+
+            ropts = RayOptions(address=address, num_actors=ray_num_actors)
+            return build_index_ray(corpus, output, model, opts, ropts, log=_log)
         return build_index(corpus, output, model, opts, log=_log)
 
     summary = _guard(run)

@@ -177,14 +177,8 @@ def build_index(
     opts = options or BuildOptions()
     opts.check()
     t0 = time.perf_counter()
-    out = Path(out)
-    entries = scan_corpus(corpus, exclude=[out])
-    store = IndexStore.create(out, model.fingerprint(), model.config.embed_dim, opts.settings())
+    store, entries = _start_build(corpus, out, model, opts)
     with store:
-        _record_corpus(store, corpus)
-        with store.transaction():
-            store.set_meta("checkpoint_path", None if model.checkpoint is None
-                           else str(Path(model.checkpoint).resolve()))
         summary = BuildSummary(scanned=len(entries))
         _Pipeline(store, model, opts, summary, log).run(entries)
         summary.manifest = store.refresh(opts.factory, opts.memory_budget, opts.target_recall,
@@ -287,6 +281,23 @@ def _open_for_update(
         store.close()
         raise
     return store, opts
+
+
+def _start_build(corpus: str | Path, out: str | Path, model: ModelSource,
+                 opts: BuildOptions) -> tuple[IndexStore, list[CorpusEntry]]:
+    """Scan the corpus and open (or create) the index a build writes (local and Ray engines)."""
+    out = Path(out)
+    entries = scan_corpus(corpus, exclude=[out])
+    store = IndexStore.create(out, model.fingerprint(), model.config.embed_dim, opts.settings())
+    try:
+        _record_corpus(store, corpus)
+        with store.transaction():
+            store.set_meta("checkpoint_path", None if model.checkpoint is None
+                           else str(Path(model.checkpoint).resolve()))
+    except Exception:
+        store.close()
+        raise
+    return store, entries
 
 
 def _record_corpus(store: IndexStore, corpus: str | Path) -> None:

@@ -1,0 +1,535 @@
+"""``bindsearch index build --engine ray``: the build on Ray Data, into the usual index directory.
+
+    todo entries (scan order, chosen by the driver: committed files are skipped, as locally)
+      -> ray.data.from_items                     one row per file
+      -> map_batches(decode_files)   Ray tasks   a file -> one row per item + a header row
+      -> map_batches(Embedder)       actors      one per GPU (num_gpus=1), else CPU actors
+      -> iter_batches on the driver              the output blocks (the shards), in any order
+      -> reorder buffer -> _Pipeline._finish/_commit   whole files, in scan order
+
+Ray Data's output blocks arrive in whatever order the cluster finishes them; the driver
+merges them into the one index directory through the local build's own commit code, file by
+file in scan order, so chunks, ids, duplicates and rejections come out exactly as a local build
+of the same corpus gives them (vectors agree within float tolerance: batches differ).
+
+Resume: only committed chunks count. A build killed at any moment and rerun skips the
+committed files and redoes the rest; results that had been embedded but not committed are
+embedded again, never committed twice (a chunk commit is one transaction). A dead worker or
+actor inside a run is Ray's business: tasks are retried and actors restarted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from encoders import Modality, PreprocessConfig
+
+from ._decode import Decoded, DecodedItem, DecodeTask, decode
+from .corpus import CorpusEntry
+from .errors import IndexStoreError
+from .fingerprint import checkpoint_identity
+from .pipeline import (
+    BuildOptions,
+    BuildSummary,
+    EncoderLike,
+    Log,
+    ModelSource,
+    _Item,
+    _Pipeline,
+    _Slot,
+    _start_build,
+)
+from .store import IndexStore
+
+INSTALL_HINT = "the ray engine needs Ray: pip install 'bindsearch[ray]'"
+DECODE_TASK_MEMORY = 512 << 20  # logical memory per decode task: a worker with torch + one part
+MAX_BLOCKS_PER_CPU = 8  # input blocks (decode tasks) per cluster CPU, at most one per file
+
+
+class RayUnavailable(IndexStoreError):
+    """``--engine ray`` without Ray installed."""
+
+
+@dataclass
+class RayOptions:
+    """Where and how wide the Ray build runs; none of it changes the vectors."""
+
+    address: str | None = None  # None: a local Ray instance; "auto"; "ray://head:10001"
+    num_actors: int | None = None  # embedding actors; None: one per GPU, else CPUs // 2
+    gpus_per_actor: float = 1.0  # when the cluster has GPUs
+
+    def check(self) -> None:
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ValueError(f"--ray-num-actors must be >= 1, got {self.num_actors}")
+        if not 0 < self.gpus_per_actor <= 8:
+            raise ValueError(f"GPUs per actor must be in (0, 8], got {self.gpus_per_actor}")
+
+
+def import_ray() -> ModuleType:
+    """``ray`` with Ray Data, or ``RayUnavailable`` saying how to install it."""
+    try:
+        import ray
+        import ray.data  # the extra, not just the core
+    except ImportError as e:
+        raise RayUnavailable(f"{INSTALL_HINT} ({e})") from None
+    return ray
+
+
+def build_index_ray(
+    corpus: str | Path,
+    out: str | Path,
+    model: ModelSource,
+    options: BuildOptions | None = None,
+    ray_options: RayOptions | None = None,
+    log: Log | None = None,
+) -> BuildSummary:
+    """``build_index`` on Ray Data: same index, same ids; rerun to finish an interrupted build.
+
+    Uses the Ray instance this process is connected to, if any; otherwise connects to
+    ``ray_options.address`` (or starts a local instance) for the build and disconnects after
+    (not at all when every file is committed already).
+    Corpus paths and the checkpoint must be readable at the same paths on every node.
+    """
+    ray = import_ray()
+    opts = options or BuildOptions()
+    opts.check()
+    ropts = ray_options or RayOptions()
+    ropts.check()
+    t0 = time.perf_counter()
+    store, entries = _start_build(corpus, out, model, opts)
+    with store:
+        summary = BuildSummary(scanned=len(entries))
+        try:
+            _RayBuild(ray, store, model, opts, ropts, summary, log).run(entries)
+        except ray.exceptions.RayError as e:
+            # Ray's text is a remote traceback: keep its last line, the actual error.
+            last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1:] or [repr(e)]
+            raise IndexStoreError(f"the Ray build failed: {last[0].strip()}") from e
+        summary.manifest = store.refresh(
+            opts.factory, opts.memory_budget, opts.target_recall, log=log
+        )
+    summary.wall_s = time.perf_counter() - t0
+    return summary
+
+
+@contextmanager
+def _session(ray: ModuleType, address: str | None) -> Iterator[None]:
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
+    if address is None:
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --- the rows that travel through Ray -----------------------------------------------------------
+#
+# One Arrow schema for every block, so blocks of any file mix concatenate: a header row per file
+# (what part 0 learnt: hash, size, error, how many items) and one row per item. ``None`` travels
+# as "" (strings) or NaN (floats), because a block of all-None would otherwise get a null type.
+
+
+def _schema(last: str) -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("header", pa.bool_()),
+            ("n_items", pa.int64()),
+            ("sha256", pa.string()),
+            ("size", pa.int64()),
+            ("mtime_ns", pa.int64()),
+            ("error", pa.string()),
+            ("note", pa.string()),
+            ("modality", pa.string()),
+            ("rank_a", pa.int64()),
+            ("rank_b", pa.float64()),
+            ("start_s", pa.float64()),
+            ("end_s", pa.float64()),
+            ("duration_s", pa.float64()),
+            (last, pa.large_binary()),  # "data": the model input as .npy; "vector": float32 bytes
+            *([("model_s", pa.float64())] if last == "vector" else []),
+        ]
+    )
+
+
+def _nan(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _item_row(seq: int, d: DecodedItem) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "header": False,
+        "n_items": 0,
+        "sha256": "",
+        "size": 0,
+        "mtime_ns": 0,
+        "error": "",
+        "note": "",
+        "modality": d.modality,
+        "rank_a": int(d.rank[0]),
+        "rank_b": float(d.rank[1]),
+        "start_s": _nan(d.start_s),
+        "end_s": _nan(d.end_s),
+        "duration_s": _nan(d.duration_s),
+        "data": _npy(d.array),
+    }
+
+
+def _header_row(seq: int, first: Decoded | None, n_items: int, error: str | None) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "header": True,
+        "n_items": n_items,
+        "sha256": (first.sha256 if first else None) or "",
+        "size": first.size if first else 0,
+        "mtime_ns": first.mtime_ns if first else 0,
+        "error": error or "",
+        "note": (first.note if first else None) or "",
+        "modality": "",
+        "rank_a": 0,
+        "rank_b": 0.0,
+        "start_s": math.nan,
+        "end_s": math.nan,
+        "duration_s": math.nan,
+        "data": b"",
+    }
+
+
+def decode_files(
+    batch: Any, cfg: PreprocessConfig, segment_seconds: float, soundtrack: bool
+) -> Iterator[Any]:
+    """The decode task: each file of ``batch`` (columns seq, path, modality) -> its rows.
+
+    A generator: a long video leaves one part (a few segments) at a time, so a task never
+    holds a whole film. The header row comes last; a failed part turns the file's header
+    into an error and the driver drops the items it had already received.
+    """
+    import pyarrow as pa
+    import torch
+
+    torch.set_num_threads(1)  # a task per CPU: the tasks are the parallelism
+    schema = _schema("data")
+    for job in batch.to_pylist():
+        seq = int(job["seq"])
+        task = DecodeTask(seq, job["path"], job["modality"], cfg, segment_seconds, soundtrack)
+        first: Decoded | None = None
+        n_items, error = 0, None
+        todo = [task]
+        while todo and error is None:
+            part = todo.pop(0)
+            res = decode(part)
+            if res.error is not None:
+                error = res.error
+                break
+            if res.part == 0:
+                first = res
+                todo += [
+                    dataclasses.replace(task, part=i + 1, spans=spans, duration=res.duration)
+                    for i, spans in enumerate(res.later)
+                ]
+            rows = []
+            for d in res.items:
+                if d.duration_s is None and d.modality == Modality.VIDEO.value:
+                    d.duration_s = part.duration
+                rows.append(_item_row(seq, d))
+            n_items += len(rows)
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=schema)
+        yield pa.Table.from_pylist([_header_row(seq, first, n_items, error)], schema=schema)
+
+
+class Embedder:
+    """The actor: loads the model once, embeds the items of each batch modality by modality.
+
+    Header rows pass through; item rows leave with their vector instead of their input.
+    """
+
+    def __init__(self, model: ModelSource, needed: list[str], device: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        if model.encoder is None and model.checkpoint is not None:
+            # The driver hashed its copy (the index records it): this node's must be the same.
+            here = checkpoint_identity(model.checkpoint)
+            if here != model.identity:
+                raise IndexStoreError(
+                    f"{model.checkpoint} on this node is not the checkpoint the driver has "
+                    f"({here} != {model.identity}): give every node the same weights"
+                )
+        if device != model.device:
+            model = dataclasses.replace(model, device=device)
+        self.encoder: EncoderLike = model.load({Modality.parse(m) for m in needed})
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+        import torch
+
+        rows = batch.drop_columns(["data"]).to_pylist()
+        data = batch.column("data")
+        vectors: list[bytes] = [b""] * len(rows)
+        by_modality: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            if not r["header"]:
+                by_modality.setdefault(r["modality"], []).append(i)
+        t0 = time.perf_counter()
+        for m, idx in by_modality.items():
+            x = torch.from_numpy(
+                np.stack([np.load(io.BytesIO(data[i].as_py()), allow_pickle=False) for i in idx])
+            )
+            if m == Modality.TEXT.value:
+                from encoders.transforms.text import trim_to_longest
+
+                x = trim_to_longest(x)
+            out = np.asarray(self.encoder.embed(m, x), dtype=np.float32)  # (len(idx), dim)
+            for i, v in zip(idx, out, strict=True):
+                vectors[i] = v.tobytes()
+        model_s = time.perf_counter() - t0
+        for i, r in enumerate(rows):
+            r["vector"] = vectors[i]
+            r["model_s"] = model_s if i == 0 else 0.0
+        return pa.Table.from_pylist(rows, schema=_schema("vector"))
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """One file between its submission and its commit: the rows seen so far."""
+
+    slot: _Slot
+    header: dict[str, Any] | None = None
+    items: dict[tuple[str, int, float], _Item] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        if self.slot.entry.error is not None or self.slot.entry.modality is None:
+            return True  # never sent: rejected by the scan
+        if self.header is None:
+            return False
+        return bool(self.header["error"]) or len(self.items) == self.header["n_items"]
+
+
+class _RayBuild:
+    def __init__(
+        self,
+        ray: ModuleType,
+        store: IndexStore,
+        model: ModelSource,
+        opts: BuildOptions,
+        ropts: RayOptions,
+        summary: BuildSummary,
+        log: Log | None,
+    ) -> None:
+        self.ray, self.store, self.model, self.opts, self.ropts = ray, store, model, opts, ropts
+        self.summary, self.log = summary, log
+        # The local build's bookkeeping: what to skip, dedup, chunking, the records it writes.
+        self.pipe = _Pipeline(store, model, opts, summary, log)
+
+    def run(self, entries: list[CorpusEntry]) -> None:
+        todo = self.pipe._select(entries)
+        if not todo:
+            return
+        pending = [_Pending(_Slot(e, seq)) for seq, e in enumerate(todo)]
+        jobs = [
+            {
+                "seq": p.slot.seq,
+                "path": str(p.slot.entry.path),
+                "modality": p.slot.entry.modality.value,
+            }
+            for p in pending
+            if p.slot.entry.error is None and p.slot.entry.modality is not None
+        ]
+        show = sys.stderr.isatty() if self.opts.progress is None else self.opts.progress
+        bar = tqdm(
+            total=len(todo),
+            unit="file",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not show,
+            smoothing=0.1,
+        )
+        head = 0
+        try:
+            if jobs:
+                for table in self._results(jobs, todo):
+                    self._take(pending, table)
+                    head = self._drain(pending, head, bar)
+            head = self._drain(pending, head, bar)
+            if head != len(pending):
+                raise IndexStoreError(
+                    f"internal: Ray returned no complete result for {pending[head].slot.entry.path}"
+                )
+            self.pipe._commit()
+        finally:
+            bar.close()
+
+    def _results(self, jobs: list[dict[str, Any]], todo: list[CorpusEntry]) -> Iterator[Any]:
+        with _session(self.ray, self.ropts.address):  # only when there is work for the cluster
+            yield from self._run_dataset(jobs, todo)
+
+    def _run_dataset(self, jobs: list[dict[str, Any]], todo: list[CorpusEntry]) -> Iterator[Any]:
+        ray = self.ray
+        resources = ray.cluster_resources()
+        cpus = max(1, int(resources.get("CPU", 1)))
+        gpus = int(resources.get("GPU", 0))
+        if gpus:
+            actors = self.ropts.num_actors or max(1, int(gpus / self.ropts.gpus_per_actor))
+            device = "cuda"
+            per_actor = {"num_cpus": 1, "num_gpus": self.ropts.gpus_per_actor}
+        else:
+            if self.model.device.startswith("cuda"):
+                raise IndexStoreError(
+                    f"--device {self.model.device}, but the Ray cluster has no GPUs "
+                    f"(resources: {cpus} CPUs): use --device cpu or add GPU nodes"
+                )
+            # Half the CPUs embed, half decode (decoding a file costs about one model call).
+            actors = self.ropts.num_actors or max(1, cpus // 2)
+            device = self.model.device
+            per_actor = {"num_cpus": 1}
+        needed = sorted(self._needed(todo))
+        if self.log is not None:
+            self.log(
+                f"ray: {len(jobs)} files, {actors} embedding actors on "
+                f"{'GPU' if gpus else 'CPU'} ({cpus} CPUs, {gpus} GPUs in the cluster)"
+            )
+        ctx = _data_context()
+        ds = ray.data.from_items(
+            jobs, override_num_blocks=min(len(jobs), MAX_BLOCKS_PER_CPU * cpus)
+        )
+        ds = ds.map_batches(
+            decode_files,
+            batch_size=1,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            fn_kwargs={
+                "cfg": self.model.config.preprocess,
+                "segment_seconds": self.opts.segment_seconds,
+                "soundtrack": self.opts.soundtrack,
+            },
+            num_cpus=1,
+            # A task holds one part of a file (a few video segments). Asking for memory also
+            # keeps the decode tasks apart from the actors: Ray Data would otherwise fuse
+            # decoding into the actors, and the model would wait for every file.
+            memory=DECODE_TASK_MEMORY,
+        )
+        ds = ds.map_batches(
+            Embedder,
+            batch_size=self.opts.batch_size,
+            batch_format="pyarrow",
+            fn_constructor_args=(self._shippable_model(), needed, device, 1),
+            # Ray Data's actors restart (and their tasks are retried) when a worker dies.
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            **per_actor,
+        )
+        old = ctx.enable_progress_bars
+        ctx.enable_progress_bars = False  # one bar: ours, per file
+        logger = logging.getLogger("ray.data")
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # Ray Data's progress reports, every few seconds
+        try:
+            wait = time.perf_counter()
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                self.summary.decode_wait_s += time.perf_counter() - wait
+                yield table
+                wait = time.perf_counter()
+        finally:
+            ctx.enable_progress_bars = old
+            logger.setLevel(level)
+
+    def _needed(self, todo: list[CorpusEntry]) -> set[Modality]:
+        needed: set[Modality] = set()
+        for e in todo:
+            if e.modality is not None:
+                needed.add(e.modality)
+                if e.modality is Modality.VIDEO and self.opts.soundtrack:
+                    needed.add(Modality.AUDIO)
+        return needed
+
+    def _shippable_model(self) -> ModelSource:
+        # Resolve the identity here (hashing the checkpoint once), not in every actor.
+        _ = self.model.identity
+        return self.model
+
+    def _take(self, pending: list[_Pending], table: Any) -> None:
+        for r in table.to_pylist():
+            p = pending[int(r["seq"])]
+            self.summary.model_s += float(r["model_s"])
+            if r["header"]:
+                p.header = r
+                continue
+            key = (str(r["modality"]), int(r["rank_a"]), float(r["rank_b"]))
+            # A retried task may deliver an item again: the first copy stands.
+            if key not in p.items:
+                d = DecodedItem(
+                    key[0],
+                    np.empty(0),
+                    _none(r["start_s"]),
+                    _none(r["end_s"]),
+                    _none(r["duration_s"]),
+                    (key[1], key[2]),
+                )
+                vec = np.frombuffer(r["vector"], dtype=np.float32).copy()
+                p.items[key] = _Item(d, vec)
+
+    def _drain(self, pending: list[_Pending], head: int, bar: Any) -> int:
+        """Hand every complete file at the front, in scan order, to the local commit code."""
+        while head < len(pending) and pending[head].complete:
+            p = pending[head]
+            slot, h = p.slot, p.header
+            if h is not None and h["error"]:
+                slot.error = str(h["error"])
+            elif h is not None:
+                slot.sha256 = h["sha256"] or None
+                slot.size, slot.mtime_ns = int(h["size"]), int(h["mtime_ns"])
+                slot.note = h["note"] or None
+                # The same choice as the local build, made in the same (scan) order.
+                if slot.sha256 is None or not self.pipe._deduplicate(slot, slot.sha256):
+                    slot.items = list(p.items.values())
+            self.pipe._finish(slot)  # commits a chunk once enough items are ready
+            pending[head] = _Pending(slot)  # let the vectors go once committed
+            head += 1
+            bar.update(1)
+        return head
+
+
+def _data_context() -> Any:
+    from ray.data import DataContext
+
+    # Creating the context trips Ray's own deprecation warnings about its defaults.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return DataContext.get_current()

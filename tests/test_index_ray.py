@@ -1,0 +1,320 @@
+"""``index build --engine ray`` on a local Ray instance: the same index as the local build, and
+it survives an embedding actor killed mid-build (Ray restarts it) and a driver killed mid-build
+(the rerun resumes); without Ray, a one-line error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray  # the dev extra has ray[data]: CI runs these tests
+from typer.testing import CliRunner
+
+from encoders import Encoder, load_encoder
+from encoders.config import resolve_config
+from index import (
+    BuildOptions,
+    IndexStoreError,
+    ModelSource,
+    build_index,
+    open_index,
+    verify_index,
+)
+from index.cli import index_app
+from index.ray_engine import RayOptions, RayUnavailable, build_index_ray
+
+from .test_index_media import audio, mixed_corpus, video, write_test_checkpoint
+
+CONFIG = resolve_config("imagebind_test")
+REPO = Path(__file__).resolve().parents[1]
+# chunk_items 5 commits several chunks; 2 s windows cut the long audio and the video in segments.
+OPTIONS = {"chunk_items": 5, "batch_size": 4, "segment_seconds": 2.0, "workers": 0}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """One local Ray instance for the module (2 CPUs, a small object store); its GCS address."""
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 << 20,
+        logging_level="WARNING",
+        configure_logging=False,
+    )
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_checkpoint(tmp_path_factory.mktemp("model") / "test.safetensors")
+
+
+@pytest.fixture(scope="module")
+def encoder(checkpoint: Path) -> Encoder:
+    return load_encoder(checkpoint, config=CONFIG)
+
+
+def make_corpus(root: Path) -> Path:
+    """Every modality, a duplicate, junk, a video with a soundtrack and a segmented long sound."""
+    mixed_corpus(root)
+    (root / "clips").mkdir()
+    video(root / "clips" / "walk.mp4", seed=3, seconds=3.0, audio_seed=5)
+    audio(root / "sounds" / "long.wav", seed=9, seconds=7.0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, encoder: Encoder
+) -> tuple[Path, Path]:
+    """The corpus and its local build (the oracle)."""
+    root = tmp_path_factory.mktemp("ref")
+    corpus = make_corpus(root / "corpus")
+    build_index(
+        corpus,
+        root / "local",
+        ModelSource(CONFIG, checkpoint, encoder=encoder),
+        BuildOptions(**OPTIONS),
+    )
+    return corpus, root / "local"
+
+
+def items(idx: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(idx / "meta.sqlite") as conn:
+        return conn.execute(
+            "SELECT id, path, modality, sha256, start_s, end_s, duration_s, chunk FROM items "
+            "ORDER BY id"
+        ).fetchall()
+
+
+def files(idx: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(idx / "meta.sqlite") as conn:
+        return conn.execute(
+            "SELECT path, status, sha256, duplicate_of, error, chunk, modality FROM files "
+            "ORDER BY path"
+        ).fetchall()
+
+
+def assert_same_index(idx: Path, ref: Path) -> None:
+    """Same ids -> paths, segments and chunks, same file records, same vectors (float tolerance)."""
+    rows = items(idx)
+    assert rows == items(ref)
+    assert files(idx) == files(ref)
+    with open_index(idx) as a, open_index(ref) as b:
+        assert a.counts() == b.counts()
+        for i, *_ in rows:
+            np.testing.assert_allclose(a.vector(int(i)), b.vector(int(i)), atol=1e-5)
+    assert verify_index(idx).ok
+
+
+class DiesOnce:
+    """An encoder whose process kills itself (SIGKILL) at its ``at``-th batch, once per marker."""
+
+    def __init__(self, encoder: Encoder, marker: Path, at: int) -> None:
+        self.encoder, self.marker, self.at, self.calls = encoder, marker, at, 0
+
+    def embed(self, modality: Any, x: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.at and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.encoder.embed(modality, x)
+
+
+class Slow:
+    """An encoder that takes its time, so that a test can kill the build between two chunks."""
+
+    def __init__(self, encoder: Encoder, seconds: float) -> None:
+        self.encoder, self.seconds = encoder, seconds
+
+    def embed(self, modality: Any, x: Any) -> Any:
+        time.sleep(self.seconds)
+        return self.encoder.embed(modality, x)
+
+
+# --- the same index as the local build ------------------------------------------------------------
+
+
+def test_ray_build_equals_local_build(
+    cluster: str, reference: tuple[Path, Path], checkpoint: Path, encoder: Encoder, tmp_path: Path
+) -> None:
+    corpus, ref = reference
+    idx = tmp_path / "ray"
+    summary = build_index_ray(
+        corpus, idx, ModelSource(CONFIG, checkpoint, encoder=encoder), BuildOptions(**OPTIONS)
+    )
+    assert summary.embedded_items == len(items(ref)) and summary.chunks > 2
+    assert summary.duplicates == 1 and len(summary.rejected) == 4
+    assert {m for _, _, m, *_ in items(idx)} == {
+        "vision",
+        "audio",
+        "text",
+        "imu",
+        "depth",
+        "thermal",
+        "video",
+    }
+    assert_same_index(idx, ref)
+    # The usual commands work on it unchanged; a rerun finds everything done.
+    runner = CliRunner()
+    for args in (
+        ["info", str(idx)],
+        ["verify", str(idx)],
+        ["query", str(idx), "--text", "a photo of a red square", "-k", "1"],
+    ):
+        r = runner.invoke(index_app, args)
+        assert r.exit_code == 0, r.output
+    assert "caption.txt" in r.stdout
+    again = build_index_ray(
+        corpus, idx, ModelSource(CONFIG, checkpoint, encoder=encoder), BuildOptions(**OPTIONS)
+    )
+    assert again.embedded_items == 0 and again.already == summary.embedded_files + 5
+    assert_same_index(idx, ref)
+
+
+# --- killed workers -------------------------------------------------------------------------------
+
+
+def test_an_actor_killed_mid_build_is_restarted_by_ray(
+    cluster: str, reference: tuple[Path, Path], checkpoint: Path, encoder: Encoder, tmp_path: Path
+) -> None:
+    corpus, ref = reference
+    marker = tmp_path / "killed"
+    dying = ModelSource(CONFIG, checkpoint, encoder=DiesOnce(encoder, marker, at=3))  # type: ignore[arg-type]
+    build_index_ray(corpus, tmp_path / "ray", dying, BuildOptions(**OPTIONS))
+    assert marker.exists() and int(marker.read_text()) != os.getpid()  # an actor died
+    assert_same_index(tmp_path / "ray", ref)
+
+
+def committed_chunks(idx: Path) -> int:
+    """Chunks whose rows are committed (a chunk's .npy is written before its transaction)."""
+    if not (idx / "meta.sqlite").is_file():
+        return 0
+    with sqlite3.connect(idx / "meta.sqlite", timeout=30) as conn:
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+        except sqlite3.OperationalError:  # the schema is not there yet
+            return 0
+
+
+def run_driver(corpus: str, out: str, checkpoint: str, address: str) -> None:
+    """The driver a test kills: a Ray build with a slow encoder (run in a subprocess)."""
+    import torch
+
+    torch.set_num_threads(1)
+    enc = Slow(load_encoder(Path(checkpoint), config=CONFIG), 0.15)
+    build_index_ray(
+        corpus,
+        out,
+        ModelSource(CONFIG, Path(checkpoint), encoder=enc),  # type: ignore[arg-type]
+        BuildOptions(**OPTIONS),
+        RayOptions(address=address),
+    )
+
+
+def test_a_driver_killed_mid_build_resumes_on_rerun(
+    cluster: str, reference: tuple[Path, Path], checkpoint: Path, encoder: Encoder, tmp_path: Path
+) -> None:
+    corpus, ref = reference
+    idx = tmp_path / "ray"
+    code = (
+        "from tests.test_index_ray import run_driver; "
+        f"run_driver({str(corpus)!r}, {str(idx)!r}, {str(checkpoint)!r}, {cluster!r})"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        while proc.poll() is None and committed_chunks(idx) < 1:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert not (idx / "manifest.json").exists()  # killed before it finished
+    done = committed_chunks(idx)
+    assert 1 <= done < len({c for *_, c in items(ref)})
+    again = build_index_ray(
+        corpus, idx, ModelSource(CONFIG, checkpoint, encoder=encoder), BuildOptions(**OPTIONS)
+    )
+    assert again.already > 0  # the committed files were skipped, not embedded again
+    assert_same_index(idx, ref)
+    assert not list(idx.glob("**/*.tmp"))
+
+
+# --- without Ray ----------------------------------------------------------------------------------
+
+
+def test_without_ray_the_engine_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, reference: tuple[Path, Path]
+) -> None:
+    corpus, _ = reference
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    r = CliRunner().invoke(
+        index_app,
+        [
+            "build",
+            str(corpus),
+            "-o",
+            str(tmp_path / "idx"),
+            "--engine",
+            "ray",
+            "--checkpoint",
+            "none",
+            "--config",
+            "imagebind_test",
+        ],
+    )
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error: the ray engine needs Ray: pip install 'bindsearch[ray]'")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "idx").exists()
+    with pytest.raises(RayUnavailable, match=r"bindsearch\[ray\]"):
+        build_index_ray(corpus, tmp_path / "idx", ModelSource(CONFIG, None))
+
+
+def test_a_gpu_model_on_a_cluster_without_gpus_is_refused(
+    cluster: str, reference: tuple[Path, Path], checkpoint: Path, tmp_path: Path
+) -> None:
+    corpus, _ = reference
+    with pytest.raises(IndexStoreError, match="has no GPUs"):
+        build_index_ray(corpus, tmp_path / "idx", ModelSource(CONFIG, checkpoint, device="cuda"))
+
+
+def test_ray_options_need_the_ray_engine(tmp_path: Path, reference: tuple[Path, Path]) -> None:
+    corpus, _ = reference
+    for extra in (["--address", "auto"], ["--ray-num-actors", "2"]):
+        r = CliRunner().invoke(
+            index_app,
+            [
+                "build",
+                str(corpus),
+                "-o",
+                str(tmp_path / "i"),
+                "--checkpoint",
+                "none",
+                "--config",
+                "imagebind_test",
+                *extra,
+            ],
+        )
+        assert r.exit_code == 1 and "need --engine ray" in r.stderr
+    r = CliRunner().invoke(
+        index_app, ["build", str(corpus), "-o", str(tmp_path / "i"), "--engine", "spark"]
+    )
+    assert r.exit_code == 2 and "local" in r.output and "ray" in r.output
