@@ -14,7 +14,7 @@ Raw figures are measured first, in this process, with the server not yet started
 
     python -m bench.service --quick            # the suite's cases (demo + huge, random weights)
     python -m bench.service --quick --device cuda
-    python -m bench.service --config imagebind_huge --modality vision --random-weights
+    python -m bench.service --config imagebind_huge --modality vision --random-weights  # one case
 
 Writes bench/results/service_<config>_<modality>.json (one file per case; ``search`` for 6).
 """
@@ -59,7 +59,7 @@ class Case:
     max_batch: int
 
 
-def quick_cases(device: str) -> list[Case]:
+def suite_cases(device: str) -> list[Case]:
     """The suite's cases: the shipped demo model, and the huge one that users deploy."""
     if device.startswith("cuda"):
         return [
@@ -398,9 +398,9 @@ def _report(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the suite's cases (see quick_cases)")
+    ap.add_argument("--quick", action="store_true", help="the suite's cases (see suite_cases)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (half precision on GPU)")
-    ap.add_argument("--config", default="imagebind_demo")
+    ap.add_argument("--config", default=None, help="one case (default: the suite's cases)")
     ap.add_argument("--modality", default="vision", choices=["vision", "text"])
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--requests", type=int, default=30, help="idle latency samples")
@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["BINDSEARCH_TORCH_THREADS"] = str(threads)  # the server's
 
     cases = (
-        quick_cases(args.device)
-        if args.quick
+        suite_cases(args.device)
+        if args.quick or args.config is None
         else [
             Case(
                 args.device,
