@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from encoders import InvalidInput
+from encoders.generation import ImageGenerator
 
 from .batcher import Batcher, BatchSettings
 from .deps import AppState
@@ -30,10 +31,11 @@ from .errors import (
     ServiceError,
     status_of,
 )
+from .generators import GeneratorSlot
 from .metrics import Metrics, MetricsMiddleware
 from .pipeline import Pipeline
-from .routes import embed, items, ops, search
-from .schemas import EmbedRequest, SearchRequest
+from .routes import embed, generate, items, ops, search
+from .schemas import EmbedRequest, GenerateRequest, SearchRequest
 from .searchers import Searcher
 from .settings import ServiceSettings
 
@@ -53,13 +55,17 @@ def create_app(
     settings: ServiceSettings,
     embedder: Embedder | Callable[[], Embedder],
     searcher: Searcher | None = None,
+    generator: ImageGenerator | None = None,
 ) -> FastAPI:
     """The service. ``embedder`` is an Embedder, or a function that loads one in the lifespan.
 
-    Without a ``searcher`` the service embeds but does not search (503 ``no_index``).
+    Without a ``searcher`` the service embeds but does not search (503 ``no_index``). Without
+    a ``generator`` one is loaded per ``settings.generator`` (see ``service.generators``).
     """
     metrics = Metrics()
     state = AppState(settings=settings, metrics=metrics, searcher=searcher)
+    slot = GeneratorSlot(settings)
+    state.extra["generator"] = slot
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,12 +91,15 @@ def create_app(
         state.model = info
         state.not_ready_reason = "the model is warming up"
         warm = asyncio.create_task(_warm_up(state, emb, batcher))
+        gen_load = asyncio.create_task(slot.start(generator, info))  # search does not wait
         try:
             yield
         finally:
             state.ready = False
             state.not_ready_reason = "shutting down"
             warm.cancel()
+            gen_load.cancel()
+            slot.close()
             await batcher.close()
             decode_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -101,7 +110,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.bindsearch = state
-    for router in (ops.router, ops.info_router, search.router, embed.router, items.router):
+    routers = (ops.router, ops.info_router, search.router, embed.router, items.router)
+    for router in (*routers, generate.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=ops.WEB_DIR), name="static")  # the web page
     _register_errors(app)
@@ -240,7 +250,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         routes=app.routes,
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (SearchRequest, EmbedRequest):
+    for model in (SearchRequest, EmbedRequest, GenerateRequest):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in js.pop("$defs", {}).items():
             components.setdefault(name, sub)

@@ -9,8 +9,10 @@ import typer
 
 from encoders.cli import weights_app
 from encoders.embed_cli import embed
+from service.generate_cli import generate
 from service.serve_cli import serve
 from train.cli import demo_app, train
+from train.decoder import train_decoder_cmd
 
 NO_FAISS = (
     "FAISS is not installed: install bindsearch with the 'cpu' extra (faiss-cpu), or 'gpu' "
@@ -46,8 +48,10 @@ else:
         raise typer.Exit(1)
 app.command("embed")(embed)
 app.command("serve")(serve)
+app.command("generate")(generate)
 app.add_typer(demo_app, name="demo")
 app.command("train")(train)
+app.command("train-decoder")(train_decoder_cmd)
 
 
 def main() -> None:

@@ -77,6 +77,53 @@ class SearchRequest(_Strict):
         ]
 
 
+class GenerateRequest(_Strict):
+    """A JSON generation: exactly one of ``text``, ``item_id``, ``data`` or ``terms``."""
+
+    text: str | None = None
+    item_id: int | None = None
+    data: str | None = Field(None, description="Base64 file content (any modality).")
+    modality: str | None = Field(None, description="Modality of `data`; sniffed if absent.")
+    terms: list[Term] | None = Field(
+        None, description="A weighted mix: each term normalised, weighted, summed, renormalised."
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Same query and seed, same image.")
+    steps: int | None = Field(
+        None, ge=1, description="Denoising steps (default: the generator's own; capped)."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> GenerateRequest:
+        given = [n for n in ("text", "item_id", "data", "terms") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text, item_id, data or terms")
+        if self.modality is not None and self.data is None:
+            raise ValueError("modality goes with data")
+        if self.terms is not None and not self.terms:
+            raise ValueError("terms is empty")
+        return self
+
+    def as_search(self) -> SearchRequest:
+        """The same query as a search body (its terms are read the same way)."""
+        return SearchRequest(
+            text=self.text,
+            item_id=self.item_id,
+            data=self.data,
+            modality=self.modality,
+            terms=self.terms,
+            k=None,
+            target=None,
+            tags=None,
+        )
+
+
+class GenerateForm(_Strict):
+    """The generation options of a multipart generate request."""
+
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    steps: int | None = Field(None, ge=1)
+
+
 class SearchForm(_Strict):
     """The non-file fields of a multipart search (validated like a JSON body)."""
 
@@ -216,10 +263,21 @@ class IndexOut(BaseModel):
     recipe: dict[str, Any]
 
 
+class GeneratorOut(BaseModel):
+    name: str
+    licence: str = Field(description="Licence of the generator's weights.")
+    dim: int
+    image_size: int
+    default_steps: int
+
+
 class InfoResponse(BaseModel):
     model: ModelOut
     indexes: list[IndexOut]
-    limits: dict[str, float]
+    limits: dict[str, int | float]  # caps as configured: counts and bytes are integers
+    generator: GeneratorOut | None = Field(
+        None, description="The image generator of POST /v1/generate; null when there is none."
+    )
 
 
 class Status(BaseModel):

@@ -54,3 +54,11 @@ class ServiceSettings(BaseSettings):
     max_audio_seconds: float = Field(300.0, gt=0)
     max_text_chars: int = Field(2000, ge=1)
     max_inputs: int = Field(32, ge=1)  # files, terms or strings in one request
+
+    # Generation (POST /v1/generate). ``generator``: "demo" (the decoder shipped with the demo
+    # weights), a demo-decoder .safetensors, "unclip" (Stable unCLIP, the `generate` extra), a
+    # Stable unCLIP directory or hub id, or "none"; unset: "demo" when serving the demo model.
+    generator: str | None = None
+    generator_device: str | None = None  # default: ``device``
+    max_generate_steps: int = Field(100, ge=1)
+    max_generate_queue: int = Field(4, ge=1)  # waiting generations; beyond it: 429

@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 
 from encoders import Modality
 from service import FakeEmbedder, Item, MemorySearcher, ServiceSettings, create_app
+from service.generators import FakeGenerator
 
 SNAPSHOT = Path(__file__).with_name("openapi.json")
 
@@ -42,7 +43,8 @@ def _app(root: Path) -> FastAPI:
         Item(2, Modality.TEXT, "missing.txt", caption="c"),
     ]
     vectors = np.random.default_rng(0).standard_normal((3, 8))
-    return create_app(ServiceSettings(), FakeEmbedder(8), MemorySearcher(vectors, items, root))
+    searcher = MemorySearcher(vectors, items, root)
+    return create_app(ServiceSettings(), FakeEmbedder(8), searcher, FakeGenerator(8))
 
 
 def test_openapi_snapshot(tmp_path: Path) -> None:
@@ -99,5 +101,11 @@ def test_api_fuzz(tmp_path: Path, mode: str) -> None:
             # No invalid request exists for an operation without inputs (GET /healthz).
             assert generation is GenerationMode.NEGATIVE, op.label
     seen = app.state.bindsearch.metrics.render().decode()
-    for route in ("/v1/search", "/v1/embed", "/v1/embeddings", "/v1/items/{item_id}/media"):
+    for route in (
+        "/v1/search",
+        "/v1/embed",
+        "/v1/embeddings",
+        "/v1/items/{item_id}/media",
+        "/v1/generate",
+    ):
         assert f'route="{route}"' in seen, route  # the fuzzer reached it

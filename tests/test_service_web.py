@@ -187,3 +187,81 @@ def test_web_page_search_upload_and_mix(server: str, tmp_path: Path) -> None:
             browser.close()
     assert not errors, errors
     assert np.asarray(Image.open(ARTIFACTS / "web.png")).std() > 10  # not a blank page
+
+
+@pytest.fixture(scope="module")
+def gen_server() -> Iterator[tuple[str, object]]:
+    """An in-process server with a fake model and a fake generator (hash-based images)."""
+    import threading
+
+    import uvicorn
+
+    from service import FakeEmbedder, ServiceSettings, create_app
+    from service.generators import FakeGenerator
+
+    gen = FakeGenerator(8, size=32)
+    app = create_app(ServiceSettings(), FakeEmbedder(8), None, gen)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _ready(url):
+            if time.monotonic() > deadline or not thread.is_alive():
+                pytest.fail("the in-process server never became ready")
+            time.sleep(0.05)
+        yield url, gen
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_web_page_generate_panel(gen_server: tuple[str, object], tmp_path: Path) -> None:
+    from service import FakeEmbedder
+    from service.generators import FakeGenerator
+
+    url, gen = gen_server
+    assert isinstance(gen, FakeGenerator)
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=BROWSER_ARGS,
+            viewport={"width": 1280, "height": 800},
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            sync_api.expect(page.locator("#generator-info")).to_contain_text("by fake (32×32")
+            page.get_by_label("Text of term 1").fill("a red ring in the snow")
+            page.locator("#seed").fill("3")
+            page.get_by_role("button", name="Generate image").click()
+            img = page.get_by_role("img", name="Image generated from the query (seed 3)")
+            sync_api.expect(img).to_be_visible()
+            page.wait_for_function(
+                "() => { const i = document.querySelector('#generated-image');"
+                " return i.complete && i.naturalWidth === 32; }"
+            )
+            sync_api.expect(page.locator("#generated-caption")).to_have_text("fake · seed 3")
+            # The page drew exactly the generator's image for this text and seed.
+            shown = page.evaluate(
+                """() => { const i = document.querySelector('#generated-image');
+                const c = document.createElement('canvas'); c.width = 32; c.height = 32;
+                const x = c.getContext('2d'); x.drawImage(i, 0, 0);
+                return Array.from(x.getImageData(0, 0, 32, 32).data); }"""
+            )
+            rgba = np.asarray(shown, np.uint8).reshape(32, 32, 4)
+            v = FakeEmbedder(8).vector_for("text", "a red ring in the snow")
+            want = np.asarray(gen.image_for(v, seed=3))
+            np.testing.assert_array_equal(rgba[..., :3], want)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "web-generate.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors

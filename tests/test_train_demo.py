@@ -40,6 +40,8 @@ def test_stage1_zero_shot(report: dict[str, Any]) -> None:
         for k in STAGE1_ASSERTED:
             acc = report["zero_shot"][m][k]
             assert acc >= STAGE1_FLOOR[k], (m, k, acc)
+    # Motion, from the 2-frame clip: learned, far above chance (0.20), though under the bar.
+    assert report["zero_shot"]["video"]["motion"] >= VIDEO_MOTION_FLOOR
 
 
 def test_emergent_zero_shot_above_chance(report: dict[str, Any]) -> None:
@@ -72,23 +74,21 @@ def test_demo_eval_cli_json() -> None:
 
 
 # Measured on the shipped weights (see the model card); floors a little below the numbers.
-# Stage 1 learned class, colour, scene and distance (image distance 0.79, just under the bar);
-# video motion stays at chance, and so IMU, which can only inherit it; thermal scene is under
-# 3x chance. Those rows are KNOWN_MISSES rather than asserted against the bars.
-STAGE1_FLOOR: dict[str, float] = {"class": 0.77, "colour": 0.95, "scene": 0.86, "distance": 0.75}
+# Stage 1 learned class, colour, scene and distance (all >= 0.8, so ``check`` asserts the bars
+# too); video motion (0.60) is the one Done-when miss, the KNOWN_MISSES row. IMU inherits motion
+# from the video embeddings (imu->text 0.79); thermal class is 0.53, near 3x chance (0.50).
+STAGE1_FLOOR: dict[str, float] = {"class": 0.82, "colour": 0.9, "scene": 0.94, "distance": 0.84}
 STAGE1_ASSERTED = ("class", "colour", "scene", "distance")
+VIDEO_MOTION_FLOOR = 0.55
 EMERGENT_FLOOR: dict[tuple[str, str], float] = {
-    ("audio", "class"): 0.9,
-    ("audio", "scene"): 0.85,
-    ("depth", "class"): 0.5,  # 3x chance (0.50); measured 0.54
-    ("depth", "distance"): 0.9,
-    ("thermal", "class"): 0.5,  # 3x chance (0.50); measured 0.54
+    ("audio", "class"): 0.95,
+    ("audio", "scene"): 0.9,
+    ("depth", "class"): 0.5,  # 3x chance (0.50); measured 0.56
+    ("depth", "distance"): 0.95,
+    ("thermal", "class"): 0.5,  # 3x chance (0.50); measured 0.53
+    ("thermal", "scene"): 0.85,
+    ("imu", "motion"): 0.75,
 }
 ARITH_KEY = "sum"
-ARITH_FLOOR = 0.19
-KNOWN_MISSES: tuple[str, ...] = (
-    "stage 1: vision->text distance",
-    "stage 1: video->text motion",
-    "emergent: thermal->text scene",
-    "emergent: imu->text motion",
-)
+ARITH_FLOOR = 0.26
+KNOWN_MISSES: tuple[str, ...] = ("stage 1: video->text motion",)

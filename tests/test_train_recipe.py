@@ -149,3 +149,40 @@ def test_world_data_has_groups_and_factor_captions(tiny: PairedData) -> None:
     assert int((short > 0).sum()) < int((tiny.tensors["text"] > 0).sum())
     with pytest.raises(ValueError, match="hard_negatives"):
         TrainConfig(hard_negatives=1.5)
+    # Clips have their own groups (class, colour and scene shared): motion must be seen.
+    assert set(tiny.key_groups) == {"video"} and len(tiny.key_groups["video"]) == len(tiny)
+    with pytest.raises(ValueError, match="video groups have 3 rows"):
+        PairedData(dict(tiny.tensors), key_groups={"video": np.zeros(3, np.int64)})
+
+
+def test_clip_groups_share_class_colour_scene_and_differ_in_motion() -> None:
+    from train.world import CLIP_SHARED, motion_groups, sample_factors
+
+    f = sample_factors(2000, np.random.default_rng(0), "train")
+    gid = motion_groups(f)
+    for g in np.unique(gid)[:20]:
+        sel = gid == g
+        for k in CLIP_SHARED:
+            assert len(np.unique(f[k][sel])) == 1, k
+        assert len(np.unique(f["motion"][sel])) > 1
+    assert len(np.unique(gid)) == len({tuple(f[k][i] for k in CLIP_SHARED) for i in range(2000)})
+
+
+def test_video_batches_come_from_their_own_groups(tiny: PairedData) -> None:
+    from train.recipe import _mixed_batch
+
+    rows = tiny.rows("video", "video_text")
+    g = tiny.key_groups["video"]
+    b = _mixed_batch(rows, 8, np.random.default_rng(1), g, hard=1.0, group_size=2)
+    _, counts = np.unique(g[b], return_counts=True)
+    assert (counts % 2 == 0).all()
+
+
+def test_train_cli_refuses_an_unknown_device(tmp_path: Path) -> None:
+    from service.cli import app
+
+    res = CliRunner().invoke(
+        app, ["train", "-o", str(tmp_path), "--world", "8", "--device", "tpu:x"]
+    )
+    assert res.exit_code == 1
+    assert "--device" in res.output

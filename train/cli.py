@@ -96,7 +96,7 @@ def run_train(
     world: int = 6000,
     world_seed: int = 0,
     manifest: Path | None = None,
-    stage1_steps: int = 1800,
+    stage1_steps: int = 2100,
     stage2_steps: int = 400,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -106,11 +106,13 @@ def run_train(
     threads: int | None = None,
     export: Path | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train (both stages) on a manifest of pairs, or else on an in-memory demo world.
 
     Writes ``out/checkpoint.pt`` as it goes, ``out/<preset>.safetensors`` (fp16) and
-    ``out/train_log.json`` at the end; returns the log.
+    ``out/train_log.json`` at the end; returns the log. ``device`` ("cpu", "cuda") is where
+    the model trains (the data stay in CPU memory).
     """
     import time
 
@@ -124,6 +126,12 @@ def run_train(
     t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; accepted: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     cfg = resolve_config(preset)
     tc = TrainConfig(
         preset=preset,
@@ -143,7 +151,13 @@ def run_train(
         source = f"demo world n={world} seed={world_seed}"
     t_data = time.perf_counter() - t0
     result = train_model(
-        data, tc, out, resume=resume, progress=progress, log=lambda s: typer.echo(s, err=True)
+        data,
+        tc,
+        out,
+        resume=resume,
+        progress=progress,
+        log=lambda s: typer.echo(s, err=True),
+        device=str(dev),
     )
     target = export or (Path(out) / f"{preset}.safetensors")
     total = time.perf_counter() - t0
@@ -151,6 +165,7 @@ def run_train(
         "source": source,
         "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tc).items()},
         "threads": torch.get_num_threads(),
+        "device": str(dev),
         "seconds_data": round(t_data, 1),
         "seconds_train": round(result.seconds, 1),
         "seconds_total": round(total, 1),
@@ -241,7 +256,7 @@ def train(
     ] = None,
     world: Annotated[int, typer.Option(help="Demo-world samples to train on.")] = 6000,
     world_seed: Annotated[int, typer.Option(help="Demo-world seed.")] = 0,
-    stage1_steps: Annotated[int, typer.Option(min=0, help="Image-text steps.")] = 1800,
+    stage1_steps: Annotated[int, typer.Option(min=0, help="Image-text steps.")] = 2100,
     stage2_steps: Annotated[int, typer.Option(min=0, help="X-to-image steps.")] = 400,
     batch_size: Annotated[int, typer.Option(min=2)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine).")] = 1e-3,
@@ -257,6 +272,9 @@ def train(
         Path | None,
         typer.Option(help="Where to write the weights (default OUT/<preset>.safetensors)."),
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where to train: cpu, cuda or cuda:N (data stay on the CPU).")
+    ] = "cpu",
 ) -> None:
     """Train an ImageBind model: image-text (stage 1), then each modality to images only."""
     try:
@@ -275,7 +293,14 @@ def train(
             resume,
             threads,
             export,
+            device=device,
         )
     except _ERRORS as e:
         _fail(str(e).strip("'\""))
     typer.echo(f"trained in {log['seconds_total']:.0f} s; weights {log['weights']}", err=True)
+
+
+# `bindsearch demo eval-generate`: the demo decoder (train/decoder.py) judged on held-out data.
+from .decoder import eval_generate_cmd  # noqa: E402
+
+demo_app.command("eval-generate")(eval_generate_cmd)

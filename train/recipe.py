@@ -8,7 +8,8 @@ logit scale. No non-image modality ever sees text; whatever alignment with text 
 other) they show is emergent.
 
 Stage-1 batches mix random rows with hard-negative groups (rows that share the nuisance
-factors, ``PairedData.groups``), and an auxiliary term binds images to factor-level captions
+factors, ``PairedData.groups``; clips by their own ``key_groups``, which share everything the
+clip shows but distance and motion), and an auxiliary term binds images to factor-level captions
 ("a star far", clips "a star rising far") where the data has them: without both, the demo
 world's colour and scene lower the loss so far that object class was never learned.
 
@@ -81,13 +82,19 @@ class PairedData:
     # in the demo world: learned first, from random batches alone) and differ in the rest
     # (class, distance, motion): each other's hard negatives (``TrainConfig.hard_negatives``).
     groups: np.ndarray | None = None
+    # Per stage-1 vision key ("vision", "video"), groups that replace ``groups`` for that key's
+    # batches: the demo world's clips group by class, colour and scene, so that within a group
+    # only distance and motion tell captions apart (motion is in clips only, and random or
+    # colour/scene groups almost never hold two clips that differ in motion alone).
+    key_groups: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         sizes = {k: len(v) for k, v in self.tensors.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"all keys must have the same number of rows, got {sizes}")
-        if self.groups is not None and len(self.groups) != len(self):
-            raise ValueError(f"groups has {len(self.groups)} rows, data {len(self)}")
+        for name, g in [("groups", self.groups), *self.key_groups.items()]:
+            if g is not None and len(g) != len(self):
+                raise ValueError(f"{name} groups have {len(g)} rows, data {len(self)}")
         for k, v in self.tensors.items():
             self.present.setdefault(k, np.ones(len(v), bool))
 
@@ -109,7 +116,7 @@ class TrainConfig:
     """Hyper-parameters of both stages; the defaults trained the shipped demo weights."""
 
     preset: str = "imagebind_demo"
-    stage1_steps: int = 1800
+    stage1_steps: int = 2100
     stage2_steps: int = 400
     batch_size: int = 128
     lr: float = 1e-3
@@ -124,8 +131,8 @@ class TrainConfig:
     # their classes, distances (and motions) apart. Random batches of the demo world almost
     # never hold two captions that differ only in the class word, and a model of 1200
     # random-batch steps never learned class. Ignored when the data has no groups. Rounded
-    # down to whole groups: 0.625 of 64 rows per pair is 5 groups of 8.
-    hard_negatives: float = 0.625
+    # down to whole groups: 0.5 of 64 rows per pair is 4 groups of 8.
+    hard_negatives: float = 0.5
     group_size: int = 8
     # Weight of the auxiliary factor-level caption term (``AUX_TEXT``; 0 turns it off).
     aux_weight: float = 1.0
@@ -158,7 +165,7 @@ def from_world(
     n: int, cfg: ModelConfig, seed: int = 0, caption_dropout: float = 0.2, progress: bool = True
 ) -> PairedData:
     """The demo world's training split, rendered in memory straight into model inputs."""
-    from .world import factor_captions, generate, nuisance_groups, to_model_inputs
+    from .world import factor_captions, generate, motion_groups, nuisance_groups, to_model_inputs
 
     p = cfg.preprocess
     world = generate(
@@ -172,7 +179,11 @@ def from_world(
     )
     tensors = to_model_inputs(world, p)
     tensors.update(factor_captions(world.factors, p))
-    return PairedData(tensors, groups=nuisance_groups(world.factors))
+    return PairedData(
+        tensors,
+        groups=nuisance_groups(world.factors),
+        key_groups={"video": motion_groups(world.factors)},
+    )
 
 
 def from_manifest(
@@ -319,15 +330,16 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def cache_embeddings(model: ImageBind, data: PairedData, key: str, batch: int = 256) -> Tensor:
-    """(N, D) unit embeddings of every row of ``data[key]`` (zeros where absent)."""
+    """(N, D) unit embeddings of every row of ``data[key]`` (zeros where absent), on the CPU."""
     x = data.tensors[key]
     out = torch.zeros(len(x), model.cfg.embed_dim)
     rows = data.rows(key)
     was = model.training
+    dev = next(model.parameters()).device
     model.eval()
     for i in range(0, len(rows), batch):
         r = torch.from_numpy(rows[i : i + batch])
-        out[r] = _unit(model, key, x[r]).float()
+        out[r] = _unit(model, key, x[r].to(dev)).float().cpu()
     model.train(was)
     return out
 
@@ -340,6 +352,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
     """Run both stages on ``data``; checkpoints go to ``out/checkpoint.pt``.
 
@@ -349,6 +362,8 @@ def train(
         log: called with one line per stage summary (the CLI passes ``typer.echo``).
         stop_after: stop (after checkpointing) once this many steps of both stages together
             are done, e.g. to fit a time slot; ``resume`` continues from there.
+        device: where to train ("cpu", "cuda"); data stay on the CPU, batches move. Batches
+            and initialisation do not depend on it; the arithmetic does (numerics differ).
     """
     t0 = time.perf_counter()
     cfg = resolve_config(tc.preset)
@@ -360,6 +375,8 @@ def train(
     torch.manual_seed(tc.seed)
     model = ImageBind(cfg, device="meta").to_empty(device="cpu")
     init_weights(model, seed=tc.seed)
+    dev = torch.device(device)
+    model.to(dev)
     losses: dict[str, list[float]] = {"stage1": []}
     state: dict[str, Any] | None = None
     if resume:
@@ -371,7 +388,7 @@ def train(
                 f"{ckpt_path} was written with a different training config; "
                 "start afresh (without --resume) or pass the same options"
             )
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])  # copies onto the model's device
         losses = {k: list(v) for k, v in state["losses"].items()}
 
     # ---- stage 1: vision (+ video) <-> text
@@ -396,20 +413,21 @@ def train(
             img_parts, ids_parts, aux_parts = [], [], []
             for vkey, tkey in pairs:
                 rows = data.rows(vkey, tkey)
-                picked = _mixed_batch(rows, per, rng, data.groups, tc.hard_negatives, tc.group_size)
+                groups = data.key_groups.get(vkey, data.groups)
+                picked = _mixed_batch(rows, per, rng, groups, tc.hard_negatives, tc.group_size)
                 idx = torch.from_numpy(picked)
-                img_parts.append(_unit(model, vkey, data.tensors[vkey][idx]))
+                img_parts.append(_unit(model, vkey, data.tensors[vkey][idx].to(dev)))
                 ids_parts.append(data.tensors[tkey][idx])
                 if AUX_TEXT[tkey] in data.tensors:
                     aux_parts.append(data.tensors[AUX_TEXT[tkey]][idx])
-            ids = torch.cat(ids_parts)
+            ids = torch.cat(ids_parts).to(dev)
             txt = _unit(model, "text", trim_to_longest(ids))
             img = torch.cat(img_parts)
             scale = model.logit_scale("text")
             assert scale is not None
             loss = info_nce(img, txt, scale, positives=_same_rows(ids))
             if tc.aux_weight and len(aux_parts) == len(pairs):
-                aux_ids = torch.cat(aux_parts)
+                aux_ids = torch.cat(aux_parts).to(dev)
                 aux = _unit(model, "text", trim_to_longest(aux_ids))
                 loss = loss + tc.aux_weight * info_nce(
                     img, aux, scale, positives=_same_rows(aux_ids)
@@ -468,10 +486,10 @@ def train(
             for m in mods:
                 a = _anchor(m, data)
                 idx = torch.from_numpy(_batch(data.rows(m, a), tc.batch_size, rng))
-                emb = model.embed_one(m, data.tensors[m][idx], scaled=False)
+                emb = model.embed_one(m, data.tensors[m][idx].to(dev), scaled=False)
                 scale = model.logit_scale(m)
                 assert scale is not None
-                loss = info_nce(emb, anchors[a][idx], scale)
+                loss = info_nce(emb, anchors[a][idx].to(dev), scale)
                 total = total + loss
                 losses[f"stage2/{m}"].append(float(loss.detach()))
                 shown[m] = f"{float(loss.detach()):.2f}"
@@ -550,7 +568,7 @@ def export_weights(
     """
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().to(dtype).contiguous() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(model.cfg.to_dict()), **(metadata or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

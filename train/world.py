@@ -55,6 +55,7 @@ __all__ = [
     "caption",
     "factor_captions",
     "generate",
+    "motion_groups",
     "nuisance_groups",
     "sample_factors",
     "to_model_inputs",
@@ -102,10 +103,20 @@ _RADIUS = np.array([0.40, 0.32, 0.25, 0.19], np.float32)  # fraction of the imag
 _DEPTH_M = np.array([1.0, 1.6, 2.6, 3.6], np.float32)  # object distance per DISTANCES
 _HAZE = np.array([0.0, 0.12, 0.25, 0.38], np.float32)  # per DISTANCES
 _OBJ_TEMP = np.array([0.95, 0.80, 0.68, 0.88, 0.74, 0.60], np.float32)  # class temperature
-_SCENE_TEMP = np.array([0.30, 0.52, 0.42, 0.08, 0.18], np.float32)
+# Scene ambient temperature at the top and the bottom of the thermal frame (sky, ground): two
+# numbers per scene, not one, so that scenes differ in the ambient's level and in its vertical
+# gradient (warm beach sand under a mild sky, a city warmer above than below, cold snow).
+# With one level per scene plus a common gradient the thermal tower's scene retrieval stayed
+# at 0.65 and thermal->text scene under 3x chance. All below the coolest object (0.60).
+_SCENE_TEMP_TOP = np.array([0.30, 0.36, 0.52, 0.12, 0.14], np.float32)
+_SCENE_TEMP_BOTTOM = np.array([0.36, 0.55, 0.38, 0.03, 0.26], np.float32)
 _F0 = np.array([220.0, 294.0, 370.0, 466.0, 587.0, 740.0])  # class pitch (Hz)
 _MOVE = np.array([(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)], np.float32)  # (dx, dy), image axes
-_MOVE_FRAC = 0.16  # displacement over the clip, as a fraction of the side
+# Displacement over the clip, as a fraction of the side: 20 px at 64 px, more than one 16-px
+# patch between the two frames the model samples. At 0.16 (10 px) contrastive stage 1 never
+# learned motion (video->text 0.25, chance 0.20), at 0.25 0.43, at 0.32 0.49-0.53 (0.60 with
+# 2100 stage-1 steps); 0.40 hurt colour and class (objects leave the frame).
+_MOVE_FRAC = 0.32
 VIDEO_FPS = 8
 # Depth of the class surface pattern, as a fraction of the colour. At 0.35 a supervised probe
 # of the vision tower reached 0.49 class accuracy in 200 steps, at 0.7 0.70: the pattern is
@@ -119,7 +130,7 @@ class World:
 
     factors: dict[str, np.ndarray]  # name -> (n,) int64 value index
     image: np.ndarray  # (n, S, S, 3) uint8: the video's first frame
-    video: np.ndarray  # (n, F, S, S, 3) uint8: F = fps * clip duration + 1 frames
+    video: np.ndarray  # (n, F, S, S, 3) uint8: F = fps * clip duration frames, t = 0 .. 1
     depth_mm: np.ndarray  # (n, S, S) uint16 millimetres
     thermal: np.ndarray  # (n, S, S) uint8
     audio: np.ndarray  # (n, samples) float32 in [-1, 1], at cfg.audio_sample_rate
@@ -157,12 +168,24 @@ def caption(f: dict[str, int], motion: bool, drop: Sequence[str] = ()) -> str:
 NUISANCE = ("colour", "scene")
 
 
-def nuisance_groups(factors: dict[str, np.ndarray]) -> np.ndarray:
-    """(n,) int64 group id: samples with the same nuisance factors (colour, scene) share one."""
+def nuisance_groups(factors: dict[str, np.ndarray], shared: Sequence[str] = NUISANCE) -> np.ndarray:
+    """(n,) int64 group id: samples with the same ``shared`` factors (default: colour, scene)."""
     gid = np.zeros(len(factors["class"]), np.int64)
-    for k in NUISANCE:
+    for k in shared:
         gid = gid * len(FACTORS[k]) + factors[k]
     return gid
+
+
+# Factors that the clips' hard-negative groups share: within a group only distance and motion
+# differ, so a clip's caption can only be told from its group's by those two (in the stills'
+# colour/scene groups two clips almost never differ in motion alone). Measured: IMU, which
+# inherits motion from the clips, reached imu->text 0.58-0.60 with them, 0.38-0.39 without.
+CLIP_SHARED = ("class", "colour", "scene")
+
+
+def motion_groups(factors: dict[str, np.ndarray]) -> np.ndarray:
+    """(n,) int64 group id of the clips' hard-negative groups (``CLIP_SHARED``)."""
+    return nuisance_groups(factors, CLIP_SHARED)
 
 
 def factor_captions(
@@ -388,7 +411,11 @@ def _render_chunk(
 
     video_rng, rng = rng.spawn(2)
     bg = _background(f["scene"], S, rng)
-    frames_n = video_frames or round(VIDEO_FPS * cfg.video_clip_duration) + 1
+    # A file holds fps * duration frames, the first at t = 0 and the last at t = 1 of the
+    # motion: a loader's 2-frame clip of that duration then picks the frames rendered in memory
+    # for ``cfg.video_frames=2`` (with one frame more, its last frame stopped short of t = 1,
+    # 2.5 px off the in-memory one at this motion).
+    frames_n = video_frames or max(round(VIDEO_FPS * cfg.video_clip_duration), 1)
     video = np.empty((n, frames_n, S, S, 3), np.uint8)
     for k in range(frames_n):
         fr = _render_frames(f, k / max(frames_n - 1, 1), cx, cy, r, bg, shade, S)
@@ -406,8 +433,10 @@ def _render_chunk(
     depth = depth * (1 + rng.normal(0, 0.01, depth.shape).astype(np.float32))
     depth_mm = np.clip(np.rint(depth * 1000), 1, 65535).astype(np.uint16)
 
-    # Thermal: ambient temperature with soft blobs, the object at its class temperature.
-    amb = _SCENE_TEMP[f["scene"]][:, None, None] + 0.05 * np.broadcast_to(v, (S, S))[None]
+    # Thermal: the scene's ambient (top to bottom), the object at its class temperature.
+    top = _SCENE_TEMP_TOP[f["scene"]][:, None, None]
+    bottom = _SCENE_TEMP_BOTTOM[f["scene"]][:, None, None]
+    amb = top + (bottom - top) * np.broadcast_to(v, (S, S))[None]
     th = amb + rng.normal(0, 0.02, (n, S, S)).astype(np.float32)
     th = th * (1 - m0) + _OBJ_TEMP[f["class"]][:, None, None] * m0
     th = (th + np.roll(th, 1, 1) + np.roll(th, 1, 2) + np.roll(th, (1, 1), (1, 2))) / 4

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import ModelDep, StateDep, require_api_key
-from ..schemas import IndexOut, InfoResponse, ModelOut, Status
+from ..deps import AppState, ModelDep, StateDep, require_api_key
+from ..generators import GeneratorSlot
+from ..schemas import GeneratorOut, IndexOut, InfoResponse, ModelOut, Status
 from . import error_responses
 
 # The web page: plain files, no build step; ``create_app`` mounts this directory at /static.
@@ -105,5 +106,22 @@ async def info(state: StateDep, model: ModelDep) -> InfoResponse:
             "max_pixels": s.max_pixels,
             "max_audio_seconds": s.max_audio_seconds,
             "max_text_chars": s.max_text_chars,
+            "max_generate_steps": s.max_generate_steps,
         },
+        generator=_generator_out(state),
+    )
+
+
+def _generator_out(state: AppState) -> GeneratorOut | None:
+    slot = state.extra.get("generator")
+    gen = slot.generator if isinstance(slot, GeneratorSlot) else None
+    if gen is None:
+        return None
+    g = gen.info
+    return GeneratorOut(
+        name=g.name,
+        licence=g.licence,
+        dim=g.dim,
+        image_size=g.image_size,
+        default_steps=g.default_steps,
     )

@@ -18,7 +18,14 @@ from ..schemas import QueryEcho, ResultOut, SearchForm, SearchRequest, SearchRes
 from ..searchers import Searcher
 from ..settings import ServiceSettings
 from . import body_ref, error_responses
-from ._body import content_kind, read_form, read_json, split_list, validation_message
+from ._body import (
+    FilePart,
+    content_kind,
+    read_form,
+    read_json,
+    split_list,
+    validation_message,
+)
 from .items import item_out
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_api_key)])
@@ -131,6 +138,11 @@ def _from_json(body: SearchRequest) -> _Query:
 
 async def _from_form(request: Request, settings: ServiceSettings) -> _Query:
     files, fields = await read_form(request, settings.max_inputs, settings.max_text_chars * 4)
+    return _form_query(files, fields)
+
+
+def _form_query(files: list[FilePart], fields: dict[str, list[str]]) -> _Query:
+    """A multipart query from ``read_form``'s files and other fields."""
     try:
         form = SearchForm.model_validate(
             {

@@ -16,6 +16,7 @@ const LINE_COLOURS = ["#d62728", "#2ca02c", "#1f77b4", "#ff7f0e", "#9467bd", "#1
 const $ = (sel, root = document) => root.querySelector(sel);
 const terms = []; // {kind, li, weight: <input>, text?: <input>, file?, modality?: <select>, item?}
 let resultUrls = []; // object URLs of the shown results, revoked on the next search
+let generatedUrl = null; // object URL of the generated image, revoked on the next one
 let termSeq = 0;
 
 // ----------------------------------------------------------------------------- the API
@@ -78,6 +79,11 @@ async function loadInfo() {
     const counts = info.indexes.map((i) => `${i.modality} ${i.count}`).join(", ");
     out.textContent = `${info.model.name} · ${info.model.dim}-d · ${total} items` +
       (counts ? ` (${counts})` : " (no index loaded)");
+    const g = info.generator;
+    $("#generator-info").textContent = g
+      ? `An image from the query above, by ${g.name} (${g.image_size}×${g.image_size}; ` +
+        `licence of its weights: ${g.licence}).`
+      : "This server has no image generator yet (see BINDSEARCH_GENERATOR).";
   } catch (e) {
     out.textContent = `Server info unavailable: ${e.message}`;
   }
@@ -214,6 +220,46 @@ async function search(event) {
     button.disabled = false;
     button.textContent = "Search";
     list.removeAttribute("aria-busy");
+  }
+}
+
+/** POST the composer's query to /v1/generate and show the PNG it answers. */
+async function generateImage() {
+  const button = $("#generate-button");
+  button.disabled = true;
+  button.textContent = "Generating…";
+  $("#generated").setAttribute("aria-busy", "true");
+  try {
+    const { body } = await buildRequest();
+    delete body.k; // search options: the generator takes the query, a seed and steps
+    delete body.target;
+    delete body.tags;
+    const seed = parseInt($("#seed").value, 10);
+    body.seed = Number.isFinite(seed) && seed >= 0 ? seed : 0;
+    const steps = parseInt($("#steps").value, 10);
+    if (Number.isFinite(steps) && steps > 0) body.steps = steps;
+    const resp = await api("/v1/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const blob = await resp.blob();
+    if (generatedUrl) URL.revokeObjectURL(generatedUrl);
+    generatedUrl = URL.createObjectURL(blob);
+    const img = $("#generated-image");
+    img.src = generatedUrl;
+    img.alt = `Image generated from the query (seed ${body.seed})`;
+    const by = resp.headers.get("X-Generator") || "the generator";
+    $("#generated-caption").textContent = `${by} · seed ${body.seed}` +
+      (body.steps ? ` · ${body.steps} steps` : "");
+    $("#generated").hidden = false;
+    showError(null);
+  } catch (e) {
+    showError(e instanceof ApiError ? e : new ApiError("error", String(e), 0));
+  } finally {
+    button.disabled = false;
+    button.textContent = "Generate image";
+    $("#generated").removeAttribute("aria-busy");
   }
 }
 
@@ -630,6 +676,7 @@ function init() {
     if (e.dataTransfer && e.dataTransfer.files.length) addFiles(e.dataTransfer.files);
   });
   $("#composer").addEventListener("submit", search);
+  $("#generate-button").addEventListener("click", generateImage);
   addTerm("text").text.focus();
   loadInfo();
 }
