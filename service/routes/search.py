@@ -15,7 +15,7 @@ from ..deps import PipelineDep, SearcherDep, SettingsDep, require_api_key
 from ..errors import MalformedRequest, NotFound
 from ..pipeline import BlobInput, Input, Pipeline, TextInput, decode_base64, mix, parse_modality
 from ..schemas import QueryEcho, ResultOut, SearchForm, SearchRequest, SearchResponse, TermEcho
-from ..searchers import Searcher
+from ..searchers import Item, Searcher
 from ..settings import ServiceSettings
 from . import body_ref, error_responses
 from ._body import (
@@ -173,26 +173,40 @@ def _form_query(files: list[FilePart], fields: dict[str, list[str]]) -> _Query:
         w = weights[i] if weights else 1.0
         name = f"file {f.name!r}"
         echo = TermEcho(
-            kind="file", weight=w, modality=m.value if m else "", filename=f.name,
+            kind="file",
+            weight=w,
+            modality=m.value if m else "",
+            filename=f.name,
             bytes=len(f.data),
         )
         terms.append(_Term(w, echo, input=BlobInput(f.data, m, name)))
     return _Query(terms, form.k, split_list(form.target), split_list(form.tag))
 
 
+def _stored(searcher: Searcher, ids: list[int]) -> dict[int, tuple[Item | None, np.ndarray | None]]:
+    """Items and their stored vectors (SQLite and a memory-mapped chunk: off the event loop)."""
+    out: dict[int, tuple[Item | None, np.ndarray | None]] = {}
+    for i in ids:
+        item = searcher.get_item(i)
+        out[i] = (item, None if item is None else searcher.item_vector(i))
+    return out
+
+
 async def _term_vectors(terms: list[_Term], pipeline: Pipeline, searcher: Searcher) -> np.ndarray:
     """(T, D) vectors of the terms, in order: stored vectors for ids, the model for the rest."""
     pipeline.check_count(len(terms), "terms")
     out: list[np.ndarray | None] = [None] * len(terms)
-    for i, t in enumerate(terms):
-        if t.item_id is None:
-            continue
-        item = await run_in_threadpool(searcher.get_item, t.item_id)
-        v = None if item is None else await run_in_threadpool(searcher.item_vector, t.item_id)
-        if item is None or v is None:
-            raise NotFound(f"item {t.item_id} is not in the index")
-        t.echo.modality = item.modality.value
-        out[i] = v
+    ids = [t.item_id for t in terms if t.item_id is not None]
+    if ids:
+        stored = await run_in_threadpool(_stored, searcher, ids)  # one thread hop for all
+        for i, t in enumerate(terms):
+            if t.item_id is None:
+                continue
+            item, v = stored[t.item_id]
+            if item is None or v is None:
+                raise NotFound(f"item {t.item_id} is not in the index")
+            t.echo.modality = item.modality.value
+            out[i] = v
     todo = [i for i, t in enumerate(terms) if t.input is not None]
     if todo:
         inputs = [terms[i].input for i in todo]
@@ -201,4 +215,3 @@ async def _term_vectors(terms: list[_Term], pipeline: Pipeline, searcher: Search
             out[i] = v
             terms[i].echo.modality = m.value
     return np.stack([v for v in out if v is not None])
-
