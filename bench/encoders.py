@@ -1,4 +1,4 @@
-"""Encoder towers on CPU: achieved FLOP/s over the machine's matmul FLOP/s, ours vs eager.
+"""Encoder towers: achieved FLOP/s over the machine's matmul FLOP/s, ours vs eager (ratios 1, 2).
 
 For each tower (``imagebind_huge`` vision and audio by default, random weights, real input
 shapes, batch 8, fp32) this times two paths side by side in one run:
@@ -11,8 +11,13 @@ ratio divides it by the FLOP/s of a square fp32 ``torch.mm`` timed in the same r
 thread count. ``--experiments`` (on by default) also times alternatives to our path: oneDNN
 switches, bf16 matmuls, bf16 weights, and other ways to compute the vision stem.
 
+On CUDA (``--device cuda``) ours is bf16 weights + SDPA, its utilisation is against cuBLAS
+bf16 (square 8192 products timed in the same run), and the eager reference is a plain fp32
+model of the same weights (utilisation against cuBLAS fp32); they must agree to cosine 0.999.
+
     .venv/bin/python -m bench.encoders --quick
     .venv/bin/python bench/encoders.py --towers audio --threads 2
+    python -m bench.encoders --device cuda      # bf16 + SDPA vs cuBLAS bf16, and vs eager fp32
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from encoders.model import Attention
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "encoders_cpu.json"
 MIN_COSINE = 0.9999  # ours and eager must agree to this cosine, row by row
+MIN_COSINE_BF16 = 0.999  # on CUDA, ours (bf16) against eager fp32
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -224,6 +230,126 @@ def bench_case(enc: Encoder, case: Case, matmul_n: int, warmup: int, reps: int) 
         **agree,
         "match": agree["min_cosine"] >= MIN_COSINE,
     }
+
+
+def _synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def cuda_matmul_peaks(n: int, reps: int) -> dict[torch.dtype, float]:
+    """cuBLAS FLOP/s of a square (n, n) @ (n, n) per dtype, median of ``reps`` x 10 products."""
+    peaks = {}
+    for dt in (torch.bfloat16, torch.float32):
+        a = torch.randn(n, n, device="cuda", dtype=dt)
+        b = torch.randn(n, n, device="cuda", dtype=dt)
+
+        def ten(a: Tensor = a, b: Tensor = b) -> None:
+            for _ in range(10):
+                torch.mm(a, b)
+
+        t = time_interleaved({"mm": _synced(ten)}, warmup=2, reps=reps)["mm"]
+        peaks[dt] = 10 * 2 * n**3 / t.median_s
+        del a, b
+    return peaks
+
+
+def bench_case_cuda(
+    enc: Encoder,
+    eager32: torch.nn.Module,
+    case: Case,
+    peaks: dict[torch.dtype, float],
+    warmup: int,
+    reps: int,
+) -> dict[str, Any]:
+    """Ours (the encoder's dtype, SDPA) vs a plain eager fp32 model of the same weights.
+
+    Each path's utilisation is against cuBLAS in its own dtype, measured in this run.
+    """
+    cfg = enc.config
+    x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0)).to("cuda")
+    flops = case.flops(cfg)
+    x16, x32 = x.to(enc.dtype), x.float()
+    times = time_interleaved(
+        {
+            "ours": _synced(lambda: _forward(enc.model, case.tower, x16, fused=True)),
+            "eager": _synced(lambda: _forward(eager32, case.tower, x32, fused=False)),
+        },
+        warmup=warmup,
+        reps=reps,
+    )
+    agree = _agreement(times["eager"].last, times["ours"].last)
+    paths = {}
+    for name, dt in (("ours", enc.dtype), ("eager", torch.float32)):
+        t = times[name]
+        achieved = flops / t.median_s
+        paths[name] = {
+            **t.to_dict(),
+            "dtype": str(dt).removeprefix("torch."),
+            "gflop_per_s": achieved / 1e9,
+            "matmul_gflop_per_s": peaks[dt] / 1e9,
+            "ratio": achieved / peaks[dt],
+            "ratio_best": flops / t.min_s / peaks[dt],
+        }
+    log(
+        f"    ours {times['ours'].median_s * 1e3:.1f} ms ({paths['ours']['ratio']:.2f} of "
+        f"cuBLAS), eager fp32 {times['eager'].median_s * 1e3:.1f} ms; cosine "
+        f"{agree['min_cosine']:.5f}"
+    )
+    return {
+        "tower": case.tower,
+        "input": case.label,
+        "shape": list(case.shape),
+        "flops": flops,
+        "matmul_gflop_per_s": peaks[enc.dtype] / 1e9,
+        "paths": paths,
+        "speedup_ours_over_eager": times["eager"].median_s / times["ours"].median_s,
+        **agree,
+        "match": agree["min_cosine"] >= MIN_COSINE_BF16,
+    }
+
+
+def run_cuda(
+    preset: str, towers: Sequence[str], batch: int, reps: int, warmup: int, out: Path | None
+) -> dict[str, Any]:
+    """The CUDA path: bf16 + SDPA against cuBLAS bf16, and against an eager fp32 model."""
+    cfg = resolve_config(preset)
+    peaks = cuda_matmul_peaks(8192, reps=max(reps, 3))
+    log("cuBLAS " + ", ".join(f"{dt}: {v / 1e12:.0f} TFLOP/s" for dt, v in peaks.items()))
+    result: dict[str, Any] = {
+        "benchmark": "encoders_cuda",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": "cuda",
+        "gpu": torch.cuda.get_device_name(0),
+        "preset": preset,
+        "dtype": "bfloat16",
+        "batch": batch,
+        "reps": reps,
+        "warmup": warmup,
+        "machine": machine_info(),
+        "matmul": [{"dtype": str(k), "tflop_per_s": v / 1e12} for k, v in peaks.items()],
+        "cases": [],
+        "experiments": [],
+        "stem_variants": [],
+    }
+    for tower in towers:
+        log(f"building {preset} {tower} on cuda")
+        enc = load_encoder(config=cfg, modalities=[tower], device="cuda", dtype=torch.bfloat16)
+        eager32 = copy.deepcopy(enc.model).float()
+        for case in cases_for(cfg, tower, batch):
+            result["cases"].append(bench_case_cuda(enc, eager32, case, peaks, warmup, reps))
+        del enc, eager32
+        gc.collect()
+        torch.cuda.empty_cache()
+    print_report(result)
+    if out is not None:
+        write_json(out, result)
+        log(f"wrote {out}")
+    return result
 
 
 # ----------------------------------------------------------------------------- experiments
@@ -438,9 +564,10 @@ def run(
 def print_report(result: dict[str, Any]) -> None:
     """The results as plain-text tables on stdout."""
     m = result["machine"]
+    where = result.get("gpu") or f"{m['cpu_model']} ({m['torch_threads']} threads"
     print(
-        f"\n{result['preset']} on {m['cpu_model']} ({m['torch_threads']} threads, "
-        f"torch {m['torch_version']}), fp32, batch {result['batch']}, "
+        f"\n{result['preset']} on {where}, "
+        f"torch {m['torch_version']}), {result['dtype']}, batch {result['batch']}, "
         f"median of {result['reps']} after {result['warmup']} warm-up"
     )
     head = (
@@ -489,9 +616,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--quick", action="store_true", help="2 timed repeats instead of 5")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 timed repeats, batch 1, no alternatives (a 2-core CPU in about 2 minutes)",
+    )
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--towers", default="vision,audio", help="comma-separated: vision,audio")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (1 --quick, 64 cuda)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats (overrides --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default 1)")
@@ -499,20 +631,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--matmul-n", type=int, default=4096, help="side of the timed square mm")
     ap.add_argument("--no-experiments", action="store_true", help="skip the alternatives")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    ap.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = ap.parse_args(argv)
     towers = [t.strip() for t in args.towers.split(",") if t.strip()]
+    out = args.out or DEFAULT_OUT.with_name(f"encoders_{args.device}.json")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda was asked for but torch sees no CUDA GPU")
+        reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+        result = run_cuda(args.preset, towers, args.batch or 64, reps, args.warmup or 2, out)
+        return 0 if all(c["match"] for c in result["cases"]) else 1
     result = run(
         preset=args.preset,
         towers=towers,
-        batch=args.batch,
+        batch=args.batch or (1 if args.quick else 8),
         threads=args.threads,
         quick=args.quick,
         reps=args.reps,
         warmup=args.warmup,
         matmul_n=args.matmul_n,
-        experiments=not args.no_experiments,
-        out=args.out,
+        experiments=not (args.no_experiments or args.quick),
+        out=out,
         plot=not args.no_plot,
     )
     return 0 if all(c["match"] for c in result["cases"]) else 1

@@ -42,6 +42,9 @@ from .store import FileRecord, IndexStore, ItemRecord, read_manifest
 
 Log = Callable[[str], None]
 
+# Text items are embedded this many batches at a time, sorted by length (see _Pipeline._embed).
+TEXT_BUCKET_BATCHES = 4
+
 
 @dataclass
 class BuildOptions:
@@ -531,26 +534,35 @@ class _Pipeline:
     def _add_to_batch(self, item: _Item) -> None:
         buf = self.buffers.setdefault(item.decoded.modality, [])
         buf.append(item)
-        if len(buf) >= self.opts.batch_size:
+        # Text waits for several batches' worth, to batch similar lengths together (_embed).
+        window = TEXT_BUCKET_BATCHES if item.decoded.modality == Modality.TEXT.value else 1
+        if len(buf) >= self.opts.batch_size * window:
             self._embed(item.decoded.modality)
 
     def _embed(self, modality: str) -> None:
-        batch = [it for it in self.buffers.pop(modality, []) if not it.dead]
-        if not batch:
+        items = [it for it in self.buffers.pop(modality, []) if not it.dead]
+        if not items:
             return
         if self.encoder is None:
             self.encoder = self.model.load(self.needed)
-        x = torch.from_numpy(np.stack([it.decoded.array for it in batch]))
         if modality == Modality.TEXT.value:
-            from encoders.transforms.text import trim_to_longest
+            # Length buckets: sorted by their end-of-text position, each batch is trimmed to
+            # its own longest row (exact), so short texts do not pay for a long neighbour.
+            items.sort(key=lambda it: int(np.argmax(it.decoded.array)))
+        size = self.opts.batch_size
+        for start in range(0, len(items), size):
+            batch = items[start : start + size]
+            x = torch.from_numpy(np.stack([it.decoded.array for it in batch]))
+            if modality == Modality.TEXT.value:
+                from encoders.transforms.text import trim_to_longest
 
-            x = trim_to_longest(x)
-        t0 = time.perf_counter()
-        vectors = self.encoder.embed(modality, x)
-        self.summary.model_s += time.perf_counter() - t0
-        for it, v in zip(batch, vectors, strict=True):
-            it.vector = np.asarray(v, dtype=np.float32)
-            it.decoded.array = np.empty(0)  # the input is no longer needed
+                x = trim_to_longest(x)
+            t0 = time.perf_counter()
+            vectors = self.encoder.embed(modality, x)
+            self.summary.model_s += time.perf_counter() - t0
+            for it, v in zip(batch, vectors, strict=True):
+                it.vector = np.asarray(v, dtype=np.float32)
+                it.decoded.array = np.empty(0)  # the input is no longer needed
 
     # --- committing ---------------------------------------------------------------------------
 
