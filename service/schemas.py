@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,8 +39,8 @@ class Term(_Strict):
         return self
 
 
-class SearchRequest(_Strict):
-    """A JSON search: exactly one of ``text``, ``item_id``, ``data`` or ``terms``."""
+class _Query(_Strict):
+    """One of ``text``, ``item_id``, ``data`` or ``terms``: what search and generate share."""
 
     text: str | None = None
     item_id: int | None = None
@@ -49,14 +49,9 @@ class SearchRequest(_Strict):
     terms: list[Term] | None = Field(
         None, description="A weighted mix: each term normalised, weighted, summed, renormalised."
     )
-    k: int | None = Field(None, ge=1, description="Results wanted (default 10; capped).")
-    target: list[str] | str | None = Field(
-        None, description="Item modalities to return (default: all)."
-    )
-    tags: list[str] | None = Field(None, description="Only items carrying every one of these.")
 
     @model_validator(mode="after")
-    def _one_kind(self) -> SearchRequest:
+    def _one_kind(self) -> Self:
         given = [n for n in ("text", "item_id", "data", "terms") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of text, item_id, data or terms")
@@ -71,37 +66,32 @@ class SearchRequest(_Strict):
             return self.terms
         return [
             Term(
-                text=self.text, item_id=self.item_id, data=self.data, modality=self.modality,
+                text=self.text,
+                item_id=self.item_id,
+                data=self.data,
+                modality=self.modality,
                 weight=1.0,
             )
         ]
 
 
-class GenerateRequest(_Strict):
+class SearchRequest(_Query):
+    """A JSON search: exactly one of ``text``, ``item_id``, ``data`` or ``terms``."""
+
+    k: int | None = Field(None, ge=1, description="Results wanted (default 10; capped).")
+    target: list[str] | str | None = Field(
+        None, description="Item modalities to return (default: all)."
+    )
+    tags: list[str] | None = Field(None, description="Only items carrying every one of these.")
+
+
+class GenerateRequest(_Query):
     """A JSON generation: exactly one of ``text``, ``item_id``, ``data`` or ``terms``."""
 
-    text: str | None = None
-    item_id: int | None = None
-    data: str | None = Field(None, description="Base64 file content (any modality).")
-    modality: str | None = Field(None, description="Modality of `data`; sniffed if absent.")
-    terms: list[Term] | None = Field(
-        None, description="A weighted mix: each term normalised, weighted, summed, renormalised."
-    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Same query and seed, same image.")
     steps: int | None = Field(
         None, ge=1, description="Denoising steps (default: the generator's own; capped)."
     )
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> GenerateRequest:
-        given = [n for n in ("text", "item_id", "data", "terms") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of text, item_id, data or terms")
-        if self.modality is not None and self.data is None:
-            raise ValueError("modality goes with data")
-        if self.terms is not None and not self.terms:
-            raise ValueError("terms is empty")
-        return self
 
     def as_search(self) -> SearchRequest:
         """The same query as a search body (its terms are read the same way)."""

@@ -22,7 +22,7 @@ from ..schemas import GenerateForm, GenerateRequest
 from ..searchers import Searcher
 from . import body_ref, error_responses
 from ._body import content_kind, read_form, read_json, validation_message
-from .search import _form_query, _from_json, _Term, _term_vectors
+from .search import MIX_FILES, _form_query, _from_json, _Term, _term_vectors
 
 router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[Depends(require_api_key)])
 
@@ -30,21 +30,7 @@ _GENERATE_MULTIPART = {
     "type": "object",
     "required": ["file"],
     "properties": {
-        "file": {
-            "type": "array",
-            "items": {"type": "string", "format": "binary"},
-            "description": "One or more files; several make a weighted mix.",
-        },
-        "modality": {
-            "type": "array",
-            "items": {"type": "string"},
-            "description": "One for all files or one per file; sniffed from content if absent.",
-        },
-        "weights": {
-            "type": "array",
-            "items": {"type": "number"},
-            "description": "One per file (default 1.0 each).",
-        },
+        **MIX_FILES,
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
         "steps": {"type": "integer", "minimum": 1},
     },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -30,25 +31,30 @@ from .items import item_out
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_api_key)])
 
+# The multipart fields of a mix of files (search and generate share them).
+MIX_FILES: dict[str, Any] = {
+    "file": {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "description": "One or more files; several make a weighted mix.",
+    },
+    "modality": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "One for all files or one per file; sniffed from content if absent.",
+    },
+    "weights": {
+        "type": "array",
+        "items": {"type": "number"},
+        "description": "One per file (default 1.0 each).",
+    },
+}
+
 _MULTIPART = {
     "type": "object",
     "required": ["file"],
     "properties": {
-        "file": {
-            "type": "array",
-            "items": {"type": "string", "format": "binary"},
-            "description": "One or more files; several make a weighted mix.",
-        },
-        "modality": {
-            "type": "array",
-            "items": {"type": "string"},
-            "description": "One for all files or one per file; sniffed from content if absent.",
-        },
-        "weights": {
-            "type": "array",
-            "items": {"type": "number"},
-            "description": "One per file (default 1.0 each).",
-        },
+        **MIX_FILES,
         "k": {"type": "integer", "minimum": 1, "description": "Results wanted (default 10)."},
         "target": {"type": "array", "items": {"type": "string"}},
         "tag": {"type": "array", "items": {"type": "string"}},
