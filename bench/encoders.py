@@ -623,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--towers", default="vision,audio", help="comma-separated: vision,audio")
-    ap.add_argument("--batch", type=int, default=None, help="default 8 (1 --quick, 64 cuda)")
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (4 --quick, 64 cuda)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats (overrides --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default 1)")
@@ -644,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(
         preset=args.preset,
         towers=towers,
-        batch=args.batch or (1 if args.quick else 8),
+        batch=args.batch or (4 if args.quick else 8),
         threads=args.threads,
         quick=args.quick,
         reps=args.reps,
