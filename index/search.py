@@ -69,7 +69,9 @@ class SqliteMetadata:
         found: dict[int, dict[str, Any]] = {}
         with self._lock:
             for start in range(0, len(wanted), 500):
-                part = wanted[start : start + 500]
+                part = [i for i in wanted[start : start + 500] if _storable(i)]
+                if not part:
+                    continue
                 marks = ",".join("?" * len(part))
                 rows = self._conn.execute(
                     f"SELECT {', '.join(fetch)} FROM items WHERE deleted = 0 AND id IN ({marks})",
@@ -78,6 +80,11 @@ class SqliteMetadata:
                 for r in rows:
                     found[int(r["id"])] = {c: _column(c, r[c]) for c in columns}
         return [found.get(i, {}) for i in wanted]
+
+
+def _storable(item_id: int) -> bool:
+    """Whether an id fits SQLite's (and FAISS's) int64; others cannot be indexed."""
+    return -(1 << 63) <= item_id < (1 << 63)
 
 
 def _column(name: str, value: Any) -> Any:
@@ -183,6 +190,8 @@ class IndexSearcher:
 
     def vector(self, item_id: int) -> np.ndarray:
         """The stored (D,) unit vector of an item, exactly as embedded (search by item id)."""
+        if not _storable(item_id):
+            raise KeyError(f"no item with id {item_id} in the index")
         with self._lock:
             row = self._conn.execute(
                 "SELECT i.chunk, c.first_id FROM items i JOIN chunks c ON c.chunk = i.chunk "

@@ -197,9 +197,6 @@ def _item_from_row(row: dict[str, Any]) -> Item:
     )
 
 
-_MAX_ID = 1 << 63  # ids are int64 in SQLite and FAISS
-
-
 class IndexAdapter:
     """An ``index.IndexSearcher`` (``index.open_index``) behind the ``Searcher`` protocol.
 
@@ -247,8 +244,6 @@ class IndexAdapter:
         return out
 
     def get_item(self, item_id: int) -> Item | None:
-        if not 0 <= item_id < _MAX_ID:
-            return None  # SQLite and FAISS ids are int64; beyond that nothing can be stored
         rows = self._s.get([int(item_id)])
         if not rows or not rows[0] or rows[0].get("deleted"):
             return None
@@ -259,8 +254,6 @@ class IndexAdapter:
         return _item_from_any(row)
 
     def item_vector(self, item_id: int) -> np.ndarray | None:
-        if not 0 <= item_id < _MAX_ID:
-            return None
         try:
             v = self._s.vector(int(item_id))
         except (KeyError, IndexError):
