@@ -56,8 +56,15 @@ class _Proc:
     log: Path
 
 
-def _start(tmp: Path, args: list[str], env: dict[str, str]) -> tuple[Server, _Proc]:
+def _start(
+    tmp: Path, args: list[str], env: dict[str, str], port_by_env: bool = False
+) -> tuple[Server, _Proc]:
+    """``serve`` on a free port (``--port``, or ``BINDSEARCH_PORT`` with ``port_by_env``)."""
     port = _free_port()
+    port_args = ["--port", str(port)]
+    if port_by_env:
+        env = {**env, "BINDSEARCH_PORT": str(port), "BINDSEARCH_HOST": "127.0.0.1"}
+        port_args = []
     log = tmp / f"server-{port}.log"
     cmd = [
         sys.executable,
@@ -67,8 +74,7 @@ def _start(tmp: Path, args: list[str], env: dict[str, str]) -> tuple[Server, _Pr
         "--random-weights",
         "--config",
         CONFIG,
-        "--port",
-        str(port),
+        *port_args,
         "--log-level",
         "warning",
         *args,
@@ -511,32 +517,8 @@ def test_real_index_item_mix_and_bad_ids(indexed: tuple[Server, dict[str, int]])
 
 def test_port_from_environment(tmp_path: Path) -> None:
     """``BINDSEARCH_PORT`` / ``BINDSEARCH_HOST`` work like the flags (``docker run -e``)."""
-    port = _free_port()
-    log = tmp_path / "log"
-    cmd = [
-        sys.executable,
-        "-c",
-        "from service.cli import main; main()",
-        "serve",
-        "--random-weights",
-        "--config",
-        CONFIG,
-        "--log-level",
-        "warning",
-    ]
-    env = {**os.environ, "BINDSEARCH_PORT": str(port), "BINDSEARCH_HOST": "127.0.0.1"}
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    srv, proc = _start(tmp_path, [], {}, port_by_env=True)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        else:
-            raise AssertionError(log.read_text())
+        assert httpx.get(f"{srv.url}/readyz").status_code == 200
     finally:
-        _stop(_Proc(proc, log))
+        _stop(proc)
