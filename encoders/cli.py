@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from ._cli import fail as _fail
 from .errors import EncoderError
 
 weights_app = typer.Typer(help="Model weights: download, inspect.", no_args_is_help=True)
@@ -78,9 +79,3 @@ def path(
         typer.echo(str(weights.cached_weights_path(name, cache_dir)))
     except EncoderError as e:
         _fail(e)
-
-
-def _fail(e: Exception) -> NoReturn:
-    """One line on stderr, exit 1: a user error is not a crash, so no traceback."""
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(1)

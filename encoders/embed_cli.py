@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import numpy as np
 import typer
 
+from ._cli import fail as _fail
 from .errors import EncoderError
 from .modality import Modality
 
@@ -73,8 +74,3 @@ def embed(
     if as_json:
         json.dump(vectors.tolist(), sys.stdout)
         sys.stdout.write("\n")
-
-
-def _fail(msg: str) -> NoReturn:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)

@@ -12,11 +12,12 @@ import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from encoders import EncoderError, Modality
+from encoders._cli import fail as _fail
 
 from .errors import IndexStoreError
 
@@ -375,7 +376,3 @@ def _guard(fn: Callable[[], T]) -> T:
     except (IndexStoreError, EncoderError, ValueError, KeyError, OSError, sqlite3.Error) as e:
         _fail(str(e).strip("'\""))
 
-
-def _fail(msg: str) -> NoReturn:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from encoders._cli import fail as _fail
 from encoders.errors import EncoderError
 from encoders.modality import Modality
 
@@ -171,8 +172,3 @@ def generate(
         f"licence of the generator's weights: {info.licence}",
         err=True,
     )
-
-
-def _fail(msg: str) -> NoReturn:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)

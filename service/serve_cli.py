@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from encoders._cli import fail as _fail
 
 if TYPE_CHECKING:
     from .embedders import Embedder
@@ -150,8 +152,3 @@ def _check_weights(settings: ServiceSettings) -> None:
         default_checkpoint(settings.config)
     elif not settings.checkpoint.is_file():
         raise ValueError(f"checkpoint {settings.checkpoint} does not exist")
-
-
-def _fail(msg: str) -> NoReturn:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)

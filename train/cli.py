@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 import typer
 
+from encoders._cli import fail as _fail
 from encoders.errors import EncoderError
 
 __all__ = [
@@ -179,11 +180,6 @@ def run_train(
 
 
 # ----------------------------------------------------------------------------- typer layer
-
-
-def _fail(msg: str) -> NoReturn:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
 
 
 _ERRORS = (EncoderError, ValueError, KeyError, FileNotFoundError, OSError)

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ import typer
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from encoders._cli import fail as _fail
 from encoders.decoder import (
     DecoderConfig,
     DemoDecoder,
@@ -416,11 +417,6 @@ def decoder_bars(report: dict[str, Any], scene: float = 0.8, x_chance: float = 3
 
 
 # ----------------------------------------------------------------------------- typer layer
-
-
-def _fail(msg: str) -> NoReturn:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
 
 
 def train_decoder_cmd(
