@@ -104,3 +104,47 @@ def test_bad_factory_is_refused(tmp_path: Path) -> None:
     x = clustered(100, 16, 5)
     with fill(tmp_path / "idx", x) as store, pytest.raises(ValueError, match="FAISS cannot"):
         store.refresh(factory="NotAnIndex42")
+
+
+@pytest.mark.parametrize("nq", [1, 2, 4, 37])
+@pytest.mark.parametrize("block_bytes", [1 << 26, 4 * 1000])
+def test_flat_scan_matches_faiss(
+    nq: int, block_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exact scan of few queries returns FAISS's ids and scores, one block or many."""
+    from index import search as search_mod
+
+    monkeypatch.setattr(search_mod, "SCAN_BLOCK_BYTES", block_bytes)
+    x = clustered(3000, 48, 40, seed=3)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(48))
+    ids = np.random.default_rng(0).permutation(10_000)[:3000].astype(np.int64) * 7
+    index.add_with_ids(x, ids)
+    q = clustered(nq, 48, 40, seed=4)
+    assert search_mod.FlatScan.supports(index)
+    scan = search_mod.FlatScan(index)
+    for k in (1, 10, 3000):
+        want_d, want_i = index.search(q, k)
+        got_d, got_i = scan.search(q, k)
+        assert got_i.shape == (nq, k) and got_i.dtype == np.int64
+        np.testing.assert_allclose(got_d, want_d, atol=2e-6)
+        # Each id is returned with its own score (ids may differ from FAISS's only where two
+        # scores tie in float32), and the best match is FAISS's.
+        vec = index.reconstruct_batch(got_i.ravel()).reshape(nq, k, 48)
+        np.testing.assert_allclose((vec @ q[:, :, None])[..., 0], got_d, atol=2e-6)
+        assert (got_i[:, 0] == want_i[:, 0]).all()
+        assert len(np.unique(got_i[0])) == k
+
+
+def test_flat_scan_serves_open_index_and_skips_other_recipes(tmp_path: Path) -> None:
+    x = clustered(2000, 32, 30, seed=5)
+    for factory, scanned in (("Flat", True), ("HNSW16", False)):
+        with fill(tmp_path / factory, x, chunk=700) as store:
+            store.refresh(factory=factory)
+        with open_index(tmp_path / factory) as s:
+            mi = s._indexes[next(iter(s._indexes))]
+            assert (mi.scan is not None) == scanned
+            one = s.search(x[5], 10)[0]
+            assert one[0].id == 5 and abs(one[0].score - 1) < 1e-5  # id = row here
+            batch = s.search(x[:8], 10)
+            assert [h[0].id for h in batch] == list(range(8))
+            assert [h.id for h in batch[5]] == [h.id for h in one]
