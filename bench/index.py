@@ -6,10 +6,12 @@ On synthetic clustered unit vectors (ImageBind's 1024 dimensions by default), in
   ``clustered``), queries drawn apart from the database;
 * **memory bandwidth**: the median rate of summing the whole database (numpy, one thread, and
   torch, all threads; the faster is the machine's bound);
-* **ratio 7**: exact ``Flat`` search of single queries (what the service does per request):
-  queries/s over the bound ``bandwidth / (n * d * 4)``, since each query streams the whole
-  database once; the batched rate is recorded too, and the same scan as a threaded
-  ``torch`` matrix-vector product (FAISS scans a single query on one thread);
+* **ratio 7**: exact ``Flat`` search of single queries as the service runs it
+  (``index.search.FlatScan``: one BLAS matrix-vector product over the index's vectors and a
+  partial sort): queries/s over the bound ``bandwidth / (n * d * 4)``, since each query
+  streams the whole database once. Recorded beside it: FAISS's own ``IndexFlat.search`` of
+  one query (one thread per query, one vector at a time), a threaded ``torch``
+  matrix-vector product + top-k, and the batched rate;
 * **ratio 8**: recall@10 vs queries/s (batched) for each recipe ``--factory auto`` can pick
   (IVF-Flat, IVF-PQ) and HNSW, sweeping ``nprobe``/``efSearch``; the best speed-up over exact
   ``Flat`` among points with recall@10 >= 0.95, and the IVF-PQ recipe's memory compression
@@ -39,6 +41,7 @@ import torch
 
 from bench._common import log, machine_info, time_fn, time_interleaved, write_json
 from index import recall_at_k
+from index.search import FlatScan
 from index.spec import IndexSpec, new_index
 
 MIN_RECALL = 0.95
@@ -136,9 +139,14 @@ def run(n: int, d: int, queries: int, reps: int, single: int, hnsw: bool) -> dic
     log("  bandwidth " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items()))
 
     flat, _ = build("Flat", x, 0)
+    scan = FlatScan(flat)
     single_q = q[:single]
 
     def one_by_one() -> None:
+        for i in range(len(single_q)):
+            scan.search(single_q[i : i + 1], 10)
+
+    def faiss_one_by_one() -> None:
         for i in range(len(single_q)):
             flat.search(single_q[i : i + 1], 10)
 
@@ -152,8 +160,10 @@ def run(n: int, d: int, queries: int, reps: int, single: int, hnsw: bool) -> dic
     times = time_interleaved(
         {
             "single": one_by_one,
+            "single_faiss": faiss_one_by_one,
             "single_torch_mv": matvec_one_by_one,
             "batch": lambda: flat.search(q, 10),
+            "batch_scan": lambda: scan.search(q, 10),
         },
         warmup=1,
         reps=reps,
@@ -176,11 +186,14 @@ def run(n: int, d: int, queries: int, reps: int, single: int, hnsw: bool) -> dic
             "qps": qps,
             "bound_qps": bound_qps,
             "ratio": qps / bound_qps,
+            "path": "FlatScan (BLAS mat-vec + partial sort)",
+            "faiss_ratio": len(single_q) / times["single_faiss"].median_s / bound_qps,
             "torch_mv_ratio": len(single_q) / times["single_torch_mv"].median_s / bound_qps,
             "scan_bytes": scan_bytes,
             "single_queries": len(single_q),
             "batch_qps": flat_batch_qps,
             "batch_ratio_to_bandwidth_bound": flat_batch_qps / bound_qps,
+            "batch_scan_qps": queries / times["batch_scan"].median_s,
             "timings": {k: v.to_dict() for k, v in times.items()},
         },
         "curves": {},
@@ -233,9 +246,10 @@ def print_report(r: dict[str, Any]) -> None:
         f"{r['faiss_threads']} FAISS threads; bandwidth {r['bandwidth_gb_per_s']:.1f} GB/s"
     )
     print(
-        f"(7) Flat, one query at a time: {f['qps']:.1f} q/s over the bandwidth bound "
-        f"{f['bound_qps']:.1f} q/s = {f['ratio']:.2f}  (target >= 0.5)"
+        f"(7) Flat, one query at a time (the service's FlatScan): {f['qps']:.1f} q/s over the "
+        f"bandwidth bound {f['bound_qps']:.1f} q/s = {f['ratio']:.2f}  (target >= 0.5)"
     )
+    print(f"    FAISS IndexFlat.search, one query at a time: {f['faiss_ratio']:.2f}")
     print(f"    the same scan as a threaded torch mat-vec + top-k: {f['torch_mv_ratio']:.2f}")
     print(
         f"    batched: {f['batch_qps']:.0f} q/s ({f['batch_ratio_to_bandwidth_bound']:.1f}x "

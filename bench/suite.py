@@ -185,7 +185,13 @@ def ratios_service(d: Path, device: str) -> list[Ratio]:
                     _first(r, SEARCH_KEYS),
                     T_SEARCH,
                     f.name,
-                    _ms_note(r, "http_search_latency_ms", "raw_faiss_latency_ms"),
+                    _ms_note(r, "http_search_latency_ms", "raw_faiss_latency_ms")
+                    + (
+                        f"; in-process IndexSearcher {r['index_search_latency_ms']:.1f} ms, "
+                        f"its share of the HTTP time {r['overhead_ratio']:.2f}"
+                        if "overhead_ratio" in r
+                        else ""
+                    ),
                 )
             )
             continue
@@ -318,7 +324,12 @@ def ratios_index(d: Path, device: str) -> list[Ratio]:
             T_BANDWIDTH,
             name,
             f"{flat['qps']:.1f} q/s vs bound {flat['bound_qps']:.1f} q/s at "
-            f"{r['bandwidth_gb_per_s']:.1f} GB/s",
+            f"{r['bandwidth_gb_per_s']:.1f} GB/s"
+            + (
+                f"; FAISS IndexFlat.search {flat['faiss_ratio']:.2f}"
+                if "faiss_ratio" in flat
+                else ""
+            ),
         )
     )
     best = r.get("best_ann")
