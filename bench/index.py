@@ -59,7 +59,7 @@ def clustered(n: int, d: int, centers: int, seed: int, latent: int = 48) -> np.n
     """
     fixed = np.random.default_rng(12345)
     c = fixed.standard_normal((centers, latent), dtype=np.float32)
-    w = fixed.standard_normal((latent, d), dtype=np.float32) / np.sqrt(latent)
+    w = fixed.standard_normal((latent, d), dtype=np.float32) / np.float32(np.sqrt(latent))
     rng = np.random.default_rng(seed)
     z = c[rng.integers(0, centers, n)] + rng.standard_normal((n, latent), dtype=np.float32)
     x = z @ w

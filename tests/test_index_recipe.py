@@ -133,6 +133,9 @@ def test_flat_scan_matches_faiss(
         np.testing.assert_allclose((vec @ q[:, :, None])[..., 0], got_d, atol=2e-6)
         assert (got_i[:, 0] == want_i[:, 0]).all()
         assert len(np.unique(got_i[0])) == k
+    # A float64 query is searched as float32, as FAISS's wrapper does.
+    for a, b in zip(scan.search(q.astype(np.float64), 5), scan.search(q, 5), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_flat_scan_serves_open_index_and_skips_other_recipes(tmp_path: Path) -> None:
@@ -145,6 +148,6 @@ def test_flat_scan_serves_open_index_and_skips_other_recipes(tmp_path: Path) -> 
             assert (mi.scan is not None) == scanned
             one = s.search(x[5], 10)[0]
             assert one[0].id == 5 and abs(one[0].score - 1) < 1e-5  # id = row here
-            batch = s.search(x[:8], 10)
-            assert [h[0].id for h in batch] == list(range(8))
+            batch = s.search(x[:20], 10)  # 16-64 queries: one matrix product too
+            assert [h[0].id for h in batch] == list(range(20))
             assert [h.id for h in batch[5]] == [h.id for h in one]
