@@ -158,7 +158,7 @@ class _ModalityIndex:
     index: faiss.Index
     spec: IndexSpec
     tombstones: np.ndarray  # ids still in the FAISS index whose rows are marked deleted
-    scan: FlatScan | None = None  # CPU Flat indexes: the exact scan of few queries
+    scan: FlatScan | None = None  # CPU Flat indexes: FlatScan for the batch sizes it wins
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.scan is not None and FlatScan.wants(len(q)):
@@ -170,13 +170,8 @@ class _ModalityIndex:
 class IndexSearcher:
     """A loaded index: ``search`` by vectors, ``get`` metadata, ``vector`` of a stored item."""
 
-    def __init__(
-        self,
-        root: Path,
-        manifest: dict[str, Any],
-        conn: sqlite3.Connection,
-        indexes: dict[Modality, _ModalityIndex],
-    ) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], conn: sqlite3.Connection,
+                 indexes: dict[Modality, _ModalityIndex]) -> None:
         self.root = root
         self.manifest = manifest
         self.metadata = SqliteMetadata(conn)
