@@ -145,13 +145,12 @@ def run(n: int, d: int, queries: int, reps: int, single: int, hnsw: bool) -> dic
     scan = FlatScan(flat)
     single_q = q[:single]
 
-    def one_by_one() -> None:
-        for i in range(len(single_q)):
-            scan.search(single_q[i : i + 1], 10)
+    def one_by_one(search: Callable[[np.ndarray, int], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for i in range(len(single_q)):
+                search(single_q[i : i + 1], 10)
 
-    def faiss_one_by_one() -> None:
-        for i in range(len(single_q)):
-            flat.search(single_q[i : i + 1], 10)
+        return run
 
     xt = torch.from_numpy(x)
 
@@ -164,8 +163,8 @@ def run(n: int, d: int, queries: int, reps: int, single: int, hnsw: bool) -> dic
     times = time_interleaved(
         {
             **probes,
-            "single": one_by_one,
-            "single_faiss": faiss_one_by_one,
+            "single": one_by_one(scan.search),
+            "single_faiss": one_by_one(flat.search),
             "single_torch_mv": matvec_one_by_one,
             "batch": lambda: flat.search(q, 10),
             "batch_scan": lambda: scan.search(q, 10),

@@ -106,12 +106,13 @@ SCAN_BLOCK_BYTES = 1 << 26  # scores held at once: (rows in a block) x (queries)
 class FlatScan:
     """Exact inner-product top-k over the vectors of a CPU ``IDMap2(Flat)`` index, in place."""
 
-    def __init__(self, index: faiss.Index) -> None:
+    def __init__(self, index: faiss.Index, ids: np.ndarray | None = None) -> None:
+        """``ids``: the index's ``index_ids`` when the caller has them already."""
         inner: Any = faiss.downcast_index(index.index)  # type: ignore[attr-defined]
         n, d = int(inner.ntotal), int(inner.d)
-        self._owner = index  # the arrays below are views of its memory
+        self._owner = index  # ``vectors`` is a view of its memory
         self.vectors = faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d)
-        self.ids = index_ids(index)
+        self.ids = index_ids(index) if ids is None else ids
 
     @staticmethod
     def supports(index: faiss.Index) -> bool:
@@ -361,7 +362,7 @@ def _load_indexes(
         if gpu:
             index = to_gpu(index)
         elif FlatScan.supports(index):
-            scan = FlatScan(index)
+            scan = FlatScan(index, present)
         out[m] = _ModalityIndex(index, spec, np.intersect1d(present, dead), scan)
     return out
 
