@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from encoders.config import resolve_config
@@ -186,3 +187,89 @@ def test_train_cli_refuses_an_unknown_device(tmp_path: Path) -> None:
     )
     assert res.exit_code == 1
     assert "--device" in res.output
+
+
+def test_choice_captions_vary_one_factor(tiny: PairedData) -> None:
+    from encoders.transforms.text import get_tokenizer
+    from train.recipe import _choice_names
+    from train.world import CHOICES, FACTORS
+
+    tok = get_tokenizer(CFG.preprocess.vocab_size)
+    for key, varied in CHOICES.items():
+        assert _choice_names(tiny, key) == sorted(varied)
+        for factor in varied:
+            choices = tiny.tensors[f"{key}:choices:{factor}"]
+            own = tiny.tensors[f"{key}:choice:{factor}"]
+            values = FACTORS[factor]
+            assert choices.shape[:2] == (len(tiny), len(values))
+            for i in range(4):
+                texts = [tok.decode(r[r > 0]) for r in choices[i]]  # zeros pad
+                # Choice v names value v and only the word(s) of the factor change.
+                for v, t in enumerate(texts):
+                    assert f" {values[v]} " in t, (t, values[v])
+                    assert t.replace(f" {values[v]} ", " _ ") == texts[0].replace(
+                        f" {values[0]} ", " _ "
+                    )
+                assert 0 <= int(own[i]) < len(values)
+
+
+def test_choice_term_scores_the_own_caption() -> None:
+    from encoders.model import ImageBind, init_weights
+    from train.recipe import _encode_distinct, choice_nce
+
+    model = ImageBind(resolve_config("imagebind_test"))
+    init_weights(model, seed=0)
+    ids = torch.randint(1, 300, (6, 8))
+    ids[:, -1] = 49407  # end of text: the pooled position
+    choices = ids[torch.tensor([[0, 1, 2], [3, 1, 2], [4, 5, 1]])]  # (3, 3, 8), repeats
+    own = torch.tensor([0, 1, 2])
+    (enc,) = _encode_distinct(model, [choices], torch.device("cpu"))
+    direct = model.embed_one("text", choices.reshape(9, 8), scaled=False).reshape(3, 3, -1)
+    torch.testing.assert_close(enc, direct, atol=1e-5, rtol=1e-5)
+    # An embedding equal to its own caption's scores better than one equal to another choice's.
+    right = choice_nce([enc[torch.arange(3), own]], [enc], [own], 20.0)
+    with torch.no_grad():
+        wrong = choice_nce([enc[torch.arange(3), (own + 1) % 3]], [enc], [own], 20.0)
+    assert right.item() < wrong.item()
+    # The image side gets the gradient (training passes the captions' embeddings detached).
+    emb = enc[torch.arange(3), own].detach().requires_grad_(True)
+    choice_nce([emb], [enc.detach()], [own], 20.0).backward()
+    assert emb.grad is not None and bool(emb.grad.abs().sum() > 0)
+
+
+def test_swapped_captions_name_the_opposite_motion(tiny: PairedData) -> None:
+    from encoders.transforms.text import get_tokenizer
+    from train.world import MOTIONS, OPPOSITE
+
+    tok = get_tokenizer(CFG.preprocess.vocab_size)
+    named = tiny.present["video_text_neg"]
+    assert named.any() and named.mean() < 1  # 20 % of the captions drop their motion
+    for i in range(12):
+        own = tok.decode(tiny.tensors["video_text"][i][tiny.tensors["video_text"][i] > 0])
+        neg = tok.decode(tiny.tensors["video_text_neg"][i][tiny.tensors["video_text_neg"][i] > 0])
+        said = [m for m, w in enumerate(MOTIONS) if f" {w} " in own]
+        assert bool(said) == named[i]
+        if said:
+            other = OPPOSITE.get(said[0])
+            swapped = [m for m, w in enumerate(MOTIONS) if f" {w} " in neg]
+            assert swapped != said and (other is None or swapped == [other])
+            assert neg.replace(MOTIONS[swapped[0]], MOTIONS[said[0]]) == own
+
+
+def test_info_nce_extra_candidates() -> None:
+    from train.recipe import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    b = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    base = info_nce(a, b, 10.0)
+    # A candidate that is far from every row barely matters; one equal to a row's own
+    # embedding competes with its caption; marked as that row's positive, it helps instead.
+    far = info_nce(a, b, 10.0, extra=-a.mean(0, keepdim=True) / a.mean(0).norm())
+    near = info_nce(a, b, 10.0, extra=a[:1])
+    pos = torch.zeros(4, 1, dtype=torch.bool)
+    pos[0, 0] = True
+    marked = info_nce(a, b, 10.0, extra=a[:1], extra_pos=pos)
+    assert base.item() < far.item() < base.item() + 0.05
+    assert near.item() > base.item() + 0.1
+    assert marked.item() < near.item()

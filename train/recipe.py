@@ -11,7 +11,11 @@ Stage-1 batches mix random rows with hard-negative groups (rows that share the n
 factors, ``PairedData.groups``; clips by their own ``key_groups``, which share everything the
 clip shows but distance and motion), and an auxiliary term binds images to factor-level captions
 ("a star far", clips "a star rising far") where the data has them: without both, the demo
-world's colour and scene lower the loss so far that object class was never learned.
+world's colour and scene lower the loss so far that object class was never learned. Where the
+data has them, two more kinds of hard negative captions teach what captions alone teach too
+weakly (the demo clips' direction of motion): each clip's caption with the opposite motion joins
+the batch's candidates (``NEG_TEXT``, as NegCLIP's swapped captions), and a multiple-choice term
+asks each clip to pick its own short caption among its five motions (``CHOICES_SEP``).
 
 Data is a ``PairedData``: aligned rows of model-ready tensors, each key optional per row
 (``present`` masks). ``from_world`` builds one from the demo world in memory; ``from_manifest``
@@ -60,6 +64,16 @@ STAGE1_PAIRS: tuple[tuple[str, str], ...] = (("vision", "text"), ("video", "vide
 # and for video motion, with colour and scene left unsaid): an auxiliary stage-1 term,
 # weighted by ``TrainConfig.aux_weight``, whose identical captions are all positives.
 AUX_TEXT = {"text": "text_short", "video_text": "video_text_short"}
+# Optional multiple-choice captions of a text key's rows (the demo world's: the clip's short
+# caption with its motion set to each of the five, ``world.choice_captions``):
+# ``"{key}:choices:{name}"`` (N, V, L) ids and ``"{key}:choice:{name}"`` (N,) the row's own. A
+# stage-1 term weighted by ``TrainConfig.choice_weight`` asks each image to pick its own caption
+# among them, with the captions' embeddings as fixed targets (no gradient to the text tower).
+CHOICES_SEP, CHOICE_SEP = ":choices:", ":choice:"
+# Optional hard-negative captions of a text key's rows (the demo clips': the caption with the
+# opposite motion, ``world.swapped_captions``), present where the row has one: added to the
+# candidates each image of the batch picks its caption from (NegCLIP's swapped captions).
+NEG_TEXT = {"video_text": "video_text_neg"}
 STAGE2_MODALITIES = ("audio", "depth", "thermal", "imu")
 # Which vision input anchors a modality in stage 2 (IMU moves with the camera: video, as
 # Ego4D pairs them); the image is the fallback.
@@ -136,6 +150,10 @@ class TrainConfig:
     group_size: int = 8
     # Weight of the auxiliary factor-level caption term (``AUX_TEXT``; 0 turns it off).
     aux_weight: float = 1.0
+    # Weight of the caption-choice term (``CHOICES_SEP``; 0 turns it off).
+    choice_weight: float = 1.0
+    # Add the rows' swapped captions (``NEG_TEXT``) to stage 1's candidates.
+    swapped_negatives: bool = True
 
     def __post_init__(self) -> None:
         if self.stage1_steps < 0 or self.stage2_steps < 0:
@@ -165,7 +183,17 @@ def from_world(
     n: int, cfg: ModelConfig, seed: int = 0, caption_dropout: float = 0.2, progress: bool = True
 ) -> PairedData:
     """The demo world's training split, rendered in memory straight into model inputs."""
-    from .world import factor_captions, generate, motion_groups, nuisance_groups, to_model_inputs
+    from encoders.transforms.text import tokenize
+
+    from .world import (
+        choice_captions,
+        factor_captions,
+        generate,
+        motion_groups,
+        nuisance_groups,
+        swapped_captions,
+        to_model_inputs,
+    )
 
     p = cfg.preprocess
     world = generate(
@@ -179,8 +207,13 @@ def from_world(
     )
     tensors = to_model_inputs(world, p)
     tensors.update(factor_captions(world.factors, p))
+    tensors.update(choice_captions(world.factors, p))
+    swapped, named = swapped_captions(world)
+    tensors["video_text_neg"] = tokenize(swapped, p)
+    present = {"video_text_neg": named}
     return PairedData(
         tensors,
+        present,
         groups=nuisance_groups(world.factors),
         key_groups={"video": motion_groups(world.factors)},
     )
@@ -241,21 +274,69 @@ def from_manifest(
 
 
 def info_nce(
-    a: Tensor, b: Tensor, scale: Tensor | float, positives: Tensor | None = None
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor | float,
+    positives: Tensor | None = None,
+    extra: Tensor | None = None,
+    extra_pos: Tensor | None = None,
 ) -> Tensor:
     """Symmetric InfoNCE of unit vectors a (B, D) and b (B, D), logits = scale * a @ b.T.
 
     ``positives`` (B, B) bool marks extra matching pairs (e.g. identical captions); each row's
-    target is then spread over its positives instead of a single diagonal entry.
+    target is then spread over its positives instead of a single diagonal entry. ``extra``
+    (E, D): more candidates for the a -> b direction (hard negative captions), negatives of
+    every row but where ``extra_pos`` (B, E) bool marks a match.
     """
     logits = scale * a @ b.T  # (B, B)
     if positives is None:
-        target = torch.arange(len(a), device=a.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        positives = torch.eye(len(a), dtype=torch.bool, device=a.device)
     t = positives.float()
-    loss_a = -(t / t.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    logits_a = logits if extra is None else torch.cat([logits, scale * a @ extra.T], 1)
+    if extra is None:
+        t_a = t
+    elif extra_pos is None:
+        t_a = F.pad(t, (0, len(extra)))
+    else:
+        t_a = torch.cat([t, extra_pos.float()], 1)
+    loss_a = -(t_a / t_a.sum(1, keepdim=True) * logits_a.log_softmax(1)).sum(1).mean()
     loss_b = -(t.T / t.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
     return (loss_a + loss_b) / 2
+
+
+def choice_nce(
+    embs: Sequence[Tensor],
+    choices: Sequence[Tensor],
+    owns: Sequence[Tensor],
+    scale: Tensor | float,
+) -> Tensor:
+    """Sum over choice sets of the cross-entropy of each unit embedding picking its own
+    caption: ``embs[i]`` (B, D), ``choices[i]`` (B, V, D) the unit embeddings of its V
+    captions, ``owns[i]`` (B,) the index of its own."""
+    total: Tensor | float = 0.0
+    for emb, t, own in zip(embs, choices, owns, strict=True):
+        total = total + F.cross_entropy(scale * torch.einsum("bd,bvd->bv", emb, t), own)
+    assert isinstance(total, Tensor)
+    return total
+
+
+def _encode_distinct(model: ImageBind, ids: Sequence[Tensor], dev: torch.device) -> list[Tensor]:
+    """Unit text embeddings of id tensors (..., L) of one context length, shaped (..., D):
+    each distinct row of all of them goes through the text tower once."""
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in ids])
+    distinct, where = torch.unique(flat, dim=0, return_inverse=True)
+    txt = _unit(model, "text", trim_to_longest(distinct.to(dev)))[where.to(dev)]
+    out, start = [], 0
+    for x in ids:
+        n = x[..., 0].numel()
+        out.append(txt[start : start + n].reshape(*x.shape[:-1], txt.shape[-1]))
+        start += n
+    return out
+
+
+def _choice_names(data: PairedData, tkey: str) -> list[str]:
+    prefix = f"{tkey}{CHOICES_SEP}"
+    return sorted(k[len(prefix) :] for k in data.tensors if k.startswith(prefix))
 
 
 def _same_rows(ids: Tensor) -> Tensor:
@@ -410,28 +491,59 @@ def train(
             rng = np.random.default_rng([tc.seed, 1, step])
             torch.manual_seed(tc.seed * 1_000_003 + step)
             per = max(tc.batch_size // len(pairs), 2)
-            img_parts, ids_parts, aux_parts = [], [], []
+            img_parts, ids_parts, aux_parts, idx_parts = [], [], [], []
+            neg_parts = []
             for vkey, tkey in pairs:
                 rows = data.rows(vkey, tkey)
                 groups = data.key_groups.get(vkey, data.groups)
                 picked = _mixed_batch(rows, per, rng, groups, tc.hard_negatives, tc.group_size)
                 idx = torch.from_numpy(picked)
+                idx_parts.append(idx)
+                nkey = NEG_TEXT.get(tkey)
+                if tc.swapped_negatives and nkey in data.tensors:
+                    has = picked[data.present[nkey][picked]]
+                    neg_parts.append(data.tensors[nkey][torch.from_numpy(has)])
                 img_parts.append(_unit(model, vkey, data.tensors[vkey][idx].to(dev)))
                 ids_parts.append(data.tensors[tkey][idx])
                 if AUX_TEXT[tkey] in data.tensors:
                     aux_parts.append(data.tensors[AUX_TEXT[tkey]][idx])
             ids = torch.cat(ids_parts).to(dev)
-            txt = _unit(model, "text", trim_to_longest(ids))
             img = torch.cat(img_parts)
             scale = model.logit_scale("text")
             assert scale is not None
-            loss = info_nce(img, txt, scale, positives=_same_rows(ids))
-            if tc.aux_weight and len(aux_parts) == len(pairs):
-                aux_ids = torch.cat(aux_parts).to(dev)
-                aux = _unit(model, "text", trim_to_longest(aux_ids))
-                loss = loss + tc.aux_weight * info_nce(
-                    img, aux, scale, positives=_same_rows(aux_ids)
-                )
+            if neg_parts:
+                negs = torch.cat(neg_parts).to(dev)
+                both = _unit(model, "text", trim_to_longest(torch.cat([ids, negs])))
+                txt, extra = both[: len(ids)], both[len(ids) :]
+                # A swapped caption may be another row's own: a positive of that row.
+                same = (ids[:, None, :] == negs[None, :, :]).all(-1)
+                loss = info_nce(img, txt, scale, _same_rows(ids), extra=extra, extra_pos=same)
+            else:
+                txt = _unit(model, "text", trim_to_longest(ids))
+                loss = info_nce(img, txt, scale, positives=_same_rows(ids))
+            # The short captions of both extra terms repeat a lot: each distinct one is
+            # encoded once.
+            use_aux = bool(tc.aux_weight) and len(aux_parts) == len(pairs)
+            embs, choices, owns = [], [], []
+            if tc.choice_weight:
+                for (_, tkey), emb, idx in zip(pairs, img_parts, idx_parts, strict=True):
+                    for name in _choice_names(data, tkey):
+                        embs.append(emb)
+                        choices.append(data.tensors[f"{tkey}{CHOICES_SEP}{name}"][idx])
+                        owns.append(data.tensors[f"{tkey}{CHOICE_SEP}{name}"][idx].to(dev))
+            aux_ids = [torch.cat(aux_parts)] if use_aux else []
+            if aux_ids or choices:
+                encoded = _encode_distinct(model, [*aux_ids, *choices], dev)
+                if aux_ids:
+                    loss = loss + tc.aux_weight * info_nce(
+                        img, encoded[0], scale, positives=_same_rows(aux_ids[0].to(dev))
+                    )
+                if choices:
+                    # Targets only: the term trains the vision tower. Trained through it too,
+                    # the small text tower bent the caption space towards motion and the
+                    # clips' colour and class fell (0.71 / 0.62 at weight 1; model card).
+                    chosen = [c.detach() for c in encoded[len(aux_ids) :]]
+                    loss = loss + tc.choice_weight * choice_nce(embs, chosen, owns, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()

@@ -43,6 +43,7 @@ from encoders.config import PreprocessConfig
 from encoders.transforms.imu import DEFAULT_RATE_HZ as IMU_RATE_HZ
 
 __all__ = [
+    "CHOICES",
     "CLASSES",
     "COLOURS",
     "DISTANCES",
@@ -53,11 +54,13 @@ __all__ = [
     "SCENES",
     "World",
     "caption",
+    "choice_captions",
     "factor_captions",
     "generate",
     "motion_groups",
     "nuisance_groups",
     "sample_factors",
+    "swapped_captions",
     "to_model_inputs",
     "write_world",
 ]
@@ -202,6 +205,72 @@ def factor_captions(
         "text_short": tokenize([caption(f, False, drop=NUISANCE) for f in rows], cfg),
         "video_text_short": tokenize([caption(f, True, drop=NUISANCE) for f in rows], cfg),
     }
+
+
+# Multiple-choice captions (``choice_captions``): per text key, the factors each row's caption
+# is varied over, and the factors (besides the varied one) that its choices name. Colour is
+# chosen among "a red star", "a blue star", ...; motion among "a star rising far", "a star
+# falling far", ...: the fewest words that make every choice a caption of some sample, so that
+# a step's choices are a few hundred distinct short captions.
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "video_text": {
+        "motion": ("class", "distance"),
+        "class": ("motion", "distance"),
+        "distance": ("class", "motion"),
+    },
+}
+# The motion a clip's caption is most easily mistaken for: its opposite ("still": the others
+# in turn), for ``swapped_captions``.
+OPPOSITE = {1: 2, 2: 1, 3: 4, 4: 3}
+
+
+def swapped_captions(world: World) -> tuple[list[str], np.ndarray]:
+    """Each clip's caption with its motion replaced by the opposite one ("moving left" <->
+    "moving right", "rising" <-> "falling", "still" -> each other motion in turn), and (n,)
+    bool: the caption names its motion (a dropped motion has nothing to swap)."""
+    out, named = [], []
+    for i, cap in enumerate(world.video_captions):
+        m = int(world.factors["motion"][i])
+        other = OPPOSITE.get(m, 1 + i % (len(MOTIONS) - 1))
+        padded = f" {cap} "
+        old, new = f" {MOTIONS[m]} ", f" {MOTIONS[other]} "
+        named.append(old in padded)
+        out.append(padded.replace(old, new, 1).strip())
+    return out, np.array(named, bool)
+
+
+def choice_captions(
+    factors: dict[str, np.ndarray], cfg: PreprocessConfig
+) -> dict[str, torch.Tensor]:
+    """Multiple-choice captions of every row, for the recipe's caption-choice term.
+
+    For each text key and varied factor of ``CHOICES``, ``"{key}:choices:{factor}"`` holds
+    (n, values, L) token ids, the row's caption with that factor set to each of its values,
+    and ``"{key}:choice:{factor}"`` (n,) the index of the row's own one (its factor value).
+    """
+    from encoders.transforms.text import tokenize
+
+    n = len(factors["class"])
+    rows = [{k: int(v[i]) for k, v in factors.items()} for i in range(n)]
+    out: dict[str, torch.Tensor] = {}
+    for key, varied in CHOICES.items():
+        for factor, named in varied.items():
+            keep = {factor, *named}
+            drop = [k for k in FACTORS if k not in keep]
+            distinct: dict[str, int] = {}
+            idx = [
+                [
+                    distinct.setdefault(
+                        caption({**f, factor: v}, "motion" in keep, drop=drop), len(distinct)
+                    )
+                    for v in range(len(FACTORS[factor]))
+                ]
+                for f in rows
+            ]
+            table = tokenize(list(distinct), cfg)
+            out[f"{key}:choices:{factor}"] = table[torch.tensor(idx)]
+            out[f"{key}:choice:{factor}"] = torch.from_numpy(factors[factor].astype(np.int64))
+    return out
 
 
 def sample_factors(n: int, rng: np.random.Generator, split: Split) -> dict[str, np.ndarray]:
