@@ -208,10 +208,10 @@ def factor_captions(
 
 
 # Multiple-choice captions (``choice_captions``): per text key, the factors each row's caption
-# is varied over, and the factors (besides the varied one) that its choices name. Colour is
-# chosen among "a red star", "a blue star", ...; motion among "a star rising far", "a star
-# falling far", ...: the fewest words that make every choice a caption of some sample, so that
-# a step's choices are a few hundred distinct short captions.
+# is varied over, and the factors (besides the varied one) that its choices name. A clip picks
+# its motion among "a star rising far", "a star falling far", ..., its class and distance among
+# captions of the same words: 120 distinct short captions in all. Choices for stills and for
+# colour too collapsed scene (0.34, model card): what the full captions teach stays with them.
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "video_text": {
         "motion": ("class", "distance"),
@@ -221,7 +221,11 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 # The motion a clip's caption is most easily mistaken for: its opposite ("still": the others
 # in turn), for ``swapped_captions``.
-OPPOSITE = {1: 2, 2: 1, 3: 4, 4: 3}
+OPPOSITE = {
+    MOTIONS.index(a): MOTIONS.index(b)
+    for pair in (("moving left", "moving right"), ("rising", "falling"))
+    for a, b in (pair, pair[::-1])
+}
 
 
 def swapped_captions(world: World) -> tuple[list[str], np.ndarray]:
@@ -246,7 +250,8 @@ def choice_captions(
 
     For each text key and varied factor of ``CHOICES``, ``"{key}:choices:{factor}"`` holds
     (n, values, L) token ids, the row's caption with that factor set to each of its values,
-    and ``"{key}:choice:{factor}"`` (n,) the index of the row's own one (its factor value).
+    and ``"{key}:choice:{factor}"`` (n,) the index of the row's own one (its factor value):
+    the keys ``recipe.CHOICES_SEP`` / ``CHOICE_SEP`` name.
     """
     from encoders.transforms.text import tokenize
 
