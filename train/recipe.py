@@ -339,9 +339,11 @@ def _choice_names(data: PairedData, tkey: str) -> list[str]:
     return sorted(k[len(prefix) :] for k in data.tensors if k.startswith(prefix))
 
 
-def _same_rows(ids: Tensor) -> Tensor:
-    """(B, B) bool: rows with identical token ids (identical captions are all positives)."""
-    return (ids[:, None, :] == ids[None, :, :]).all(-1)
+def _same_rows(ids: Tensor, other: Tensor | None = None) -> Tensor:
+    """(B, B') bool: rows of ``ids`` and of ``other`` (default: ``ids``) with identical token
+    ids (identical captions are all positives)."""
+    other = ids if other is None else other
+    return (ids[:, None, :] == other[None, :, :]).all(-1)
 
 
 # ----------------------------------------------------------------------------- training
@@ -516,8 +518,9 @@ def train(
                 both = _unit(model, "text", trim_to_longest(torch.cat([ids, negs])))
                 txt, extra = both[: len(ids)], both[len(ids) :]
                 # A swapped caption may be another row's own: a positive of that row.
-                same = (ids[:, None, :] == negs[None, :, :]).all(-1)
-                loss = info_nce(img, txt, scale, _same_rows(ids), extra=extra, extra_pos=same)
+                loss = info_nce(
+                    img, txt, scale, _same_rows(ids), extra=extra, extra_pos=_same_rows(ids, negs)
+                )
             else:
                 txt = _unit(model, "text", trim_to_longest(ids))
                 loss = info_nce(img, txt, scale, positives=_same_rows(ids))
