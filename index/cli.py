@@ -91,13 +91,18 @@ def build(
     ] = Engine.LOCAL,
     address: Annotated[
         str | None,
-        typer.Option(help="--engine ray: the cluster ('auto', 'ray://head:10001'); "
-                     "default: a local Ray instance."),
+        typer.Option(
+            help="--engine ray: the cluster ('auto', 'ray://head:10001'); "
+            "default: a local Ray instance."
+        ),
     ] = None,
     ray_num_actors: Annotated[
         int | None,
-        typer.Option("--ray-num-actors", min=1,
-                     help="--engine ray: embedding actors (default: one per GPU, else CPUs/2)."),
+        typer.Option(
+            "--ray-num-actors",
+            min=1,
+            help="--engine ray: embedding actors (default: one per GPU, else CPUs/2).",
+        ),
     ] = None,
 ) -> None:
     """Build an index from a corpus; rerun the same command to finish an interrupted build."""
@@ -113,10 +118,16 @@ def build(
 
             import_ray()
         opts = BuildOptions(
-            factory=factory, memory_budget=parse_size(memory_budget), target_recall=target_recall,
-            workers=workers, batch_size=batch_size, chunk_items=chunk_size,
-            segment_seconds=segment_seconds, soundtrack=soundtrack,
-            modalities=_modalities(modalities), progress=progress,
+            factory=factory,
+            memory_budget=parse_size(memory_budget),
+            target_recall=target_recall,
+            workers=workers,
+            batch_size=batch_size,
+            chunk_items=chunk_size,
+            segment_seconds=segment_seconds,
+            soundtrack=soundtrack,
+            modalities=_modalities(modalities),
+            progress=progress,
         )
         model = _model(checkpoint, config, device)
         if factory != "auto":  # a bad factory string fails now, not after embedding
@@ -150,8 +161,9 @@ def add(
 
     def run() -> Any:
         opts = BuildOptions(workers=workers, batch_size=batch_size, progress=progress)
-        return add_to_index(index, paths, _model_for(index, checkpoint, config, device), opts,
-                            log=_log)
+        return add_to_index(
+            index, paths, _model_for(index, checkpoint, config, device), opts, log=_log
+        )
 
     for line in _guard(run).lines():
         typer.echo(line)
@@ -173,8 +185,9 @@ def sync(
 
     def run() -> Any:
         opts = BuildOptions(workers=workers, batch_size=batch_size, progress=progress)
-        return sync_index(index, corpus, _model_for(index, checkpoint, config, device), opts,
-                          log=_log)
+        return sync_index(
+            index, corpus, _model_for(index, checkpoint, config, device), opts, log=_log
+        )
 
     for line in _guard(run).lines():
         typer.echo(line)
@@ -210,10 +223,14 @@ def info(
         return
     c = data["counts"]
     typer.echo(f"index {index}  ({data['dim']}-d, cosine)")
-    typer.echo(f"model: {data['model']['checkpoint']}  preprocessing v"
-               f"{data['model']['preprocess_version']}")
-    typer.echo(f"{c['items']} items from {c['files']} files; {c['duplicates']} duplicates, "
-               f"{c['rejected']} rejected")
+    typer.echo(
+        f"model: {data['model']['checkpoint']}  preprocessing v"
+        f"{data['model']['preprocess_version']}"
+    )
+    typer.echo(
+        f"{c['items']} items from {c['files']} files; {c['duplicates']} duplicates, "
+        f"{c['rejected']} rejected"
+    )
     for m, e in data["modalities"].items():
         recall = e.get("recall")
         r = f", recall@10 {recall['recall_at_10']:.3f}" if recall else " (exact)"
@@ -235,8 +252,9 @@ def index_info(index: Path) -> dict[str, Any]:
     try:
         rejected = [
             {"path": r["path"], "error": r["error"]}
-            for r in conn.execute("SELECT path, error FROM files WHERE status = 'rejected' "
-                                  "ORDER BY path")
+            for r in conn.execute(
+                "SELECT path, error FROM files WHERE status = 'rejected' ORDER BY path"
+            )
         ]
     finally:
         conn.close()
@@ -375,4 +393,3 @@ def _guard(fn: Callable[[], T]) -> T:
         return fn()
     except (IndexStoreError, EncoderError, ValueError, KeyError, OSError, sqlite3.Error) as e:
         _fail(str(e).strip("'\""))
-

@@ -94,8 +94,13 @@ def is_manifest(path: Path) -> bool:
     return "path" in [h.strip().lower() for h in header]
 
 
-def entry_for(path: Path, modality: Modality | None = None, caption: str | None = None,
-              tags: tuple[str, ...] = (), root: Path | None = None) -> CorpusEntry:
+def entry_for(
+    path: Path,
+    modality: Modality | None = None,
+    caption: str | None = None,
+    tags: tuple[str, ...] = (),
+    root: Path | None = None,
+) -> CorpusEntry:
     """An entry for one file: the modality given, or the one its content and name say."""
     if modality is not None:
         if not path.is_file():

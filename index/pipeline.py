@@ -184,8 +184,9 @@ def build_index(
     with store:
         summary = BuildSummary(scanned=len(entries))
         _Pipeline(store, model, opts, summary, log).run(entries)
-        summary.manifest = store.refresh(opts.factory, opts.memory_budget, opts.target_recall,
-                                         log=log)
+        summary.manifest = store.refresh(
+            opts.factory, opts.memory_budget, opts.target_recall, log=log
+        )
     summary.wall_s = time.perf_counter() - t0
     return summary
 
@@ -286,8 +287,9 @@ def _open_for_update(
     return store, opts
 
 
-def _start_build(corpus: str | Path, out: str | Path, model: ModelSource,
-                 opts: BuildOptions) -> tuple[IndexStore, list[CorpusEntry]]:
+def _start_build(
+    corpus: str | Path, out: str | Path, model: ModelSource, opts: BuildOptions
+) -> tuple[IndexStore, list[CorpusEntry]]:
     """Scan the corpus and open (or create) the index a build writes (local and Ray engines)."""
     out = Path(out)
     entries = scan_corpus(corpus, exclude=[out])
@@ -295,8 +297,10 @@ def _start_build(corpus: str | Path, out: str | Path, model: ModelSource,
     try:
         _record_corpus(store, corpus)
         with store.transaction():
-            store.set_meta("checkpoint_path", None if model.checkpoint is None
-                           else str(Path(model.checkpoint).resolve()))
+            store.set_meta(
+                "checkpoint_path",
+                None if model.checkpoint is None else str(Path(model.checkpoint).resolve()),
+            )
     except Exception:
         store.close()
         raise
@@ -361,8 +365,14 @@ class _InlineFuture(Future[Decoded]):
 
 
 class _Pipeline:
-    def __init__(self, store: IndexStore, model: ModelSource, opts: BuildOptions,
-                 summary: BuildSummary, log: Log | None) -> None:
+    def __init__(
+        self,
+        store: IndexStore,
+        model: ModelSource,
+        opts: BuildOptions,
+        summary: BuildSummary,
+        log: Log | None,
+    ) -> None:
         self.store, self.model, self.opts, self.summary = store, model, opts, summary
         self.log = log
         self.cfg = model.config.preprocess
@@ -383,8 +393,14 @@ class _Pipeline:
                 if e.modality is Modality.VIDEO and self.opts.soundtrack:
                     self.needed.add(Modality.AUDIO)
         max_ahead = max(2, 2 * self.opts.workers)
-        bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True,
-                   disable=not self._show_progress(), smoothing=0.1)
+        bar = tqdm(
+            total=len(todo),
+            unit="file",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not self._show_progress(),
+            smoothing=0.1,
+        )
         it = iter(todo)
         slots: deque[_Slot] = deque()
         seq = 0
@@ -407,8 +423,11 @@ class _Pipeline:
                 slots.popleft()
                 self._finish(head)
                 bar.update(1)
-                bar.set_postfix(items=self.summary.embedded_items + self._ready_items(),
-                                rejected=len(self.summary.rejected), refresh=False)
+                bar.set_postfix(
+                    items=self.summary.embedded_items + self._ready_items(),
+                    rejected=len(self.summary.rejected),
+                    refresh=False,
+                )
             self._commit()
         finally:
             bar.close()
@@ -436,19 +455,34 @@ class _Pipeline:
 
     # --- decoding -----------------------------------------------------------------------------
 
-    def _task(self, slot: _Slot, part: int = 0, spans: tuple[tuple[float, float], ...] = (),
-              duration: float | None = None) -> DecodeTask:
+    def _task(
+        self,
+        slot: _Slot,
+        part: int = 0,
+        spans: tuple[tuple[float, float], ...] = (),
+        duration: float | None = None,
+    ) -> DecodeTask:
         modality = slot.entry.modality
         if modality is None:
             raise ValueError("an entry without a modality cannot be decoded")
-        return DecodeTask(slot.seq, str(slot.entry.path), modality.value, self.cfg,
-                          self.opts.segment_seconds, self.opts.soundtrack, part, spans, duration)
+        return DecodeTask(
+            slot.seq,
+            str(slot.entry.path),
+            modality.value,
+            self.cfg,
+            self.opts.segment_seconds,
+            self.opts.soundtrack,
+            part,
+            spans,
+            duration,
+        )
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: workers are children of this process (their watchdog sees it die) and
         # import only what decoding needs, never the loaded model.
-        return ProcessPoolExecutor(self.opts.workers, multiprocessing.get_context("spawn"),
-                                   initializer=init_worker)
+        return ProcessPoolExecutor(
+            self.opts.workers, multiprocessing.get_context("spawn"), initializer=init_worker
+        )
 
     def _submit(self, slot: _Slot, task: DecodeTask) -> None:
         fut: Future[Decoded] = (
@@ -479,7 +513,10 @@ class _Pipeline:
             return
         if res.part == 0:
             slot.sha256, slot.size, slot.mtime_ns, slot.note = (
-                res.sha256, res.size, res.mtime_ns, res.note
+                res.sha256,
+                res.size,
+                res.mtime_ns,
+                res.note,
             )
             if res.sha256 is not None and self._deduplicate(slot, res.sha256):
                 return
@@ -593,9 +630,12 @@ class _Pipeline:
             if size is None:
                 size, mtime = _stat(e.path)
             common: dict[str, Any] = {
-                "sha256": slot.sha256, "size": size, "mtime_ns": mtime,
+                "sha256": slot.sha256,
+                "size": size,
+                "mtime_ns": mtime,
                 "modality": None if e.modality is None else e.modality.value,
-                "caption": e.caption, "tags": e.tags,
+                "caption": e.caption,
+                "tags": e.tags,
             }
             if slot.touched:
                 touched.append(FileRecord(path, "indexed", **common))
@@ -604,8 +644,9 @@ class _Pipeline:
                 files.append(FileRecord(path, "rejected", error=slot.error, **common))
                 s.rejected.append((path, slot.error))
             elif slot.duplicate_of is not None:
-                files.append(FileRecord(path, "duplicate", duplicate_of=slot.duplicate_of,
-                                        **common))
+                files.append(
+                    FileRecord(path, "duplicate", duplicate_of=slot.duplicate_of, **common)
+                )
                 s.duplicates += 1
             else:
                 files.append(FileRecord(path, "indexed", error=slot.note, **common))
@@ -614,8 +655,19 @@ class _Pipeline:
                     d = it.decoded
                     if it.vector is None:
                         raise IndexStoreError(f"internal: {path} has an item without a vector")
-                    items.append(ItemRecord(path, d.modality, slot.sha256 or "", size or 0,
-                                            d.start_s, d.end_s, d.duration_s, e.caption, e.tags))
+                    items.append(
+                        ItemRecord(
+                            path,
+                            d.modality,
+                            slot.sha256 or "",
+                            size or 0,
+                            d.start_s,
+                            d.end_s,
+                            d.duration_s,
+                            e.caption,
+                            e.tags,
+                        )
+                    )
                     vectors.append(it.vector)
                     s.items_by_modality[d.modality] += 1
                 s.embedded_files += 1
@@ -644,4 +696,3 @@ def _stat(path: Path) -> tuple[int | None, int | None]:
     except OSError:
         return None, None
     return st.st_size, st.st_mtime_ns
-

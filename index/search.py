@@ -47,8 +47,9 @@ class Hit:
 class MetadataStore(Protocol):
     """Item metadata by id (clip-retrieval's provider interface)."""
 
-    def get(self, ids: Sequence[int], cols: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        ...
+    def get(
+        self, ids: Sequence[int], cols: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]: ...
 
 
 class SqliteMetadata:
@@ -171,8 +172,13 @@ class _ModalityIndex:
 class IndexSearcher:
     """A loaded index: ``search`` by vectors, ``get`` metadata, ``vector`` of a stored item."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], conn: sqlite3.Connection,
-                 indexes: dict[Modality, _ModalityIndex]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict[str, Any],
+        conn: sqlite3.Connection,
+        indexes: dict[Modality, _ModalityIndex],
+    ) -> None:
         self.root = root
         self.manifest = manifest
         self.metadata = SqliteMetadata(conn)
@@ -237,8 +243,10 @@ class IndexSearcher:
             [(int(ids[r, c]), float(dist[r, c]), scored[mods[c]][2]) for c in row if ids[r, c] >= 0]
             for r, row in enumerate(order)
         ]
-        meta = self.metadata.get(sorted({i for row in picks for i, _, _ in row}),
-                                 ["id", "path", "start_s", "end_s", "caption", "tags"])
+        meta = self.metadata.get(
+            sorted({i for row in picks for i, _, _ in row}),
+            ["id", "path", "start_s", "end_s", "caption", "tags"],
+        )
         by_id = {int(d["id"]): d for d in meta if d}
         out: list[list[Hit]] = []
         for row in picks:
@@ -247,8 +255,18 @@ class IndexSearcher:
                 d = by_id.get(i)
                 if d is None:  # removed between the FAISS file and now: not a result
                     continue
-                hits.append(Hit(i, score, m.value, d["path"], d["start_s"], d["end_s"],
-                                d["caption"], tuple(d["tags"])))
+                hits.append(
+                    Hit(
+                        i,
+                        score,
+                        m.value,
+                        d["path"],
+                        d["start_s"],
+                        d["end_s"],
+                        d["caption"],
+                        tuple(d["tags"]),
+                    )
+                )
             out.append(hits)
         return out
 

@@ -150,8 +150,9 @@ class ArraySource:
     def blocks(self, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         ids = self.ids
         for start in range(0, len(ids), size):
-            yield ids[start : start + size], np.ascontiguousarray(
-                self.vectors[start : start + size], dtype=np.float32
+            yield (
+                ids[start : start + size],
+                np.ascontiguousarray(self.vectors[start : start + size], dtype=np.float32),
             )
 
 

@@ -331,8 +331,17 @@ class IndexStore:
                 " caption, tags, chunk) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
-                        i, it.path, it.modality, it.sha256, it.size, it.start_s, it.end_s,
-                        it.duration_s, it.caption, json.dumps(list(it.tags)), chunk,
+                        i,
+                        it.path,
+                        it.modality,
+                        it.sha256,
+                        it.size,
+                        it.start_s,
+                        it.end_s,
+                        it.duration_s,
+                        it.caption,
+                        json.dumps(list(it.tags)),
+                        chunk,
                     )
                     for i, it in zip(ids, items, strict=True)
                 ],
@@ -342,8 +351,16 @@ class IndexStore:
                 " error, chunk, modality, caption, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
-                        f.path, f.status, f.sha256, f.size, f.mtime_ns, f.duplicate_of, f.error,
-                        chunk if f.status == "indexed" else None, f.modality, f.caption,
+                        f.path,
+                        f.status,
+                        f.sha256,
+                        f.size,
+                        f.mtime_ns,
+                        f.duplicate_of,
+                        f.error,
+                        chunk if f.status == "indexed" else None,
+                        f.modality,
+                        f.caption,
                         json.dumps(list(f.tags)),
                     )
                     for f in files
@@ -394,9 +411,12 @@ class IndexStore:
         ids: list[int] = []
         with self.transaction():
             for p in paths:
-                ids += [int(r[0]) for r in self.conn.execute(
-                    "SELECT id FROM items WHERE path = ? AND deleted = 0", (p,)
-                )]
+                ids += [
+                    int(r[0])
+                    for r in self.conn.execute(
+                        "SELECT id FROM items WHERE path = ? AND deleted = 0", (p,)
+                    )
+                ]
                 self.conn.execute("DELETE FROM files WHERE path = ? OR duplicate_of = ?", (p, p))
             self._remove_items(ids)
             self._bump_generation()
@@ -707,4 +727,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

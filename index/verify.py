@@ -112,8 +112,9 @@ def _check(root: Path, manifest: dict[str, Any], conn: Any, report: VerifyReport
         if index.ntotal != entry["ntotal"] or len(live) != entry["count"]:
             bad(f"{name}: counts differ from the manifest")
         report.checked[name] = {"items": len(live), "ntotal": int(index.ntotal)}
-        _compare_vectors(name, index, IndexSpec.from_dict(entry["spec"]), rows, firsts, vectors,
-                         report)
+        _compare_vectors(
+            name, index, IndexSpec.from_dict(entry["spec"]), rows, firsts, vectors, report
+        )
 
 
 def _compare_vectors(
@@ -153,4 +154,3 @@ def _compare_vectors(
             f"{name}: a vector in FAISS {bad} the one stored for its id (cosine {worst:.4f})"
         )
     report.checked[f"{name}_vectors"] = {"compared": len(pick), "min_cosine": round(worst, 6)}
-

@@ -1,7 +1,7 @@
 """The online service: a FastAPI app over an ``Embedder`` and a ``Searcher``.
 
-    from service import create_app, ServiceSettings, FakeEmbedder, MemorySearcher
-    app = create_app(ServiceSettings(), FakeEmbedder(dim=8), MemorySearcher(vectors, items))
+from service import create_app, ServiceSettings, FakeEmbedder, MemorySearcher
+app = create_app(ServiceSettings(), FakeEmbedder(dim=8), MemorySearcher(vectors, items))
 """
 
 from .app import create_app

@@ -210,9 +210,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = PayloadTooLarge(
-            f"the request body is over the limit of {self.max_bytes} bytes"
-        )
+        too_large = PayloadTooLarge(f"the request body is over the limit of {self.max_bytes} bytes")
         for key, value in scope.get("headers", []):
             if key == b"content-length":
                 try:

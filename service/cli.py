@@ -46,6 +46,8 @@ else:
         """Build and query indexes (needs FAISS: not installed)."""
         typer.echo(f"error: {NO_FAISS}", err=True)
         raise typer.Exit(1)
+
+
 app.command("embed")(embed)
 app.command("serve")(serve)
 app.command("generate")(generate)

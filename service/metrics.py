@@ -16,28 +16,41 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "bindsearch_requests_total", "HTTP requests by route and status.",
-            ["method", "route", "status"], registry=self.registry,
+            "bindsearch_requests_total",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "bindsearch_request_duration_seconds", "HTTP request latency by route and status.",
-            ["method", "route", "status"], registry=self.registry,
+            "bindsearch_request_duration_seconds",
+            "HTTP request latency by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.batch_size = Histogram(
-            "bindsearch_batch_size", "Inputs per model batch, by modality.",
-            ["modality"], buckets=_BATCH_BUCKETS, registry=self.registry,
+            "bindsearch_batch_size",
+            "Inputs per model batch, by modality.",
+            ["modality"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "bindsearch_queue_depth", "Inputs waiting for the model, by modality.",
-            ["modality"], registry=self.registry,
+            "bindsearch_queue_depth",
+            "Inputs waiting for the model, by modality.",
+            ["modality"],
+            registry=self.registry,
         )
         self.embedded = Counter(
-            "bindsearch_items_embedded_total", "Inputs embedded, by modality.",
-            ["modality"], registry=self.registry,
+            "bindsearch_items_embedded_total",
+            "Inputs embedded, by modality.",
+            ["modality"],
+            registry=self.registry,
         )
         self.rejected = Counter(
-            "bindsearch_queue_rejected_total", "Inputs refused with 429 (queue full), by modality.",
-            ["modality"], registry=self.registry,
+            "bindsearch_queue_rejected_total",
+            "Inputs refused with 429 (queue full), by modality.",
+            ["modality"],
+            registry=self.registry,
         )
 
     def render(self) -> bytes:

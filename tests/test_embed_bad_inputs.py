@@ -61,8 +61,12 @@ WRONG: dict[str, tuple[str, bytes]] = {
 
 @pytest.fixture(scope="module")
 def model_args(parity_dir: Path) -> list[str]:
-    return ["--checkpoint", str(parity_dir / "checkpoint.pth"),
-            "--config", str(parity_dir / "config.json")]
+    return [
+        "--checkpoint",
+        str(parity_dir / "checkpoint.pth"),
+        "--config",
+        str(parity_dir / "config.json"),
+    ]
 
 
 def _assert_one_line_error(result: object, name: str) -> None:
@@ -76,8 +80,13 @@ def _assert_one_line_error(result: object, name: str) -> None:
 
 @pytest.mark.parametrize("modality", MODALITIES)
 @pytest.mark.parametrize("bad", sorted(BAD), ids=str)
-def test_bad_file(modality: str, bad: str, tmp_path: Path, model_args: list[str],
-                  capfd: pytest.CaptureFixture[str]) -> None:
+def test_bad_file(
+    modality: str,
+    bad: str,
+    tmp_path: Path,
+    model_args: list[str],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     path = tmp_path / bad
     path.write_bytes(BAD[bad])
     result = runner.invoke(app, ["embed", "-m", modality, *model_args, "--json", str(path)])

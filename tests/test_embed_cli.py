@@ -158,8 +158,9 @@ def test_embed_without_weights_says_how_to_get_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BINDSEARCH_CACHE", str(tmp_path))
-    result = runner.invoke(app, ["embed", "-m", "text", "--config", "imagebind_huge", "--json",
-                                 "hello"])
+    result = runner.invoke(
+        app, ["embed", "-m", "text", "--config", "imagebind_huge", "--json", "hello"]
+    )
     assert result.exit_code == 1
     assert "bindsearch weights download imagebind_huge" in result.output
 
@@ -178,14 +179,22 @@ def test_cli_without_faiss_embeds_and_says_how_to_get_index(tmp_path: Path) -> N
         "import sys; sys.modules['faiss'] = None; from service.cli import main; "
         "sys.argv = ['bindsearch'] + sys.argv[1:]; main()"
     )
-    proc = subprocess.run([sys.executable, "-c", code, "index", "info", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "index", "info", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: FAISS is not installed: install bindsearch with the 'cpu' extra (faiss-cpu), "
         "or 'gpu' on a CUDA machine (faiss-gpu); never both"
     ]
-    proc = subprocess.run([sys.executable, "-c", code, "embed", "-m", "text", "--json", "hi"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "embed", "-m", "text", "--json", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)[0]) == 64

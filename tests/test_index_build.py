@@ -57,12 +57,17 @@ def model(checkpoint: Path, encoder: Encoder) -> ModelSource:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path,
-          encoder: Encoder) -> tuple[Path, dict[str, Path], object]:
+def built(
+    tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, encoder: Encoder
+) -> tuple[Path, dict[str, Path], object]:
     root = tmp_path_factory.mktemp("built")
     files = mixed_corpus(root / "corpus")
-    summary = build_index(root / "corpus", root / "idx", model(checkpoint, encoder),
-                          BuildOptions(chunk_items=5, batch_size=4))
+    summary = build_index(
+        root / "corpus",
+        root / "idx",
+        model(checkpoint, encoder),
+        BuildOptions(chunk_items=5, batch_size=4),
+    )
     return root, files, summary
 
 
@@ -74,8 +79,9 @@ def _ids_by_path(idx: Path) -> dict[str, int]:
 # --- build and search ----------------------------------------------------------------------------
 
 
-def test_build_summary_counts_duplicates_and_rejections(built: tuple[Path, dict[str, Path], object]
-                                                        ) -> None:
+def test_build_summary_counts_duplicates_and_rejections(
+    built: tuple[Path, dict[str, Path], object],
+) -> None:
     root, _, summary = built
     lines = "\n".join(summary.lines())  # type: ignore[attr-defined]
     assert "embedded 16 items from 16 files" in lines
@@ -87,8 +93,9 @@ def test_build_summary_counts_duplicates_and_rejections(built: tuple[Path, dict[
     assert "unsupported" in rejected[str((root / "corpus/junk/notes.xyz").resolve())]
 
 
-def test_planted_near_duplicates_are_rank_one(built: tuple[Path, dict[str, Path], object],
-                                              encoder: Encoder, tmp_path: Path) -> None:
+def test_planted_near_duplicates_are_rank_one(
+    built: tuple[Path, dict[str, Path], object], encoder: Encoder, tmp_path: Path
+) -> None:
     root, files, _ = built
     # The corpus holds an altered copy of img0 and a re-encoded snd0: querying with each
     # original (by its stored vector) finds its copy right after itself...
@@ -106,8 +113,9 @@ def test_planted_near_duplicates_are_rank_one(built: tuple[Path, dict[str, Path]
             assert hit.modality == m and hit.score > 0.9
 
 
-def test_any_to_any_on_one_index(built: tuple[Path, dict[str, Path], object],
-                                 encoder: Encoder) -> None:
+def test_any_to_any_on_one_index(
+    built: tuple[Path, dict[str, Path], object], encoder: Encoder
+) -> None:
     root, files, _ = built
     queries = {
         Modality.TEXT: encoder.embed_items("text", ["a photo of a red square"]),
@@ -116,8 +124,14 @@ def test_any_to_any_on_one_index(built: tuple[Path, dict[str, Path], object],
         Modality.IMU: encoder.embed_items("imu", [files["imu"]]),
     }
     with open_index(root / "idx") as s:
-        assert set(s.modalities) == {Modality.VISION, Modality.AUDIO, Modality.TEXT,
-                                     Modality.IMU, Modality.DEPTH, Modality.THERMAL}
+        assert set(s.modalities) == {
+            Modality.VISION,
+            Modality.AUDIO,
+            Modality.TEXT,
+            Modality.IMU,
+            Modality.DEPTH,
+            Modality.THERMAL,
+        }
         for qm, q in queries.items():
             everything = s.search(q, 30)[0]
             assert everything[0].modality == qm.value and everything[0].score > 0.999
@@ -130,7 +144,9 @@ def test_any_to_any_on_one_index(built: tuple[Path, dict[str, Path], object],
         # Metadata by id, and the stored vector of an item.
         i = _ids_by_path(root / "idx")[str(files["txt"].resolve())]
         assert s.get([i, 10**9], ["path", "modality"]) == [
-            {"path": str(files["txt"].resolve()), "modality": "text"}, {}]
+            {"path": str(files["txt"].resolve()), "modality": "text"},
+            {},
+        ]
         np.testing.assert_allclose(s.vector(i), queries[Modality.TEXT][0], atol=1e-5)
         with pytest.raises(KeyError):
             s.vector(10**9)
@@ -138,19 +154,25 @@ def test_any_to_any_on_one_index(built: tuple[Path, dict[str, Path], object],
             s.search(np.ones((1, 7), np.float32), 3)
 
 
-def test_rerun_is_idempotent(built: tuple[Path, dict[str, Path], object], checkpoint: Path,
-                             encoder: Encoder) -> None:
+def test_rerun_is_idempotent(
+    built: tuple[Path, dict[str, Path], object], checkpoint: Path, encoder: Encoder
+) -> None:
     root, _, _ = built
     before = _ids_by_path(root / "idx")
-    again = build_index(root / "corpus", root / "idx", model(checkpoint, encoder),
-                        BuildOptions(chunk_items=5, batch_size=4))
+    again = build_index(
+        root / "corpus",
+        root / "idx",
+        model(checkpoint, encoder),
+        BuildOptions(chunk_items=5, batch_size=4),
+    )
     assert again.embedded_items == 0 and again.already == 21
     assert _ids_by_path(root / "idx") == before
     assert verify_index(root / "idx").ok
 
 
-def test_another_model_is_refused(built: tuple[Path, dict[str, Path], object],
-                                  tmp_path: Path) -> None:
+def test_another_model_is_refused(
+    built: tuple[Path, dict[str, Path], object], tmp_path: Path
+) -> None:
     root, _, _ = built
     other = load_encoder(config="imagebind_test")  # plain random weights: another model
     with pytest.raises(ModelMismatch, match="another model"):
@@ -159,8 +181,9 @@ def test_another_model_is_refused(built: tuple[Path, dict[str, Path], object],
         build_index(root / "corpus", root / "idx", ModelSource(CONFIG, None, encoder=other))
 
 
-def test_vectors_and_metadata_must_agree(built: tuple[Path, dict[str, Path], object],
-                                         tmp_path: Path) -> None:
+def test_vectors_and_metadata_must_agree(
+    built: tuple[Path, dict[str, Path], object], tmp_path: Path
+) -> None:
     import shutil
 
     root, _, _ = built
@@ -191,8 +214,15 @@ def test_vectors_and_metadata_must_agree(built: tuple[Path, dict[str, Path], obj
 
 # --- resume after SIGKILL ------------------------------------------------------------------------
 
-BUILD_ARGS = ["--config", "imagebind_test", "--chunk-size", "3", "--batch-size", "4",
-              "--no-progress"]
+BUILD_ARGS = [
+    "--config",
+    "imagebind_test",
+    "--chunk-size",
+    "3",
+    "--batch-size",
+    "4",
+    "--no-progress",
+]
 
 
 def _cli(*args: str) -> list[str]:
@@ -212,17 +242,26 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted_build(
         image(corpus / "photos" / f"more{i:02d}.png", seed=50 + i)
     for i in range(3):
         audio(corpus / "sounds" / f"more{i}.wav", seed=60 + i, seconds=2.0)
-    ref = build_index(corpus, tmp_path / "ref", model(checkpoint, encoder),
-                      BuildOptions(chunk_items=3, batch_size=4))
+    ref = build_index(
+        corpus,
+        tmp_path / "ref",
+        model(checkpoint, encoder),
+        BuildOptions(chunk_items=3, batch_size=4),
+    )
     idx = tmp_path / "idx"
-    cmd = _cli("index", "build", str(corpus), "-o", str(idx), "--checkpoint", str(checkpoint),
-               *BUILD_ARGS)
+    cmd = _cli(
+        "index", "build", str(corpus), "-o", str(idx), "--checkpoint", str(checkpoint), *BUILD_ARGS
+    )
     rng = np.random.default_rng(0)
     kills = 0
     for attempt in range(4):
         workers = "1" if attempt % 2 else "0"
-        proc = subprocess.Popen([*cmd, "--workers", workers], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+        proc = subprocess.Popen(
+            [*cmd, "--workers", workers],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).parents[1],
+        )
         # Wait for the build to commit a random number of new chunks, then a random moment more.
         target = _chunks(idx) + int(rng.integers(1, 4))
         while proc.poll() is None and _chunks(idx) < target:
@@ -233,10 +272,12 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted_build(
             kills += 1
         proc.wait()
     assert kills >= 2  # the build was really cut short, more than once
-    done = subprocess.run([*cmd, "--workers", "0"], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[1])
+    done = subprocess.run(
+        [*cmd, "--workers", "0"], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
     assert done.returncode == 0, done.stderr
     assert "already indexed" in done.stdout
+
     # Same ids -> same paths and segments, same vectors, same file records.
     def rows(p: Path) -> list[tuple[object, ...]]:
         with sqlite3.connect(p / "meta.sqlite") as conn:
@@ -254,7 +295,7 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted_build(
     assert files(idx) == files(tmp_path / "ref")
     assert ref.embedded_items == len(rows(idx))
     with open_index(idx) as a, open_index(tmp_path / "ref") as b:
-        for (i, *_rest) in rows(idx):
+        for i, *_rest in rows(idx):
             np.testing.assert_allclose(a.vector(int(i)), b.vector(int(i)), atol=1e-5)
         assert a.counts() == b.counts()
     assert verify_index(idx).ok
@@ -269,8 +310,20 @@ def test_cli_build_info_query_verify(tmp_path: Path, checkpoint: Path) -> None:
     idx = tmp_path / "idx"
     runner = CliRunner()
     ck = ["--checkpoint", str(checkpoint)]
-    r = runner.invoke(app, ["index", "build", str(tmp_path / "corpus"), "-o", str(idx), *ck,
-                            *BUILD_ARGS, "--workers", "0"])
+    r = runner.invoke(
+        app,
+        [
+            "index",
+            "build",
+            str(tmp_path / "corpus"),
+            "-o",
+            str(idx),
+            *ck,
+            *BUILD_ARGS,
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "rejected 4 files" in r.stdout and "embedded 16 items" in r.stdout
 
@@ -284,14 +337,27 @@ def test_cli_build_info_query_verify(tmp_path: Path, checkpoint: Path) -> None:
     assert len(info["rejected"]) == 4 and all(r["error"] for r in info["rejected"])
 
     q = altered_copy(files["img4"], tmp_path / "q.jpg")
-    r = runner.invoke(app, ["index", "query", str(idx), str(q), "-m", "vision", "-k", "3",
-                            "--json"])
+    r = runner.invoke(
+        app, ["index", "query", str(idx), str(q), "-m", "vision", "-k", "3", "--json"]
+    )
     assert r.exit_code == 0, r.output
     hits = json.loads(r.stdout)
     assert hits[0]["path"] == str(files["img4"].resolve()) and len(hits) == 3
     assert set(hits[0]) == {"id", "score", "modality", "path", "start", "end", "caption", "tags"}
-    r = runner.invoke(app, ["index", "query", str(idx), "--text", "a photo of a red square",
-                            "--target", "text", "--target", "vision"])
+    r = runner.invoke(
+        app,
+        [
+            "index",
+            "query",
+            str(idx),
+            "--text",
+            "a photo of a red square",
+            "--target",
+            "text",
+            "--target",
+            "vision",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "caption.txt" in r.stdout.splitlines()[0]
 
@@ -303,14 +369,43 @@ def test_cli_errors_are_one_line(tmp_path: Path, checkpoint: Path) -> None:
     runner = CliRunner()
     image(tmp_path / "a.png", 1)
     cases = [
-        ["index", "build", str(tmp_path / "nope"), "-o", str(tmp_path / "i"), "--checkpoint",
-         "none", "--config", "imagebind_test"],
-        ["index", "build", str(tmp_path), "-o", str(tmp_path / "i2"), "--checkpoint", "none",
-         "--config", "imagebind_test", "--factory", "IVF-nonsense"],
+        [
+            "index",
+            "build",
+            str(tmp_path / "nope"),
+            "-o",
+            str(tmp_path / "i"),
+            "--checkpoint",
+            "none",
+            "--config",
+            "imagebind_test",
+        ],
+        [
+            "index",
+            "build",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "i2"),
+            "--checkpoint",
+            "none",
+            "--config",
+            "imagebind_test",
+            "--factory",
+            "IVF-nonsense",
+        ],
         ["index", "info", str(tmp_path / "nothing")],
         ["index", "query", str(tmp_path / "nothing"), "--text", "x"],
-        ["index", "build", str(tmp_path), "-o", str(tmp_path / "a.png"), "--checkpoint", "none",
-         "--config", "imagebind_test"],
+        [
+            "index",
+            "build",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "a.png"),
+            "--checkpoint",
+            "none",
+            "--config",
+            "imagebind_test",
+        ],
     ]
     for args in cases:
         r = runner.invoke(app, args)
@@ -319,11 +414,37 @@ def test_cli_errors_are_one_line(tmp_path: Path, checkpoint: Path) -> None:
         assert "Traceback" not in r.output
     # An index built with random weights refuses a query embedded by another model.
     idx = tmp_path / "idx"
-    r = runner.invoke(app, ["index", "build", str(tmp_path), "-o", str(idx), "--checkpoint",
-                            "none", "--config", "imagebind_test", "--workers", "0"])
+    r = runner.invoke(
+        app,
+        [
+            "index",
+            "build",
+            str(tmp_path),
+            "-o",
+            str(idx),
+            "--checkpoint",
+            "none",
+            "--config",
+            "imagebind_test",
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["index", "query", str(idx), "--text", "x", "--checkpoint",
-                            str(checkpoint), "--config", "imagebind_test"])
+    r = runner.invoke(
+        app,
+        [
+            "index",
+            "query",
+            str(idx),
+            "--text",
+            "x",
+            "--checkpoint",
+            str(checkpoint),
+            "--config",
+            "imagebind_test",
+        ],
+    )
     assert r.exit_code == 1 and "another model" in r.stderr
     r = runner.invoke(app, ["index", "query", str(idx), "--text", "x"])  # the index's own model
     assert r.exit_code == 0, r.output

@@ -58,8 +58,14 @@ def reencoded_audio(src: Path, dst: Path) -> Path:
     return dst
 
 
-def video(path: Path, seed: int, seconds: float = 2.0, fps: int = 5, size: int = 48,
-          audio_seed: int | None = None) -> Path:
+def video(
+    path: Path,
+    seed: int,
+    seconds: float = 2.0,
+    fps: int = 5,
+    size: int = 48,
+    audio_seed: int | None = None,
+) -> Path:
     """A small MP4 (H.264) of a drifting colour field, with an AAC soundtrack if asked."""
     rng = np.random.default_rng(seed)
     base = (rng.random((4, 4, 3)) * 255).astype(np.uint8)
@@ -209,9 +215,11 @@ def test_manifests_csv_and_jsonl(tmp_path: Path) -> None:
     assert e[1].modality is Modality.AUDIO and e[1].tags == ("music", "chord")
     assert e[2].error == "no such file"
     (tmp_path / "m.jsonl").write_text(
-        json.dumps({"path": "a.png", "modality": "vision", "tags": ["x"]}) + "\n"
+        json.dumps({"path": "a.png", "modality": "vision", "tags": ["x"]})
+        + "\n"
         + "{not json\n"
-        + json.dumps({"path": "b.wav", "modality": "smell"}) + "\n"
+        + json.dumps({"path": "b.wav", "modality": "smell"})
+        + "\n"
     )
     e = scan_corpus(tmp_path / "m.jsonl")
     assert e[0].tags == ("x",) and e[0].modality is Modality.VISION

@@ -38,8 +38,10 @@ def fill(root: Path, x: np.ndarray, chunk: int = 50_000) -> IndexStore:
     store = IndexStore.create(root, FP, x.shape[1], {})
     for start in range(0, len(x), chunk):
         part = x[start : start + chunk]
-        items = [ItemRecord(f"/v/{start + i}", "vision", f"{start + i:064x}", 1)
-                 for i in range(len(part))]
+        items = [
+            ItemRecord(f"/v/{start + i}", "vision", f"{start + i:064x}", 1)
+            for i in range(len(part))
+        ]
         store.commit_chunk([], items, part)
     return store
 

@@ -51,9 +51,9 @@ def test_whole_video_segment_equals_load_video(tmp_path: Path) -> None:
     assert torch.equal(torch.from_numpy(seg), whole)
 
 
-def test_long_audio_and_video_become_segments(tmp_path: Path, checkpoint: Path,
-                                              encoder: Encoder,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_long_audio_and_video_become_segments(
+    tmp_path: Path, checkpoint: Path, encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # One video segment per decode task: film.mp4's second segment comes from a later part.
     monkeypatch.setattr("index._decode.VIDEO_SEGMENTS_PER_PART", 1)
     corpus = tmp_path / "corpus"
@@ -63,8 +63,12 @@ def test_long_audio_and_video_become_segments(tmp_path: Path, checkpoint: Path,
     sf.write(corpus / "long.wav", np.concatenate(parts), rate)
     video(corpus / "film.mp4", seed=5, seconds=4.0, audio_seed=300)
     video(corpus / "mute.mp4", seed=6, seconds=1.0)
-    summary = build_index(corpus, tmp_path / "idx", ModelSource(CONFIG, checkpoint,
-                          encoder=encoder), BuildOptions(segment_seconds=2.0, batch_size=4))
+    summary = build_index(
+        corpus,
+        tmp_path / "idx",
+        ModelSource(CONFIG, checkpoint, encoder=encoder),
+        BuildOptions(segment_seconds=2.0, batch_size=4),
+    )
     assert summary.items_by_modality == {"audio": 5, "video": 3}
     with open_index(tmp_path / "idx") as s:
         rows = s.get(range(8), ["path", "modality", "start_s", "end_s", "duration_s"])
@@ -87,14 +91,28 @@ def test_long_audio_and_video_become_segments(tmp_path: Path, checkpoint: Path,
         assert (Path(hit.path).name, hit.start, hit.end) == ("long.wav", 2.0, 4.0)
     assert verify_index(tmp_path / "idx").ok
     sf.write(tmp_path / "q.wav", parts[2], rate)
-    r = CliRunner().invoke(app, ["index", "query", str(tmp_path / "idx"), str(tmp_path / "q.wav"),
-                                 "-m", "audio", "-k", "1", "--target", "audio"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "index",
+            "query",
+            str(tmp_path / "idx"),
+            str(tmp_path / "q.wav"),
+            "-m",
+            "audio",
+            "-k",
+            "1",
+            "--target",
+            "audio",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "long.wav  00:04–00:06" in r.stdout
 
 
-def test_segment_window_is_fixed_for_an_index(tmp_path: Path, checkpoint: Path,
-                                              encoder: Encoder) -> None:
+def test_segment_window_is_fixed_for_an_index(
+    tmp_path: Path, checkpoint: Path, encoder: Encoder
+) -> None:
     from index import SettingsMismatch
 
     (tmp_path / "c").mkdir()

@@ -75,8 +75,9 @@ def top(idx: Path, vec: np.ndarray, k: int = 1) -> list[str]:
         return [Path(h.path).name for h in s.search(vec, k)[0]]
 
 
-def test_add_appends_without_touching_existing_ids(tmp_path: Path, model: ModelSource,
-                                                   encoder: Encoder) -> None:
+def test_add_appends_without_touching_existing_ids(
+    tmp_path: Path, model: ModelSource, encoder: Encoder
+) -> None:
     idx = tmp_path / "idx"
     build_index(corpus(tmp_path / "c"), idx, model)
     before = ids(idx)
@@ -114,8 +115,9 @@ def test_remove_by_id_and_path(tmp_path: Path, model: ModelSource, encoder: Enco
     aligned(idx)
 
 
-def test_hnsw_removal_uses_tombstones_then_compacts(tmp_path: Path, model: ModelSource,
-                                                    encoder: Encoder) -> None:
+def test_hnsw_removal_uses_tombstones_then_compacts(
+    tmp_path: Path, model: ModelSource, encoder: Encoder
+) -> None:
     idx = tmp_path / "idx"
     c = corpus(tmp_path / "c", images=10, sounds=0)
     build_index(c, idx, model, BuildOptions(factory="HNSW16"))
@@ -138,8 +140,9 @@ def test_hnsw_removal_uses_tombstones_then_compacts(tmp_path: Path, model: Model
     aligned(idx)
 
 
-def test_sync_adds_new_reembeds_changed_removes_deleted(tmp_path: Path, model: ModelSource,
-                                                        encoder: Encoder) -> None:
+def test_sync_adds_new_reembeds_changed_removes_deleted(
+    tmp_path: Path, model: ModelSource, encoder: Encoder
+) -> None:
     idx = tmp_path / "idx"
     c = corpus(tmp_path / "c")
     (c / "zdup_of_img0.png").write_bytes((c / "img0.png").read_bytes())
@@ -180,8 +183,22 @@ def test_cli_add_remove_sync(tmp_path: Path, checkpoint: Path) -> None:
     runner = CliRunner()
     c = corpus(tmp_path / "c", images=3, sounds=1)
     idx = tmp_path / "idx"
-    r = runner.invoke(app, ["index", "build", str(c), "-o", str(idx), "--checkpoint",
-                            str(checkpoint), "--config", "imagebind_test", "--workers", "0"])
+    r = runner.invoke(
+        app,
+        [
+            "index",
+            "build",
+            str(c),
+            "-o",
+            str(idx),
+            "--checkpoint",
+            str(checkpoint),
+            "--config",
+            "imagebind_test",
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 0, r.output
     extra = image(tmp_path / "extra.png", seed=9)
     r = runner.invoke(app, ["index", "add", str(idx), str(extra), "--workers", "0"])

@@ -27,8 +27,7 @@ def test_hls_playlist_is_not_followed(tmp_path: Path, as_path: bool) -> None:
     secret = tmp_path / "secret.wav"
     secret.write_bytes(_wav_bytes(1.0))
     playlist = (
-        "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n"
-        f"file://{secret}\n#EXT-X-ENDLIST\n"
+        f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile://{secret}\n#EXT-X-ENDLIST\n"
     ).encode()
     source: bytes | str = playlist
     if as_path:

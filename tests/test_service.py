@@ -155,11 +155,26 @@ def test_search_by_text_matches_numpy(client: TestClient, searcher: MemorySearch
     np.testing.assert_allclose(scores, (all_vectors @ q)[expected], rtol=1e-5, atol=1e-6)
     first = body["results"][0]
     assert set(first) == {
-        "id", "score", "modality", "path", "start", "end", "caption", "tags", "media_url"
+        "id",
+        "score",
+        "modality",
+        "path",
+        "start",
+        "end",
+        "caption",
+        "tags",
+        "media_url",
     }
     assert body["query"]["terms"] == [
-        {"kind": "text", "weight": 1.0, "modality": "text", "text": "a cat", "item_id": None,
-         "filename": None, "bytes": None}
+        {
+            "kind": "text",
+            "weight": 1.0,
+            "modality": "text",
+            "text": "a cat",
+            "item_id": None,
+            "filename": None,
+            "bytes": None,
+        }
     ]
     assert body["took_ms"] >= 0
 
@@ -231,8 +246,13 @@ def test_search_multipart(client: TestClient) -> None:
     body = r.json()
     assert len(body["results"]) == 2
     assert body["query"]["terms"][0] == {
-        "kind": "file", "weight": 1.0, "modality": "vision", "text": None, "item_id": None,
-        "filename": "cat.png", "bytes": len(img),
+        "kind": "file",
+        "weight": 1.0,
+        "modality": "vision",
+        "text": None,
+        "item_id": None,
+        "filename": "cat.png",
+        "bytes": len(img),
     }
     # Several files with weights, target and tag fields.
     wav = b"RIFF\x10\x00\x00\x00WAVEfmt data"
@@ -251,9 +271,7 @@ def test_search_multipart(client: TestClient) -> None:
     assert best["score"] == pytest.approx(max(h["score"] for h in body["results"]))
     assert np.isfinite(mixed).all()
     # An explicit modality overrides sniffing (a PNG as a depth map).
-    r = client.post(
-        "/v1/search", files={"file": ("d.png", img)}, data={"modality": "depth"}
-    )
+    r = client.post("/v1/search", files={"file": ("d.png", img)}, data={"modality": "depth"})
     assert r.json()["query"]["terms"][0]["modality"] == "depth"
 
 
@@ -263,8 +281,11 @@ def test_search_multipart(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "status", "kind"),
     [
-        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
-         "malformed_request"),
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_request",
+        ),
         ({"json": {"text": "a", "item_id": 1}}, 400, "malformed_request"),
         ({"json": {}}, 400, "malformed_request"),
         ({"json": {"text": "a", "k": 0}}, 400, "malformed_request"),
@@ -274,22 +295,32 @@ def test_search_multipart(client: TestClient) -> None:
         ({"json": {"terms": []}}, 400, "malformed_request"),
         ({"json": {"terms": [{"text": "a", "weight": "NaN"}]}}, 400, "malformed_request"),
         ({"json": {"data": "aGVsbG8=", "modality": "smell"}}, 400, "malformed_request"),
-        ({"content": b"text=a", "headers": {"content-type": "text/plain"}}, 415,
-         "unsupported_media"),
-        ({"json": {"data": base64.b64encode(b"hello world").decode()}}, 415,
-         "unsupported_media"),
+        (
+            {"content": b"text=a", "headers": {"content-type": "text/plain"}},
+            415,
+            "unsupported_media",
+        ),
+        ({"json": {"data": base64.b64encode(b"hello world").decode()}}, 415, "unsupported_media"),
         ({"json": {"item_id": 999}}, 404, "not_found"),
         ({"json": {"text": "   "}}, 422, "invalid_content"),
-        ({"json": {"data": base64.b64encode(b"BAD image").decode(), "modality": "vision"}},
-         422, "invalid_content"),
-        ({"json": {"terms": [{"text": "a"}, {"text": "a", "weight": -1}]}}, 422,
-         "invalid_content"),
+        (
+            {"json": {"data": base64.b64encode(b"BAD image").decode(), "modality": "vision"}},
+            422,
+            "invalid_content",
+        ),
+        ({"json": {"terms": [{"text": "a"}, {"text": "a", "weight": -1}]}}, 422, "invalid_content"),
         ({"json": {"text": "x" * 2001}}, 413, "too_large"),
         ({"json": {"terms": [{"text": "a"}] * 33}}, 413, "too_large"),
-        ({"files": {"file": ("x.png", png_bytes())}, "data": {"weights": ["1", "2"]}}, 400,
-         "malformed_request"),
-        ({"files": {"file": ("x.png", png_bytes())}, "data": {"k": "many"}}, 400,
-         "malformed_request"),
+        (
+            {"files": {"file": ("x.png", png_bytes())}, "data": {"weights": ["1", "2"]}},
+            400,
+            "malformed_request",
+        ),
+        (
+            {"files": {"file": ("x.png", png_bytes())}, "data": {"k": "many"}},
+            400,
+            "malformed_request",
+        ),
         ({"files": {"other": ("x.png", png_bytes())}}, 400, "malformed_request"),
         ({"files": {"file": ("x.txt", b"just some text")}}, 415, "unsupported_media"),
         ({"files": {"file": ("x.png", b"")}}, 422, "invalid_content"),
@@ -371,9 +402,7 @@ def test_embed_json_and_multipart(client: TestClient) -> None:
     assert [d["modality"] for d in body["data"]] == ["text", "vision"]
     for d in body["data"]:
         assert np.linalg.norm(d["embedding"]) == pytest.approx(1.0, abs=1e-5)
-    r = client.post(
-        "/v1/embed", files=[("file", ("a.png", img))], data={"text": ["hello"]}
-    )
+    r = client.post("/v1/embed", files=[("file", ("a.png", img))], data={"text": ["hello"]})
     assert [d["modality"] for d in r.json()["data"]] == ["vision", "text"]
     np.testing.assert_allclose(
         r.json()["data"][0]["embedding"], fake.vector_for("vision", img), atol=1e-6
@@ -421,8 +450,14 @@ def test_openai_embeddings(client: TestClient) -> None:
 def test_items_and_media(client: TestClient, searcher: MemorySearcher) -> None:
     item = client.get("/v1/items/1").json()
     assert item == {
-        "id": 1, "modality": "audio", "path": "song.wav", "start": 0.0, "end": 2.0,
-        "caption": None, "tags": ["pets", "music"], "media_url": "/v1/items/1/media",
+        "id": 1,
+        "modality": "audio",
+        "path": "song.wav",
+        "start": 0.0,
+        "end": 2.0,
+        "caption": None,
+        "tags": ["pets", "music"],
+        "media_url": "/v1/items/1/media",
     }
     assert client.get("/v1/items/2").json()["media_url"] is None
     r = client.get("/v1/items/0/media")
@@ -617,9 +652,7 @@ def test_batcher_queue_full_and_cancelled() -> None:
 def test_http_429_with_retry_after(searcher: MemorySearcher) -> None:
     gate = threading.Event()
     fake = FakeEmbedder(DIM, gate=gate)
-    app = create_app(
-        ServiceSettings(max_queue=2, max_wait_ms=0, retry_after_s=3), fake, searcher
-    )
+    app = create_app(ServiceSettings(max_queue=2, max_wait_ms=0, retry_after_s=3), fake, searcher)
 
     async def main() -> list[int]:
         async with app.router.lifespan_context(app):

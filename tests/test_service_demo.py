@@ -35,14 +35,27 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     cache = tmp_path_factory.mktemp("cache")
     port = _free_port()
     env = {**os.environ, "BINDSEARCH_CACHE": str(cache), "BINDSEARCH_DEMO_SAMPLES": "8"}
-    for key in ("BINDSEARCH_INDEX", "BINDSEARCH_CHECKPOINT", "BINDSEARCH_CONFIG",
-                "BINDSEARCH_API_KEY", "BINDSEARCH_RANDOM_WEIGHTS"):
+    for key in (
+        "BINDSEARCH_INDEX",
+        "BINDSEARCH_CHECKPOINT",
+        "BINDSEARCH_CONFIG",
+        "BINDSEARCH_API_KEY",
+        "BINDSEARCH_RANDOM_WEIGHTS",
+    ):
         env.pop(key, None)
     exe = Path(sys.executable).with_name("bindsearch")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c",
-                                            "from service.cli import main; main()"]
-    proc = subprocess.Popen([*cmd, "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = (
+        [str(exe)]
+        if exe.exists()
+        else [sys.executable, "-c", "from service.cli import main; main()"]
+    )
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     try:
@@ -81,7 +94,13 @@ def test_no_argument_serve_uses_demo_model_and_index(demo_server) -> None:  # ty
     assert status == 200, res
     assert len(res["results"]) == 5
     assert {r["modality"] for r in res["results"]} <= {
-        "vision", "depth", "thermal", "audio", "video", "imu"}
+        "vision",
+        "depth",
+        "thermal",
+        "audio",
+        "video",
+        "imu",
+    }
     assert all(r["caption"] for r in res["results"])
     assert (cache / "demo").is_dir()
 
@@ -96,13 +115,28 @@ def test_serving_an_index_of_another_model_is_refused(tmp_path: Path) -> None:
     corpus.mkdir()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(corpus / "red.png")
     runner = CliRunner()
-    built = runner.invoke(app, ["index", "build", str(corpus), "-o", str(tmp_path / "idx"),
-                                "--checkpoint", "none", "--config", "imagebind_test",
-                                "--workers", "0"])
+    built = runner.invoke(
+        app,
+        [
+            "index",
+            "build",
+            str(corpus),
+            "-o",
+            str(tmp_path / "idx"),
+            "--checkpoint",
+            "none",
+            "--config",
+            "imagebind_test",
+            "--workers",
+            "0",
+        ],
+    )
     assert built.exit_code == 0, built.output
     # The same architecture with other (the shipped demo) weights: refused in one line.
-    served = runner.invoke(app, ["serve", "--index", str(tmp_path / "idx"),
-                                 "--config", "imagebind_demo", "--port", "0"])
+    served = runner.invoke(
+        app,
+        ["serve", "--index", str(tmp_path / "idx"), "--config", "imagebind_demo", "--port", "0"],
+    )
     assert served.exit_code == 1
     lines = [line for line in served.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), served.output

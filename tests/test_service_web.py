@@ -30,8 +30,14 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 KEY = "web-key"
 ARTIFACTS = Path(__file__).with_name("artifacts")
 BROWSER_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 WAIT_MS = 30_000  # generous: element waits only, never timed assertions
 
@@ -54,14 +60,30 @@ def _ready(url: str) -> bool:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("web")
     port = _free_port()
-    env = {**os.environ, "BINDSEARCH_CACHE": str(tmp / "cache"), "BINDSEARCH_DEMO_SAMPLES": "8",
-           "BINDSEARCH_API_KEY": KEY}
-    for name in ("BINDSEARCH_INDEX", "BINDSEARCH_CHECKPOINT", "BINDSEARCH_CONFIG",
-                 "BINDSEARCH_RANDOM_WEIGHTS"):
+    env = {
+        **os.environ,
+        "BINDSEARCH_CACHE": str(tmp / "cache"),
+        "BINDSEARCH_DEMO_SAMPLES": "8",
+        "BINDSEARCH_API_KEY": KEY,
+    }
+    for name in (
+        "BINDSEARCH_INDEX",
+        "BINDSEARCH_CHECKPOINT",
+        "BINDSEARCH_CONFIG",
+        "BINDSEARCH_RANDOM_WEIGHTS",
+    ):
         env.pop(name, None)
     log = tmp / "server.log"
-    cmd = [sys.executable, "-c", "from service.cli import main; main()", "serve",
-           "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from service.cli import main; main()",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

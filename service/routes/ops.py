@@ -74,9 +74,7 @@ async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-info_router = APIRouter(
-    prefix="/v1", tags=["operations"], dependencies=[Depends(require_api_key)]
-)
+info_router = APIRouter(prefix="/v1", tags=["operations"], dependencies=[Depends(require_api_key)])
 
 
 @info_router.get("/info", response_model=InfoResponse, responses=error_responses(401, 503))
