@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from encoders.decoder import load_demo_decoder
     from encoders.encoder import load_encoder
     from encoders.weights import default_checkpoint
+    from generate.decoder import load_demo_decoder
 
     path, preset = default_checkpoint("imagebind_demo")
     enc = load_encoder(path, config=preset, modalities=["vision"])

@@ -103,7 +103,7 @@ class Server:
         cmd = [
             sys.executable,
             "-c",
-            "from service.cli import main; main()",
+            "from bindsearch.cli import main; main()",
             "serve",
             "--port",
             str(self.port),

@@ -11,7 +11,6 @@ from .checkpoint import read_state_dict, remap_imagebind_keys, sha256_file
 from .config import PRESETS, ModelConfig, PreprocessConfig, TrunkConfig, list_presets
 from .encoder import Encoder, load_encoder
 from .errors import CheckpointError, DownloadError, EncoderError, InvalidInput, UnknownWeights
-from .generation import GeneratorInfo, ImageGenerator, load_generator
 from .inputs import InputLimits, preprocess
 from .modality import Modality
 from .weights import WEIGHTS, WeightsSpec, download_weights
@@ -23,8 +22,6 @@ __all__ = [
     "DownloadError",
     "Encoder",
     "EncoderError",
-    "GeneratorInfo",
-    "ImageGenerator",
     "InputLimits",
     "InvalidInput",
     "Modality",
@@ -36,7 +33,6 @@ __all__ = [
     "download_weights",
     "list_presets",
     "load_encoder",
-    "load_generator",
     "preprocess",
     "read_state_dict",
     "remap_imagebind_keys",

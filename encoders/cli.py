@@ -1,14 +1,23 @@
-"""Command-line commands of the encoders package (mounted by ``service.cli``)."""
+"""Command-line commands of the encoders package (mounted by ``bindsearch.cli``), and ``fail``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
-from ._cli import fail as _fail
 from .errors import EncoderError
+
+
+def fail(msg: object) -> NoReturn:
+    """``error: <msg>`` on stderr and exit status 1: a user error is not a crash (no traceback).
+
+    What every ``bindsearch`` command does with a user error.
+    """
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
 
 weights_app = typer.Typer(help="Model weights: download, inspect.", no_args_is_help=True)
 
@@ -52,7 +61,7 @@ def download(
             spec, cache_dir, url=url, sha256=sha256, progress=True, keep_source=keep_pth
         )
     except (EncoderError, OSError) as e:  # OSError: the cache folder (disk full, permissions)
-        _fail(e)
+        fail(e)
     if res.checksum == "recorded":
         typer.echo(
             f"{spec.filename} has no published checksum, so its sha256 was recorded on first "
@@ -78,4 +87,4 @@ def path(
     try:
         typer.echo(str(weights.cached_weights_path(name, cache_dir)))
     except EncoderError as e:
-        _fail(e)
+        fail(e)

@@ -10,7 +10,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from ._cli import fail as _fail
+from .cli import fail as _fail
 from .errors import EncoderError
 from .modality import Modality
 

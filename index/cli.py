@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from encoders import EncoderError, Modality
-from encoders._cli import fail as _fail
+from encoders.cli import fail as _fail
 
 from .errors import IndexStoreError
 

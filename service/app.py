@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from encoders import InvalidInput
-from encoders.generation import ImageGenerator
+from generate import ImageGenerator
 
 from .batcher import Batcher, BatchSettings
 from .deps import AppState

@@ -70,7 +70,7 @@ def _ensure_world(world: Path, n: int, progress: bool) -> Path:
     corpus = world / "corpus.jsonl"
     if corpus.is_file():
         return corpus
-    from train.cli import write_demo_world
+    from world import write_demo_world
 
     tmp = world.with_name(world.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from encoders import InvalidInput, Modality
+from encoders.vectors import unit as unit  # re-exported: service.searchers uses it
 
 if TYPE_CHECKING:
     from encoders import Encoder
@@ -59,14 +60,6 @@ class Embedder(Protocol):
     def warmup(self) -> None:
         """Run each tower once so the first request does not pay for lazy initialisation."""
         ...
-
-
-def unit(v: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); zero rows stay zero."""
-    v = np.asarray(v, np.float32)
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    out: np.ndarray = (v / np.maximum(n, 1e-12)).astype(np.float32)
-    return out
 
 
 class FakeEmbedder:

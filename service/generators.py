@@ -1,6 +1,6 @@
 """Image generation for the service: which generator to load, and running it off the loop.
 
-The generator (``encoders.generation.ImageGenerator``) is chosen by ``BINDSEARCH_GENERATOR``:
+The generator (``generate.ImageGenerator``) is chosen by ``BINDSEARCH_GENERATOR``:
 "demo", "unclip", a Stable unCLIP directory or hub id, or "none"; unset, it is "demo" when
 the served model is the shipped demo model and "none" otherwise (the demo decoder only
 understands the demo model's space). It loads in the background after the model, so search
@@ -17,13 +17,19 @@ import io
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from encoders.errors import EncoderError
-from encoders.generation import GENERATORS, GeneratorInfo, ImageGenerator
+from generate import (
+    GENERATORS,
+    GeneratorInfo,
+    ImageGenerator,
+    check_embeddings,
+    check_generator_dim,
+    load_named_generator,
+)
 
 from .embedders import ModelInfo
 from .errors import ModelFailed, Overloaded, Unavailable
@@ -41,43 +47,6 @@ class NoGenerator(Unavailable):
 def default_generator(model_name: str) -> str:
     """The generator to use when none was chosen: the demo decoder for the demo model only."""
     return "demo" if model_name == DEMO_MODEL else "none"
-
-
-def load_named_generator(
-    spec: str | Path, dim: int, device: str = "cpu", encoder_checkpoint: Path | None = None
-) -> ImageGenerator:
-    """A generator taking ``dim``-d vectors, by name or path.
-
-    ``spec``: "demo" (the decoder shipped with the demo weights), a ``.safetensors`` file of
-    demo-decoder weights, "unclip" (Stable unCLIP H from the hub or the HF cache), or a Stable
-    unCLIP directory / hub id. ``encoder_checkpoint``, when given, must be the encoder weights
-    a demo decoder was trained against. Raises ``EncoderError`` (one line) when it cannot load
-    or takes another width.
-    """
-    name = str(spec)
-    if name == "none":
-        raise EncoderError("no generator: 'none' was chosen")
-    gen: ImageGenerator
-    if name == "demo" or (name.endswith(".safetensors") and Path(name).is_file()):
-        from encoders.decoder import load_demo_decoder
-
-        path = None if name == "demo" else Path(name)
-        gen = load_demo_decoder(path, device=device, dim=dim, encoder=encoder_checkpoint)
-    else:
-        from encoders.unclip import UNCLIP_MODEL, load_unclip
-
-        model = UNCLIP_MODEL if name == "unclip" else name
-        gen = load_unclip(model, device=device, dim=dim)
-    check_generator_dim(gen.info, dim)
-    return gen
-
-
-def check_generator_dim(info: GeneratorInfo, dim: int) -> None:
-    if info.dim != dim:
-        raise EncoderError(
-            f"the generator {info.name} takes {info.dim}-d embeddings but the model makes "
-            f"{dim}-d ones: use a generator made for this model's space"
-        )
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -196,8 +165,6 @@ class FakeGenerator:
     def generate(
         self, embeddings: np.ndarray, *, seed: int = 0, steps: int | None = None
     ) -> list[Image.Image]:
-        from encoders.generation import check_embeddings
-
         x = check_embeddings(embeddings, self._info.dim)
         self.entered.set()
         if self.gate is not None:

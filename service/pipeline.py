@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoders import InputLimits, InvalidInput, Modality
+from encoders.vectors import mix as mix_vectors
 
 from .batcher import Batcher
-from .embedders import Embedder, Sample, unit
+from .embedders import Embedder, Sample
 from .errors import InvalidContent, MalformedRequest, PayloadTooLarge, UnsupportedMedia
 from .settings import ServiceSettings
 from .sniff import sniff_modality
@@ -101,20 +102,11 @@ def parse_data_uri(s: str, name: str) -> BlobInput | None:
 
 
 def mix(vectors: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """Embedding arithmetic: normalise each term, weight, sum, normalise -> (D,)."""
-    w = np.asarray(weights, np.float64)
-    top = float(np.abs(w).max(initial=0.0))
-    if top > 0:
-        w = w / top  # the direction is all that counts; this keeps 1e308-sized weights finite
-    total = (unit(vectors).astype(np.float64) * w[:, None]).sum(axis=0)
-    norm = float(np.linalg.norm(total))
-    if not np.isfinite(norm) or norm < 1e-6:
-        raise InvalidContent(
-            "the weighted terms cancel out (their sum is zero): nothing to search for; "
-            "change the weights"
-        )
-    out: np.ndarray = (total / norm).astype(np.float32)
-    return out
+    """Embedding arithmetic (``encoders.vectors.mix``); 422 when the terms cancel out."""
+    try:
+        return mix_vectors(vectors, weights)
+    except InvalidInput as e:
+        raise InvalidContent(str(e)) from None
 
 
 class Pipeline:

@@ -8,11 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from encoders._cli import fail as _fail
+from encoders.cli import fail as _fail
 
 if TYPE_CHECKING:
     from .embedders import Embedder
     from .settings import ServiceSettings
+
+NO_FAISS = (
+    "FAISS is not installed: install bindsearch with the 'cpu' extra (faiss-cpu), or 'gpu' "
+    "on a CUDA machine (faiss-gpu); never both"
+)
 
 
 def serve(
@@ -60,8 +65,6 @@ def serve(
     try:
         from index.errors import IndexStoreError
     except ImportError as e:  # index/__init__ imports faiss, which comes from an extra
-        from .cli import NO_FAISS
-
         _fail(NO_FAISS if "faiss" in str(e) else str(e))
 
     from .app import create_app

@@ -15,7 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from encoders.checkpoint import sha256_file
-from encoders.decoder import (
+from encoders.errors import CheckpointError, EncoderError
+from encoders.weights import default_checkpoint
+from generate import ImageGenerator, load_generator
+from generate.decoder import (
     DecoderConfig,
     DemoDecoder,
     ImageDecoder,
@@ -23,11 +26,8 @@ from encoders.decoder import (
     load_demo_decoder,
     save_decoder,
 )
-from encoders.errors import CheckpointError, EncoderError
-from encoders.generation import ImageGenerator, load_generator
-from encoders.weights import default_checkpoint
 from train.decoder import decoder_bars, evaluate_decoder, train_decoder
-from train.world import FACTORS
+from world.world import FACTORS
 
 CARD = demo_decoder_path().parent / "MODEL_CARD_imagebind_demo.md"
 
@@ -171,7 +171,7 @@ def test_train_decoder_rejects_bad_budget(tmp_path: Path) -> None:
 
 
 def test_cli_eval_generate_and_train_decoder_errors(tmp_path: Path) -> None:
-    from service.cli import app
+    from bindsearch.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["demo", "eval-generate", "--n", "40", "--json"])

@@ -198,12 +198,16 @@ def test_dockerignore_sends_the_sources_and_nothing_else() -> None:
         "index",
         "service",
         "train",
+        "generate",
+        "world",
+        "bindsearch",
     }
     sent = [
         *copied,
         "encoders/data/imagebind_demo.safetensors",
         "service/web/index.html",
         "encoders/transforms/__init__.py",
+        "bindsearch/__main__.py",
     ]
     for path in sent:
         assert not _dockerignored(path, patterns), path

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from bindsearch.cli import app
 
 runner = CliRunner()
 MODALITIES = ["vision", "video", "audio", "depth", "thermal", "imu"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from bindsearch.cli import app
 
 from .parity import ModelCase, load_manifest, model_cases
 
@@ -111,13 +111,10 @@ def test_embed_json_output(parity_dir: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The installed console script, as a user runs it (falls back to the module)."""
-    exe = Path(sys.executable).with_name("bindsearch")
-    cmd = (
-        [str(exe)]
-        if exe.exists()
-        else [sys.executable, "-c", "from service.cli import main; main()"]
-    )
+    """The command line as a user runs it."""
+    # `python -m bindsearch`: the console script's own entry point (bindsearch.cli:main, pinned
+    # in tests/test_architecture.py), whatever script an older install left in the venv
+    cmd = [sys.executable, "-m", "bindsearch"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -176,7 +173,7 @@ def test_embed_defaults_to_the_shipped_demo_model() -> None:
 def test_cli_without_faiss_embeds_and_says_how_to_get_index(tmp_path: Path) -> None:
     """FAISS comes from an extra: without it `embed` works and `index` says what to install."""
     code = (
-        "import sys; sys.modules['faiss'] = None; from service.cli import main; "
+        "import sys; sys.modules['faiss'] = None; from bindsearch.cli import main; "
         "sys.argv = ['bindsearch'] + sys.argv[1:]; main()"
     )
     proc = subprocess.run(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import encoders
+import generate
+import world
 
 
 def test_encoders_exports() -> None:
@@ -14,8 +16,6 @@ def test_encoders_exports() -> None:
             "DownloadError",
             "Encoder",
             "EncoderError",
-            "GeneratorInfo",
-            "ImageGenerator",
             "InputLimits",
             "InvalidInput",
             "Modality",
@@ -27,7 +27,6 @@ def test_encoders_exports() -> None:
             "download_weights",
             "list_presets",
             "load_encoder",
-            "load_generator",
             "preprocess",
             "read_state_dict",
             "remap_imagebind_keys",
@@ -36,6 +35,26 @@ def test_encoders_exports() -> None:
     )
     for name in encoders.__all__:
         assert hasattr(encoders, name), name
+
+
+def test_generate_exports() -> None:
+    assert sorted(generate.__all__) == [
+        "GENERATORS",
+        "GeneratorInfo",
+        "ImageGenerator",
+        "check_embeddings",
+        "check_generator_dim",
+        "load_generator",
+        "load_named_generator",
+    ]
+    for name in generate.__all__:
+        assert hasattr(generate, name), name
+
+
+def test_world_exports() -> None:
+    assert sorted(world.__all__) == ["World", "generate", "write_demo_world", "write_world"]
+    for name in world.__all__:
+        assert hasattr(world, name), name
 
 
 def test_encoders_import_no_web_or_index_libraries() -> None:

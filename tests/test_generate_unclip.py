@@ -18,8 +18,8 @@ from PIL import Image
 pytest.importorskip("diffusers", reason="the generate extra is not installed")
 
 from encoders import PRESETS, EncoderError, load_encoder
-from encoders.generation import ImageGenerator, load_generator
-from encoders.unclip import (
+from generate import ImageGenerator, load_generator
+from generate.unclip import (
     DEFAULT_EMBEDDING_SCALE,
     UNCLIP_LICENCE,
     UnCLIPGenerator,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from bindsearch.cli import app
 from encoders import Encoder, Modality, load_encoder
 from encoders.config import resolve_config
 from index import (
@@ -28,7 +29,6 @@ from index import (
     open_index,
     verify_index,
 )
-from service.cli import app
 
 from .test_index_media import (
     altered_copy,
@@ -226,7 +226,7 @@ BUILD_ARGS = [
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from service.cli import main; main()", *args]
+    return [sys.executable, "-c", "from bindsearch.cli import main; main()", *args]
 
 
 def _chunks(idx: Path) -> int:

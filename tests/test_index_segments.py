@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
+from bindsearch.cli import app
 from encoders import Encoder, load_encoder
 from encoders.config import resolve_config
 from encoders.transforms.audio import load_audio
@@ -17,7 +18,6 @@ from encoders.transforms.video import load_video
 from index import BuildOptions, ModelSource, build_index, open_index, verify_index
 from index._decode import segment_spans
 from index._video import iter_video_segments
-from service.cli import app
 
 from .test_index_media import tone, video, write_test_checkpoint
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from bindsearch.cli import app
 from encoders import Encoder, load_encoder
 from encoders.config import resolve_config
 from index import (
@@ -24,7 +25,6 @@ from index import (
     sync_index,
     verify_index,
 )
-from service.cli import app
 
 from .test_index_media import audio, image, write_test_checkpoint
 

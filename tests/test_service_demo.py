@@ -43,12 +43,9 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         "BINDSEARCH_RANDOM_WEIGHTS",
     ):
         env.pop(key, None)
-    exe = Path(sys.executable).with_name("bindsearch")
-    cmd = (
-        [str(exe)]
-        if exe.exists()
-        else [sys.executable, "-c", "from service.cli import main; main()"]
-    )
+    # `python -m bindsearch`: the console script's own entry point (bindsearch.cli:main, pinned
+    # in tests/test_architecture.py), whatever script an older install left in the venv
+    cmd = [sys.executable, "-m", "bindsearch"]
     proc = subprocess.Popen(
         [*cmd, "serve", "--port", str(port)],
         env=env,
@@ -109,7 +106,7 @@ def test_serving_an_index_of_another_model_is_refused(tmp_path: Path) -> None:
     from PIL import Image
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from bindsearch.cli import app
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

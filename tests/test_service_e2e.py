@@ -69,7 +69,7 @@ def _start(
     cmd = [
         sys.executable,
         "-c",
-        "from service.cli import main; main()",
+        "from bindsearch.cli import main; main()",
         "serve",
         "--random-weights",
         "--config",
@@ -410,7 +410,7 @@ def test_unknown_tower_is_one_line(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "from service.cli import main; main()",
+            "from bindsearch.cli import main; main()",
             "serve",
             "--config",
             CONFIG,
@@ -448,7 +448,7 @@ def indexed(
         [
             sys.executable,
             "-c",
-            "from service.cli import main; main()",
+            "from bindsearch.cli import main; main()",
             "index",
             "build",
             str(files),

@@ -26,10 +26,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from bindsearch.cli import app as cli_app
 from encoders import PRESETS, Modality
+from generate.cli import QueryTerm, parse_mix
 from service import FakeEmbedder, Item, MemorySearcher, ServiceSettings, create_app
-from service.cli import app as cli_app
-from service.generate_cli import QueryTerm, parse_mix
 from service.generators import FakeGenerator, GeneratorSlot
 from service.pipeline import mix
 
@@ -433,7 +433,7 @@ def test_cli_dim_mismatch(e2e: dict[str, Path], tmp_path: Path) -> None:
 
 def test_demo_model_gets_the_demo_decoder_by_default() -> None:
     """Nothing configured, the shipped demo model: /v1/generate uses the shipped decoder."""
-    from encoders.decoder import demo_decoder_path
+    from generate.decoder import demo_decoder_path
     from service.embedders import load_torch_embedder
 
     if not demo_decoder_path().is_file():

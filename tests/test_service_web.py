@@ -77,7 +77,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cmd = [
         sys.executable,
         "-c",
-        "from service.cli import main; main()",
+        "from bindsearch.cli import main; main()",
         "serve",
         "--port",
         str(port),

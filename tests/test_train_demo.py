@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from encoders.encoder import load_encoder
 from train.cli import demo_weights_path
 from train.eval import Thresholds, check, evaluate
-from train.world import FACTORS
+from world.world import FACTORS
 
 WEIGHTS = demo_weights_path()
 CARD = WEIGHTS.parent / "MODEL_CARD_imagebind_demo.md"
@@ -64,7 +64,7 @@ def test_done_when_all_met(report: dict[str, Any]) -> None:
 
 
 def test_demo_eval_cli_json() -> None:
-    from service.cli import app
+    from bindsearch.cli import app
 
     res = CliRunner().invoke(app, ["demo", "eval", "--n", "120", "--json"])
     assert res.exit_code == 0, res.output

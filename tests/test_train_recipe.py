@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from encoders.config import resolve_config
 from encoders.encoder import load_encoder
 from train.recipe import PairedData, TrainConfig, export_weights, from_manifest, from_world, train
-from train.world import write_world
+from world.world import write_world
 
 CFG = resolve_config("imagebind_demo")
 
@@ -97,7 +97,7 @@ def test_manifest_of_pairs_trains_and_exports(tmp_path: Path) -> None:
 
 
 def test_train_cli(tmp_path: Path) -> None:
-    from service.cli import app
+    from bindsearch.cli import app
 
     res = CliRunner().invoke(
         app,
@@ -140,7 +140,7 @@ def test_hard_negative_batches_are_whole_groups() -> None:
 
 
 def test_world_data_has_groups_and_factor_captions(tiny: PairedData) -> None:
-    from train.world import CLASSES, DISTANCES
+    from world.world import CLASSES, DISTANCES
 
     assert tiny.groups is not None and len(tiny.groups) == len(tiny)
     assert {"text_short", "video_text_short"} <= set(tiny.tensors)
@@ -157,7 +157,7 @@ def test_world_data_has_groups_and_factor_captions(tiny: PairedData) -> None:
 
 
 def test_clip_groups_share_class_colour_scene_and_differ_in_motion() -> None:
-    from train.world import CLIP_SHARED, motion_groups, sample_factors
+    from world.world import CLIP_SHARED, motion_groups, sample_factors
 
     f = sample_factors(2000, np.random.default_rng(0), "train")
     gid = motion_groups(f)
@@ -180,7 +180,7 @@ def test_video_batches_come_from_their_own_groups(tiny: PairedData) -> None:
 
 
 def test_train_cli_refuses_an_unknown_device(tmp_path: Path) -> None:
-    from service.cli import app
+    from bindsearch.cli import app
 
     res = CliRunner().invoke(
         app, ["train", "-o", str(tmp_path), "--world", "8", "--device", "tpu:x"]
@@ -192,7 +192,7 @@ def test_train_cli_refuses_an_unknown_device(tmp_path: Path) -> None:
 def test_choice_captions_vary_one_factor(tiny: PairedData) -> None:
     from encoders.transforms.text import get_tokenizer
     from train.recipe import _choice_names
-    from train.world import CHOICES, FACTORS
+    from world.world import CHOICES, FACTORS
 
     tok = get_tokenizer(CFG.preprocess.vocab_size)
     for key, varied in CHOICES.items():
@@ -239,7 +239,7 @@ def test_choice_term_scores_the_own_caption() -> None:
 
 def test_swapped_captions_name_the_opposite_motion(tiny: PairedData) -> None:
     from encoders.transforms.text import get_tokenizer
-    from train.world import MOTIONS, OPPOSITE
+    from world.world import MOTIONS, OPPOSITE
 
     tok = get_tokenizer(CFG.preprocess.vocab_size)
     named = tiny.present["video_text_neg"]

@@ -18,7 +18,7 @@ from encoders.transforms.imu import load_imu
 from encoders.transforms.thermal import load_thermal
 from encoders.transforms.video import load_video
 from encoders.transforms.vision import load_image
-from train.world import (
+from world.world import (
     HELD_OUT,
     IMU_RATE_HZ,
     audio_batch,
@@ -130,7 +130,7 @@ def test_files_embed_close_to_in_memory(written: tuple[Path, list[dict]]) -> Non
 
 
 def test_demo_world_cli(tmp_path: Path) -> None:
-    from service.cli import app
+    from bindsearch.cli import app
 
     res = CliRunner().invoke(app, ["demo", "world", "-o", str(tmp_path), "--n", "2"])
     assert res.exit_code == 0, res.output

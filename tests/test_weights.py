@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from bindsearch.cli import app
 from encoders import CheckpointError, DownloadError, load_encoder
 from encoders.weights import (
     WEIGHTS,
@@ -28,7 +29,6 @@ from encoders.weights import (
     fetch_weights,
     resolve_weights,
 )
-from service.cli import app
 
 
 @dataclass(frozen=True)

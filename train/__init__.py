@@ -1,3 +1,3 @@
-"""Building models: the demo world, the two-stage ImageBind recipe, the demo decoder."""
+"""Building models: the two-stage ImageBind recipe and the demo decoder, trained on ``world``."""
 
 __all__: list[str] = []

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
-from encoders._cli import fail as _fail
+from encoders.cli import fail as _fail
 from encoders.errors import EncoderError
+from world.world import write_demo_world
 
 __all__ = [
     "DEMO_PRESET",
@@ -22,7 +23,6 @@ __all__ = [
     "run_demo_eval",
     "run_train",
     "train",
-    "write_demo_world",
 ]
 
 DEMO_PRESET = "imagebind_demo"
@@ -43,26 +43,6 @@ def demo_weights_path() -> Path:
 
 
 # ----------------------------------------------------------------------------- functions
-
-
-def write_demo_world(
-    out: Path,
-    n: int = 200,
-    seed: int = 0,
-    split: Literal["train", "test"] = "test",
-    preset: str = DEMO_PRESET,
-    progress: bool = True,
-) -> Path:
-    """Write ``n`` samples of the demo world as files + ``manifest.jsonl``; the manifest path."""
-    from encoders.config import resolve_config
-
-    from .world import write_world
-
-    if n < 1:
-        raise ValueError(f"--n must be at least 1, got {n}")
-    return write_world(
-        out, n, resolve_config(preset).preprocess, seed=seed, split=split, progress=progress
-    )
 
 
 def run_demo_eval(

@@ -2,7 +2,7 @@
 
 Recipe: render demo-world training images (the train split: held-out (class, scene) pairs are
 never drawn), embed them once with the FROZEN demo vision tower, and train
-``encoders.decoder.ImageDecoder`` to rebuild each image from its unit embedding:
+``generate.decoder.ImageDecoder`` to rebuild each image from its unit embedding:
 
 - a pixel loss (L1 on [0, 1] pixels), which alone gives the average image of everything that
   embeds alike, and
@@ -36,19 +36,24 @@ import typer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from encoders._cli import fail as _fail
-from encoders.decoder import (
+from encoders.cli import fail as _fail
+from encoders.errors import EncoderError
+from encoders.model import ImageBind
+from generate.decoder import (
     DecoderConfig,
     DemoDecoder,
     ImageDecoder,
     load_demo_decoder,
     save_decoder,
 )
-from encoders.errors import EncoderError
-from encoders.model import ImageBind
-
-from . import world as W
-from .world import FACTORS, PERCEIVES, generate, image_batch, to_model_inputs
+from world.world import (
+    FACTORS,
+    PERCEIVES,
+    centred_images,
+    generate,
+    image_batch,
+    to_model_inputs,
+)
 
 __all__ = [
     "EVAL_SOURCES",
@@ -119,13 +124,7 @@ def canonical_images(
     embedding does carry (class shape and pattern, colour, scene, size from distance, haze),
     drawn by the world's own renderer. Scene textures stay random (their average is learned).
     """
-    n = len(factors["class"])
-    centre = np.full(n, size / 2, np.float32)
-    r = W._RADIUS[factors["distance"]] * size
-    bg = W._background(factors["scene"], size, rng)
-    frame = W._render_frames(factors, 0.0, centre, centre, r, bg, np.ones(n, np.float32), size)
-    out: np.ndarray = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
-    return out
+    return centred_images(factors, size, rng)
 
 
 def _jitter(z: Tensor, sigma: float, gen: torch.Generator) -> Tensor:

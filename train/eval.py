@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from encoders.model import ImageBind
-
-from .world import (
+from world.world import (
     FACTORS,
     HELD_OUT,
     PERCEIVES,

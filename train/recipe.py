@@ -184,8 +184,7 @@ def from_world(
 ) -> PairedData:
     """The demo world's training split, rendered in memory straight into model inputs."""
     from encoders.transforms.text import tokenize
-
-    from .world import (
+    from world.world import (
         choice_captions,
         factor_captions,
         generate,

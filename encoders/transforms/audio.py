@@ -62,7 +62,7 @@ from ._clips import clip_spans
 from ._resample import resample
 from .errors import InvalidInput
 
-__all__ = ["load_audio", "read_audio", "waveform_to_fbank"]
+__all__ = ["kaldi_fbank", "load_audio", "read_audio", "waveform_to_fbank"]
 
 _ACCEPTED_TEXT = (
     "accepted: audio files readable by libsndfile (WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...) "
@@ -136,23 +136,32 @@ def waveform_to_fbank(wave: Tensor, sr: int, cfg: PreprocessConfig) -> Tensor:
     """
     x = wave if wave.ndim == 1 else wave[0]  # (N,)
     x = x.to(torch.float32)
-    size, shift = _window_size(sr), int(sr * FRAME_SHIFT_MS * 0.001)
+    size = _window_size(sr)
     if x.shape[0] < size:
         raise InvalidInput(
             f"audio too short for a filterbank: {x.shape[0]} samples, need at least {size} "
             f"(one {FRAME_LENGTH_MS:g} ms frame at {sr} Hz)"
         )
-    frames = x.unfold(0, size, shift)  # (M, size), M = 1 + (N - size) // shift
-    frames = frames - frames.mean(dim=1, keepdim=True)  # per-frame DC removal
+    return kaldi_fbank(x, sr, cfg.audio_mel_bins)
+
+
+def kaldi_fbank(x: Tensor, sr: int, bins: int) -> Tensor:
+    """The Kaldi filterbank of ``waveform_to_fbank`` on float32 rows: (..., N) -> (..., M, bins).
+
+    No checks: every row must hold at least one frame. The demo world calls it on a batch.
+    """
+    size, shift = _window_size(sr), int(sr * FRAME_SHIFT_MS * 0.001)
+    frames = x.unfold(-1, size, shift)  # (..., M, size), M = 1 + (N - size) // shift
+    frames = frames - frames.mean(dim=-1, keepdim=True)  # per-frame DC removal
     # Pre-emphasis inside each frame; the first sample is its own predecessor (Kaldi).
-    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)  # (M, size)
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # (..., M, size)
     frames = frames - PREEMPHASIS * previous
     frames = frames * torch.hann_window(size, periodic=False, dtype=torch.float32)
     n_fft = 1 << (size - 1).bit_length()  # next power of two: 400 -> 512
-    frames = F.pad(frames, (0, n_fft - size))  # (M, n_fft)
-    power = torch.fft.rfft(frames).abs().pow(2.0)  # (M, n_fft // 2 + 1)
-    banks = _mel_banks(cfg.audio_mel_bins, n_fft, float(sr))  # (bins, n_fft // 2 + 1)
-    mel = torch.mm(power, banks.T)  # (M, bins)
+    frames = F.pad(frames, (0, n_fft - size))  # (..., M, n_fft)
+    power = torch.fft.rfft(frames).abs().pow(2.0)  # (..., M, n_fft // 2 + 1)
+    banks = _mel_banks(bins, n_fft, float(sr))  # (bins, n_fft // 2 + 1)
+    mel = torch.matmul(power, banks.T)  # (..., M, bins); 2-D: the same kernel as torch.mm
     return mel.clamp_min(_LOG_FLOOR).log()
 
 

@@ -22,7 +22,7 @@ from ..schemas import GenerateForm, GenerateRequest
 from ..searchers import Searcher
 from . import body_ref, error_responses
 from ._body import content_kind, read_form, read_json, validation_message
-from .search import MIX_FILES, _form_query, _from_json, _Term, _term_vectors
+from .search import MIX_FILES, Term, form_query, from_json, term_vectors
 
 router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[Depends(require_api_key)])
 
@@ -74,7 +74,7 @@ async def generate(
     slot.require()  # 503 before any work when there is no generator
     if content_kind(request) == "json":
         body = await read_json(request, GenerateRequest)
-        terms = _from_json(body.as_search()).terms
+        terms = from_json(body.as_search()).terms
         seed, steps = body.seed, body.steps
     else:
         files, fields = await read_form(request, settings.max_inputs, settings.max_text_chars * 4)
@@ -90,7 +90,7 @@ async def generate(
             )
         except ValidationError as e:
             raise MalformedRequest(validation_message(e, "form")) from None
-        terms = _form_query(files, fields).terms
+        terms = form_query(files, fields).terms
         seed, steps = opts.seed, opts.steps
     if steps is not None and steps > settings.max_generate_steps:
         raise MalformedRequest(f"steps: {steps} is over the limit of {settings.max_generate_steps}")
@@ -102,10 +102,10 @@ async def generate(
     return Response(png, media_type="image/png", headers=headers)
 
 
-async def _vectors(terms: list[_Term], pipeline: Pipeline, searcher: Searcher | None) -> np.ndarray:
+async def _vectors(terms: list[Term], pipeline: Pipeline, searcher: Searcher | None) -> np.ndarray:
     """The terms' (T, D) vectors: as a search resolves them; item ids need an index."""
     if searcher is not None:
-        return await _term_vectors(terms, pipeline, searcher)
+        return await term_vectors(terms, pipeline, searcher)
     if any(t.item_id is not None for t in terms):
         raise NoIndex("no index is loaded, so item_id terms cannot be resolved: send text or files")
     vectors, _ = await pipeline.embed([t.input for t in terms if t.input is not None])

@@ -63,7 +63,9 @@ _MULTIPART = {
 
 
 @dataclass
-class _Term:
+class Term:
+    """One weighted term of a query: an input to embed, or a stored item's id."""
+
     weight: float
     echo: TermEcho
     input: Input | None = None
@@ -71,8 +73,10 @@ class _Term:
 
 
 @dataclass
-class _Query:
-    terms: list[_Term]
+class Query:
+    """A parsed search query: its terms, how many results, target modalities, tag filter."""
+
+    terms: list[Term]
     k: int | None
     target: list[str]
     tags: list[str]
@@ -94,12 +98,12 @@ async def search(
     """
     t0 = time.perf_counter()
     if content_kind(request) == "json":
-        q = _from_json(await read_json(request, SearchRequest))
+        q = from_json(await read_json(request, SearchRequest))
     else:
         q = await _from_form(request, settings)
     k = min(q.k or settings.default_k, settings.max_k)
     targets = [m for t in q.target if (m := parse_modality(t, "target")) is not None] or None
-    vectors = await _term_vectors(q.terms, pipeline, searcher)
+    vectors = await term_vectors(q.terms, pipeline, searcher)
     query = mix(vectors, [t.weight for t in q.terms])
     exclude = {t.item_id for t in q.terms if t.item_id is not None}
     hits = (
@@ -121,33 +125,34 @@ async def search(
     )
 
 
-def _from_json(body: SearchRequest) -> _Query:
-    terms: list[_Term] = []
+def from_json(body: SearchRequest) -> Query:
+    """A JSON search body (one ``query`` or weighted ``terms``) -> a query."""
+    terms: list[Term] = []
     for i, t in enumerate(body.as_terms()):
         name = f"terms[{i}]" if body.terms is not None else "query"
         if t.text is not None:
             echo = TermEcho(kind="text", weight=t.weight, modality="text", text=t.text)
-            terms.append(_Term(t.weight, echo, input=TextInput(t.text, name)))
+            terms.append(Term(t.weight, echo, input=TextInput(t.text, name)))
         elif t.item_id is not None:
             echo = TermEcho(kind="item", weight=t.weight, modality="", item_id=t.item_id)
-            terms.append(_Term(t.weight, echo, item_id=t.item_id))
+            terms.append(Term(t.weight, echo, item_id=t.item_id))
         else:
             data = decode_base64(t.data or "", name)
             m = parse_modality(t.modality, f"{name}.modality")
             echo = TermEcho(
                 kind="data", weight=t.weight, modality=m.value if m else "", bytes=len(data)
             )
-            terms.append(_Term(t.weight, echo, input=BlobInput(data, m, name)))
+            terms.append(Term(t.weight, echo, input=BlobInput(data, m, name)))
     target = [body.target] if isinstance(body.target, str) else (body.target or [])
-    return _Query(terms, body.k, split_list(target), body.tags or [])
+    return Query(terms, body.k, split_list(target), body.tags or [])
 
 
-async def _from_form(request: Request, settings: ServiceSettings) -> _Query:
+async def _from_form(request: Request, settings: ServiceSettings) -> Query:
     files, fields = await read_form(request, settings.max_inputs, settings.max_text_chars * 4)
-    return _form_query(files, fields)
+    return form_query(files, fields)
 
 
-def _form_query(files: list[FilePart], fields: dict[str, list[str]]) -> _Query:
+def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
     """A multipart query from ``read_form``'s files and other fields."""
     try:
         form = SearchForm.model_validate(
@@ -185,8 +190,8 @@ def _form_query(files: list[FilePart], fields: dict[str, list[str]]) -> _Query:
             filename=f.name,
             bytes=len(f.data),
         )
-        terms.append(_Term(w, echo, input=BlobInput(f.data, m, name)))
-    return _Query(terms, form.k, split_list(form.target), split_list(form.tag))
+        terms.append(Term(w, echo, input=BlobInput(f.data, m, name)))
+    return Query(terms, form.k, split_list(form.target), split_list(form.tag))
 
 
 def _stored(searcher: Searcher, ids: list[int]) -> dict[int, tuple[Item | None, np.ndarray | None]]:
@@ -198,7 +203,7 @@ def _stored(searcher: Searcher, ids: list[int]) -> dict[int, tuple[Item | None, 
     return out
 
 
-async def _term_vectors(terms: list[_Term], pipeline: Pipeline, searcher: Searcher) -> np.ndarray:
+async def term_vectors(terms: list[Term], pipeline: Pipeline, searcher: Searcher) -> np.ndarray:
     """(T, D) vectors of the terms, in order: stored vectors for ids, the model for the rest."""
     pipeline.check_count(len(terms), "terms")
     out: list[np.ndarray | None] = [None] * len(terms)

@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import EncoderError
+from encoders.errors import EncoderError
+from encoders.modality import Modality
+
 from .generation import GeneratorInfo, check_embeddings
-from .modality import Modality
 
 if TYPE_CHECKING:
-    from .encoder import Encoder
-    from .inputs import Item
+    from encoders.encoder import Encoder
+    from encoders.inputs import Item
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The ``bindsearch`` command line: one root, sub-commands from each package.
 
-Commands are plain typed functions in their own packages; this module only mounts them.
+Commands are plain typed functions in their own packages; this module only mounts them. It is
+the one module that may import every package (README, "Layout").
 """
 
 from __future__ import annotations
@@ -9,15 +10,10 @@ import typer
 
 from encoders.cli import weights_app
 from encoders.embed_cli import embed
-from service.generate_cli import generate
-from service.serve_cli import serve
+from generate.cli import generate
+from service.serve_cli import NO_FAISS, serve
 from train.cli import demo_app, train
 from train.decoder import train_decoder_cmd
-
-NO_FAISS = (
-    "FAISS is not installed: install bindsearch with the 'cpu' extra (faiss-cpu), or 'gpu' "
-    "on a CUDA machine (faiss-gpu); never both"
-)
 
 index_app: typer.Typer | None
 try:

@@ -11,15 +11,12 @@ was trained on unit vectors; Stable unCLIP expects raw ViT-H image embeddings, s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-from .errors import EncoderError
-
-GENERATORS = ("demo", "unclip")
+from encoders.errors import EncoderError
 
 
 @dataclass(frozen=True)
@@ -67,20 +64,3 @@ def check_embeddings(embeddings: np.ndarray, dim: int) -> np.ndarray:
     if not np.isfinite(x).all():
         raise EncoderError("the embeddings contain NaN or infinity")
     return x
-
-
-def load_generator(name: str | Path = "demo", **kwargs: Any) -> ImageGenerator:
-    """A generator by name: "demo" (shipped decoder), "unclip" (Stable unCLIP, optional extra).
-
-    Keyword arguments go to ``encoders.decoder.load_demo_decoder`` or
-    ``encoders.unclip.load_unclip`` respectively.
-    """
-    if str(name) == "demo":
-        from .decoder import load_demo_decoder
-
-        return load_demo_decoder(**kwargs)
-    if str(name) == "unclip":
-        from .unclip import load_unclip
-
-        return load_unclip(**kwargs)
-    raise EncoderError(f"unknown generator {str(name)!r}; choose one of {', '.join(GENERATORS)}")

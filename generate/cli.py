@@ -1,7 +1,7 @@
 """``bindsearch generate``: an image from a file, a text or a weighted mix, from the command line.
 
 The query is embedded with the same encoder loading as ``bindsearch embed`` and mixed exactly
-as the service mixes search terms (``service.pipeline.mix``: normalise each term, weight, sum,
+as the service mixes search terms (``encoders.vectors.mix``: normalise each term, weight, sum,
 normalise); the generator then turns the unit vector into a PNG.
 
     bindsearch generate --modality audio rain.wav -o rain.png
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from encoders._cli import fail as _fail
+from encoders.cli import fail as _fail
 from encoders.errors import EncoderError
 from encoders.modality import Modality
 
 if TYPE_CHECKING:
-    from encoders.generation import GeneratorInfo
+    from .generation import GeneratorInfo
 
 MIX_SYNTAX = "MODALITY:VALUE[:WEIGHT], e.g. text:a dog:1.0 or audio:rain.wav:0.5"
 
@@ -81,11 +81,10 @@ def generate_image(
     import numpy as np
 
     from encoders.encoder import load_encoder
-    from encoders.weights import default_checkpoint
+    from encoders.vectors import mix
+    from encoders.weights import DEFAULT_CONFIG, default_checkpoint
 
-    from .demo import DEMO_CONFIG
-    from .generators import load_named_generator
-    from .pipeline import mix
+    from .load import load_named_generator
 
     if not terms:
         raise ValueError("nothing to generate from: give --modality, --text or --mix")
@@ -94,7 +93,7 @@ def generate_image(
             raise ValueError(f"{t.modality.value} file {t.value} does not exist")
         if t.modality is Modality.TEXT and not t.value.strip():
             raise ValueError("the text is empty")
-    spec = generator or ("demo" if config == DEMO_CONFIG else "unclip")
+    spec = generator or ("demo" if config == DEFAULT_CONFIG else "unclip")
     given_checkpoint = checkpoint
     if checkpoint is None:
         checkpoint, config = default_checkpoint(config)
@@ -146,8 +145,6 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Generate an image from a file, a text, or a weighted mix of terms."""
-    from .errors import ServiceError
-
     given = sum(x is not None and x != [] for x in (modality, text, mix))
     if given != 1:
         _fail("give exactly one of --modality MODALITY ITEM, --text STR or --mix SPEC...")
@@ -163,8 +160,6 @@ def generate(
         info = generate_image(
             terms, output, checkpoint, config, generator, seed, steps, device, official
         )
-    except ServiceError as e:
-        _fail(e.message)
     except (EncoderError, ValueError, KeyError, OSError) as e:
         _fail(str(e).strip("'\""))
     typer.echo(

@@ -54,6 +54,7 @@ __all__ = [
     "SCENES",
     "World",
     "caption",
+    "centred_images",
     "choice_captions",
     "factor_captions",
     "generate",
@@ -62,6 +63,7 @@ __all__ = [
     "sample_factors",
     "swapped_captions",
     "to_model_inputs",
+    "write_demo_world",
     "write_world",
 ]
 
@@ -463,6 +465,19 @@ def _pattern(cls: np.ndarray, ox: np.ndarray, oy: np.ndarray, size: int) -> np.n
     return out
 
 
+def centred_images(
+    factors: dict[str, np.ndarray], size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(n, S, S, 3) uint8: each sample's object, centred, unshaded, in its scene at t = 0."""
+    n = len(factors["class"])
+    centre = np.full(n, size / 2, np.float32)
+    r = _RADIUS[factors["distance"]] * size
+    bg = _background(factors["scene"], size, rng)
+    frame = _render_frames(factors, 0.0, centre, centre, r, bg, np.ones(n, np.float32), size)
+    out: np.ndarray = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+    return out
+
+
 def _render_chunk(
     f: dict[str, np.ndarray],
     cfg: PreprocessConfig,
@@ -653,22 +668,11 @@ def audio_batch(waves: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
     identical clips covering all of it; DC removal, then the Kaldi fbank of
     ``waveform_to_fbank``, length fitting and normalisation. ~100x faster than a loop.
     """
-    from encoders.transforms import audio as A
+    from encoders.transforms.audio import kaldi_fbank
 
-    sr = cfg.audio_sample_rate
     x = torch.from_numpy(np.ascontiguousarray(waves, np.float32))  # (n, N)
     x = x - x.mean(dim=1, keepdim=True)
-    size, shift = A._window_size(sr), int(sr * A.FRAME_SHIFT_MS * 0.001)
-    frames = x.unfold(1, size, shift)  # (n, M, size)
-    frames = frames - frames.mean(dim=2, keepdim=True)
-    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)
-    frames = frames - A.PREEMPHASIS * previous
-    frames = frames * torch.hann_window(size, periodic=False, dtype=torch.float32)
-    n_fft = 1 << (size - 1).bit_length()
-    frames = torch.nn.functional.pad(frames, (0, n_fft - size))
-    power = torch.fft.rfft(frames).abs().pow(2.0)  # (n, M, n_fft // 2 + 1)
-    banks = A._mel_banks(cfg.audio_mel_bins, n_fft, float(sr))
-    mel = torch.matmul(power, banks.T).clamp_min(A._LOG_FLOOR).log()  # (n, M, bins)
+    mel = kaldi_fbank(x, cfg.audio_sample_rate, cfg.audio_mel_bins)  # (n, M, bins)
     mel = mel.transpose(1, 2)  # (n, bins, M)
     T = cfg.audio_target_length
     mel = torch.nn.functional.pad(mel, (0, T - mel.shape[2])) if mel.shape[2] < T else mel[..., :T]
@@ -754,6 +758,27 @@ def write_world(
                 bar.update(1)
     bar.close()
     return manifest
+
+
+def write_demo_world(
+    out: Path,
+    n: int = 200,
+    seed: int = 0,
+    split: Split = "test",
+    preset: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """``write_world`` at the input sizes of ``preset`` (default: the demo model's).
+
+    What ``bindsearch demo world`` and the service's first start write; the manifest path.
+    """
+    from encoders.config import resolve_config
+    from encoders.weights import DEFAULT_CONFIG
+
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    cfg = resolve_config(preset or DEFAULT_CONFIG).preprocess
+    return write_world(out, n, cfg, seed=seed, split=split, progress=progress)
 
 
 def _chunks(

@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .checkpoint import sha256_file
-from .errors import CheckpointError, EncoderError
+from encoders.checkpoint import sha256_file
+from encoders.errors import CheckpointError, EncoderError
+
 from .generation import GeneratorInfo, check_embeddings
 
 __all__ = [
@@ -174,7 +175,9 @@ class DemoDecoder:
 
 def demo_decoder_path() -> Path:
     """The shipped decoder weights (package data of ``encoders``)."""
-    return Path(__file__).parent / "data" / DECODER_FILE
+    import encoders
+
+    return Path(encoders.__file__).parent / "data" / DECODER_FILE
 
 
 def save_decoder(
