@@ -420,3 +420,39 @@ def test_index_query_photo_without_modality(built: tuple[Path, Path, Path, Encod
         r = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "200"})
         text = " ".join(r.output.replace("│", " ").split())
         assert "16-bit greyscale PNG is depth" in text, cmd
+
+
+def test_uploads_use_the_registry_with_their_names() -> None:
+    searcher = MemorySearcher(np.eye(8, dtype=np.float32)[:1], [Item(0, Modality.VISION, None)])
+    with serve(searcher, FakeEmbedder(8)) as c:
+
+        def modality(**kwargs: object) -> str:
+            r = c.post("/v1/search", **kwargs)  # type: ignore[arg-type]
+            assert r.status_code == 200, r.text
+            return str(r.json()["query"]["terms"][0]["modality"])
+
+        grey = png("L")
+        assert modality(files={"file": ("x.png", grey)}) == "vision"
+        assert modality(files={"file": ("x.thermal.png", grey)}) == "thermal"
+        b64 = base64.b64encode(grey).decode()
+        assert modality(json={"data": b64, "filename": "x.thermal.png"}) == "thermal"
+        assert modality(json={"data": b64, "filename": "x.png", "modality": "depth"}) == "depth"
+        # A text file is text, as in the index; its content is what gets embedded.
+        assert modality(files={"file": ("note.txt", b"a red ring")}) == "text"
+        r = c.post("/v1/embed", files={"file": ("note.txt", b"a red ring")})
+        assert r.status_code == 200, r.text
+        want = FakeEmbedder(8).vector_for("text", "a red ring")
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], want, atol=1e-6)
+        r = c.post("/v1/search", files={"file": ("note.txt", b"\x00\x01bad")})
+        assert r.status_code == 415  # not text at all: refused by the registry
+        r = c.post("/v1/search", files={"file": ("note.txt", b"   ")})
+        assert r.status_code == 422 and "holds no text" in r.text
+        # A data URI's MIME type does not pick the modality: the content does.
+        uri = "data:image/png;base64," + base64.b64encode(png("I;16")).decode()
+        r = c.post("/v1/embeddings", json={"input": [uri], "model": "m"})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/embed", json={"inputs": [{"data": base64.b64encode(png("I;16")).decode()}]})
+        assert r.json()["data"][0]["modality"] == "depth"
+        # No name, text content: nothing says what it is.
+        r = c.post("/v1/embed", json={"inputs": [{"data": base64.b64encode(b"hello").decode()}]})
+        assert r.status_code == 415 and "give `modality`" in r.text
