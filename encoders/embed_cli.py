@@ -103,7 +103,7 @@ def embed(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
 ) -> None:
-    """Embed files (or texts) into L2-normalised vectors, in input order."""
+    """Embed files (each one's modality detected unless -m) or texts (-m text), in input order."""
     if output is None and not as_json:
         _fail("give -o OUT.npy and/or --json")
     try:

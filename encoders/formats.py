@@ -1,27 +1,11 @@
-"""Which modality a file is: the one format registry (docs/modalities.md, "Which modality").
+"""Which modality a file is: the one format registry.
 
 Every caller that has a file and no modality asks ``detect``: the index scan, ``bindsearch
 embed`` and ``index query`` without ``-m``, the upload routes and the web page (through them).
 The decoders ask ``audio_demuxer``/``video_demuxer`` which FFmpeg demuxer opens a file, and
-``content_format`` what their input is, and only decode.
-
-The rule, the same everywhere: an explicit modality wins (the caller's business); otherwise the
-content decides the family, and a name hint decides within it where content cannot:
-
-- name hints: a ``depth``/``thermal``/``imu`` folder on the way (from ``root`` when given, else
-  the file's own folder) or a double extension (``scan.depth.png``, ``frame.thermal.npy``,
-  ``walk.imu.csv``). ``depth``/``thermal`` apply to PNG and ``.npy``; ``imu`` to ``.npy`` and CSV.
-- PNG without a hint: 16-bit greyscale -> depth; anything else (8-bit grey, RGB, palette) ->
-  vision. Thermal always needs a hint or an explicit modality.
-- ``.npy`` without a hint: 2-D with an axis of 6 or 7 and the other axis over 8 -> IMU; other
-  single-channel maps (H, W), (1, H, W), (H, W, 1) -> depth; any other shape is refused.
-- text: a ``.txt``/``.md``/``.text`` name -> text; a ``.csv`` name or an ``imu`` hint -> IMU (a
-  CSV with a ``path`` column is an index manifest and refused); text without such a name is
-  refused (nothing says what it is).
-- ISO-BMFF with an image brand (HEIC/HEIF/AVIF) -> vision when the image loader decodes it,
-  otherwise refused as an unsupported image format; never video.
-- ISO-BMFF with an audio brand (M4A/M4B) or an ``.m4a``/``.m4b`` name, Matroska with an
-  ``.mka``/``.weba`` name -> audio; other ISO-BMFF, Matroska and AVI -> video.
+``content_format`` what their input is; they only decode. The rule (content decides the
+family, a name hint decides within it) is written out in docs/modalities.md, "Which modality
+is a file?"; ``RULE`` is its short form for ``--help`` texts.
 """
 
 from __future__ import annotations
