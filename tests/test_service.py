@@ -269,7 +269,7 @@ def test_search_multipart(client: TestClient) -> None:
     best = max(body["results"], key=lambda h: h["score"])
     assert best["score"] == pytest.approx(max(h["score"] for h in body["results"]))
     assert np.isfinite(mixed).all()
-    # An explicit modality overrides sniffing (a PNG as a depth map).
+    # An explicit modality overrides detection (a PNG as a depth map).
     r = client.post("/v1/search", files={"file": ("d.png", img)}, data={"modality": "depth"})
     assert r.json()["query"]["terms"][0]["modality"] == "depth"
 
