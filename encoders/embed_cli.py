@@ -11,12 +11,13 @@ import numpy as np
 import typer
 
 from .cli import fail as _fail
-from .errors import EncoderError
+from .errors import EncoderError, InvalidInput
+from .formats import RULE
 from .modality import Modality
 
 
 def embed_files(
-    modality: str,
+    modality: str | None,
     items: list[str],
     checkpoint: Path | None = None,
     config: str = "imagebind_demo",
@@ -24,23 +25,65 @@ def embed_files(
     device: str = "cpu",
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Embed ``items`` (paths, or strings for text) -> (N, D) float32 unit vectors."""
+    """Embed ``items`` (paths, or strings for text) -> (N, D) float32 unit vectors, in order.
+
+    Without ``modality`` every path's modality is detected (``encoders.formats.detect``); a
+    call may mix modalities.
+    """
     from .encoder import load_encoder
     from .weights import default_checkpoint
 
-    m = Modality.parse(modality)
+    plan = plan_items(modality, items)
+    mods = list(dict.fromkeys(m for m, _ in plan))  # first-seen order
     if checkpoint is None:
         checkpoint, config = default_checkpoint(config)
-    enc = load_encoder(checkpoint, config=config, device=device, modalities=[m])
-    return enc.embed_items(m, items, official=official, batch_size=batch_size)
+    enc = load_encoder(checkpoint, config=config, device=device, modalities=mods)
+    out = np.zeros((len(plan), enc.dim), np.float32)
+    for m in mods:
+        rows = [i for i, (mi, _) in enumerate(plan) if mi is m]
+        got = [plan[i][1] for i in rows]
+        out[rows] = enc.embed_items(m, got, official=official, batch_size=batch_size)
+    return out
+
+
+def plan_items(modality: str | None, items: list[str]) -> list[tuple[Modality, str]]:
+    """Each item with its modality: the one given, or the detected one (text files read)."""
+    from .formats import detect
+    from .transforms.text import read_text_file
+
+    if modality is not None:
+        m = Modality.parse(modality)
+        return [(m, item) for item in items]
+    plan = []
+    for item in items:
+        if not Path(item).is_file():
+            raise FileNotFoundError(
+                f"{item}: no such file (to embed strings as text, give -m text)"
+            )
+        found = detect(item)
+        if found.modality is None:
+            raise InvalidInput(f"{item}: {found.reason}; or give -m/--modality")
+        if found.modality is Modality.TEXT:
+            try:
+                plan.append((Modality.TEXT, read_text_file(item)))
+            except InvalidInput as e:
+                raise InvalidInput(f"{item}: {e}") from None
+        else:
+            plan.append((found.modality, item))
+    return plan
 
 
 def embed(
-    items: Annotated[list[str], typer.Argument(help="Files to embed (for text: the strings).")],
+    items: Annotated[list[str], typer.Argument(help="Files to embed (with -m text: the strings).")],
     modality: Annotated[
-        str,
-        typer.Option("--modality", "-m", help="vision, video, text, audio, depth, thermal or imu."),
-    ],
+        str | None,
+        typer.Option(
+            "--modality",
+            "-m",
+            help="vision, video, text, audio, depth, thermal or imu (text: ITEMS are the "
+            f"strings). Default: detected per file. {RULE}",
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write (N, D) float32 .npy here.")
     ] = None,
@@ -60,7 +103,7 @@ def embed(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
 ) -> None:
-    """Embed files (or texts) into L2-normalised vectors, in input order."""
+    """Embed files (each one's modality detected unless -m) or texts (-m text), in input order."""
     if output is None and not as_json:
         _fail("give -o OUT.npy and/or --json")
     try:

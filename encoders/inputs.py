@@ -96,10 +96,10 @@ def _audio_seconds(item: Item) -> float | None:
     try:
         import av
 
-        from .transforms.audio import sniff_audio_container
+        from .formats import HEAD_BYTES, audio_demuxer
 
         with open_binary(item) as fp:
-            fmt = sniff_audio_container(fp.read(12))
+            fmt = audio_demuxer(fp.read(HEAD_BYTES))
             fp.seek(0)
             if fmt is None:
                 return None  # the loader refuses it with the proper message

@@ -16,8 +16,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from encoders import EncoderError, Modality
+from encoders import EncoderError, InvalidInput, Modality
 from encoders.cli import fail as _fail
+from encoders.formats import RULE
 
 from .errors import IndexStoreError
 
@@ -58,7 +59,13 @@ class Engine(StrEnum):
 
 @index_app.command("build")
 def build(
-    corpus: Annotated[Path, typer.Argument(help="A folder, or a .csv/.jsonl manifest.")],
+    corpus: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder, or a .csv/.jsonl manifest (whose 'modality' column, when set, wins). "
+            f"Each file's modality: {RULE} A folder of depth/thermal/imu below CORPUS counts."
+        ),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="The index directory.")],
     checkpoint: Checkpoint = None,
     config: Config = None,
@@ -266,7 +273,8 @@ def query(
     index: Annotated[Path, typer.Argument(help="The index directory.")],
     item: Annotated[str | None, typer.Argument(help="A file to search with.")] = None,
     modality: Annotated[
-        str | None, typer.Option("--modality", "-m", help="The modality of ITEM.")
+        str | None,
+        typer.Option("--modality", "-m", help=f"The modality of ITEM (default: detected). {RULE}"),
     ] = None,
     text: Annotated[str | None, typer.Option(help="Search with this text instead.")] = None,
     targets: Annotated[
@@ -278,21 +286,19 @@ def query(
     config: Config = None,
     device: Device = "cpu",
 ) -> None:
-    """Search an index with a file of any modality, or with text."""
+    """Search an index with a file of any modality (detected unless -m), or with text."""
     if (text is None) == (item is None):
-        _fail("give either ITEM with --modality, or --text")
-    if item is not None and modality is None:
-        _fail("give the modality of ITEM with --modality/-m")
+        _fail("give either ITEM (a file) or --text")
 
     def run() -> Any:
         from .search import open_index
 
-        m = Modality.TEXT if text is not None else Modality.parse(str(modality))
+        m, query_item = _query_item(item, modality, text)
         model = _model_for(index, checkpoint, config, device)
         encoder = model.load([m])
         searcher = open_index(index, encoder, checkpoint=model.identity)
         with searcher:
-            vec = encoder.embed_items(m, [text if text is not None else str(item)])
+            vec = encoder.embed_items(m, [query_item])
             return searcher.search(vec, k, _modalities(targets))[0]
 
     hits = _guard(run)
@@ -360,6 +366,30 @@ def _model_for(index: Path, checkpoint: str | None, config: str | None, device: 
             f"the weights the index was built with ({path}) are not there: pass --checkpoint"
         )
     return ModelSource(cfg, Path(path), device)
+
+
+def _query_item(item: str | None, modality: str | None, text: str | None) -> tuple[Modality, str]:
+    """What ``index query`` embeds: (modality, path or text), the modality detected if not given."""
+    from encoders.formats import detect
+    from encoders.transforms.text import read_text_file
+
+    if text is not None:
+        return Modality.TEXT, text
+    if item is None:
+        raise ValueError("give either ITEM (a file) or --text")
+    if modality is not None:
+        return Modality.parse(modality), item
+    if not Path(item).is_file():
+        raise FileNotFoundError(f"{item}: no such file")
+    found = detect(item)
+    if found.modality is None:
+        raise InvalidInput(f"{item}: {found.reason}; or give -m/--modality")
+    if found.modality is Modality.TEXT:
+        try:
+            return Modality.TEXT, read_text_file(item)
+        except InvalidInput as e:
+            raise InvalidInput(f"{item}: {e}") from None
+    return found.modality, item
 
 
 def _modalities(values: list[str] | None) -> tuple[Modality, ...] | None:

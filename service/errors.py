@@ -10,7 +10,7 @@ request validation -> 400, unknown routes -> 404.
     ├── Unauthorized          401  API key missing or wrong
     ├── NotFound              404  unknown item, route, or a media file not on disk
     ├── PayloadTooLarge       413  over a byte, pixel, duration, text or count cap
-    ├── UnsupportedMedia      415  modality unknown to the sniffer or to this model
+    ├── UnsupportedMedia      415  modality the format registry cannot tell, or not in this model
     ├── InvalidContent        422  well-formed request, content that cannot be used
     ├── Overloaded            429  a queue is full (Retry-After)
     └── Unavailable           503  not ready, no index loaded, or the model failed

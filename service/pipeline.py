@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoders import InputLimits, InvalidInput, Modality
+from encoders.formats import detect
 from encoders.vectors import mix as mix_vectors
 
 from .batcher import Batcher
 from .embedders import Embedder, Sample
 from .errors import InvalidContent, MalformedRequest, PayloadTooLarge, UnsupportedMedia
 from .settings import ServiceSettings
-from .sniff import sniff_modality
 
 # Texts up to this length are tokenized on the event loop (BPE of a sentence: ~0.1 ms), not in
 # the decode pool: two thread hops cost more than that on a busy machine.
@@ -39,11 +39,16 @@ class TextInput:
 
 @dataclass(frozen=True)
 class BlobInput:
-    """An upload's bytes; ``modality`` None means: sniff it from the content."""
+    """An upload's bytes; ``modality`` None means: detect it (``encoders.formats.detect``).
+
+    ``filename`` is the client's name for the file, a name hint for detection only (it never
+    reaches the filesystem); ``name`` is how messages call the input.
+    """
 
     data: bytes
     modality: Modality | None
     name: str
+    filename: str | None = None
 
 
 Input = TextInput | BlobInput
@@ -75,14 +80,14 @@ def decode_base64(data: str, name: str) -> bytes:
 
 
 _DATA_URI = re.compile(r"^data:(?P<params>[^,]*?);base64,(?P<payload>.*)$", re.DOTALL)
-_MIME_MODALITY = {"image": Modality.VISION, "audio": Modality.AUDIO, "video": Modality.VIDEO}
 
 
 def parse_data_uri(s: str, name: str) -> BlobInput | None:
     """``data:<mime>[;modality=<m>];base64,<payload>`` -> a BlobInput; None if not a data URI.
 
-    The MIME's major type gives the modality (image, audio, video); ``;modality=`` overrides
-    it (``data:image/png;modality=depth;base64,...``); otherwise the content is sniffed.
+    ``;modality=`` names the modality (``data:image/png;modality=depth;base64,...``);
+    otherwise it is detected from the content as for every upload (the MIME type is not read:
+    one rule decides, see docs/modalities.md).
     """
     if not s.startswith("data:"):
         return None
@@ -96,8 +101,6 @@ def parse_data_uri(s: str, name: str) -> BlobInput | None:
     for p in params[1:]:
         if p.lower().startswith("modality="):
             modality = parse_modality(p.split("=", 1)[1], f"{name}: modality")
-    if modality is None and params[0]:
-        modality = _MIME_MODALITY.get(params[0].split("/", 1)[0].lower())
     return BlobInput(decode_base64(m["payload"], name), modality, name)
 
 
@@ -138,7 +141,7 @@ class Pipeline:
             )
 
     def modality_of(self, inp: Input) -> Modality:
-        """The input's modality (sniffed if not given), checked against caps and the model."""
+        """The input's modality (detected if not given), checked against caps and the model."""
         if isinstance(inp, TextInput):
             m = Modality.TEXT
             if len(inp.text) > self.settings.max_text_chars:
@@ -156,14 +159,7 @@ class Pipeline:
                 )
             if not inp.data:
                 raise InvalidContent(f"{inp.name}: the upload is empty (0 bytes)")
-            try:
-                m = inp.modality or sniff_modality(inp.data)
-            except UnsupportedMedia as e:
-                raise UnsupportedMedia(f"{inp.name}: {e.message}") from None
-            if m is Modality.TEXT:
-                raise UnsupportedMedia(
-                    f"{inp.name}: text is sent as a string (`text`), not as a file"
-                )
+            m = inp.modality or self._detect(inp)
         if m not in self.modalities:
             accepted = ", ".join(sorted(x.value for x in self.modalities))
             raise UnsupportedMedia(
@@ -171,11 +167,22 @@ class Pipeline:
             )
         return m
 
+    @staticmethod
+    def _detect(inp: BlobInput) -> Modality:
+        found = detect(inp.data, inp.filename)
+        if found.modality is None:
+            raise UnsupportedMedia(
+                f"{inp.name}: {found.reason}; or give `modality` to say what it is"
+            )
+        return found.modality
+
     def _decode(self, m: Modality, inp: Input) -> Sample:
         """Runs in the decode pool: header caps (pixels, duration), then the full decode."""
         item: bytes | str
         if isinstance(inp, TextInput):
             item = inp.text
+        elif m is Modality.TEXT:  # a text file: its UTF-8 content, with the caps of `text`
+            item = self._file_text(inp)
         else:
             item = inp.data
             try:
@@ -187,6 +194,19 @@ class Pipeline:
         except InvalidInput as e:
             msg = str(e).replace("<bytes #0>", inp.name)
             raise InvalidContent(msg if inp.name in msg else f"{inp.name}: {msg}") from None
+
+    def _file_text(self, inp: BlobInput) -> str:
+        try:
+            text = inp.data.decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            raise InvalidContent(f"{inp.name}: a text file must be UTF-8") from None
+        if not text:
+            raise InvalidContent(f"{inp.name}: the text file holds no text")
+        if len(text) > self.settings.max_text_chars:
+            raise PayloadTooLarge(
+                f"{inp.name}: {len(text)} characters; the limit is {self.settings.max_text_chars}"
+            )
+        return text
 
     async def embed(self, inputs: Sequence[Input]) -> tuple[np.ndarray, list[Modality]]:
         """Inputs -> ((N, D) unit vectors, their modalities), in order."""

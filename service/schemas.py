@@ -6,6 +6,16 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MODALITY_HELP = (
+    "vision, video, audio, depth, thermal, imu or text. If absent it is detected by one rule "
+    "everywhere (docs/modalities.md): the content decides (a 16-bit greyscale PNG is depth, "
+    "other images vision; a .npy of shape (T, 6) or (6, T) is IMU, other 2-D .npy depth), and "
+    "the file name (the upload's, or `filename`) decides what content cannot: a double "
+    "extension (scan.depth.png, night.thermal.png, walk.imu.csv), .csv for IMU, .txt/.md for "
+    "text. Thermal always needs `modality` or such a name."
+)
+FILENAME_HELP = "The file's name, a hint for detecting its modality (never opened)."
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -26,7 +36,8 @@ class Term(_Strict):
     text: str | None = None
     item_id: int | None = None
     data: str | None = Field(None, description="Base64 file content (any modality).")
-    modality: str | None = Field(None, description="Modality of `data`; sniffed if absent.")
+    modality: str | None = Field(None, description=MODALITY_HELP)
+    filename: str | None = Field(None, description=FILENAME_HELP)
     weight: float = Field(1.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
@@ -34,8 +45,8 @@ class Term(_Strict):
         given = [n for n in ("text", "item_id", "data") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("a term has exactly one of text, item_id or data")
-        if self.modality is not None and self.data is None:
-            raise ValueError("modality goes with data")
+        if (self.modality is not None or self.filename is not None) and self.data is None:
+            raise ValueError("modality and filename go with data")
         return self
 
 
@@ -45,7 +56,8 @@ class _Query(_Strict):
     text: str | None = None
     item_id: int | None = None
     data: str | None = Field(None, description="Base64 file content (any modality).")
-    modality: str | None = Field(None, description="Modality of `data`; sniffed if absent.")
+    modality: str | None = Field(None, description=MODALITY_HELP)
+    filename: str | None = Field(None, description=FILENAME_HELP)
     terms: list[Term] | None = Field(
         None, description="A weighted mix: each term normalised, weighted, summed, renormalised."
     )
@@ -55,8 +67,8 @@ class _Query(_Strict):
         given = [n for n in ("text", "item_id", "data", "terms") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of text, item_id, data or terms")
-        if self.modality is not None and self.data is None:
-            raise ValueError("modality goes with data")
+        if (self.modality is not None or self.filename is not None) and self.data is None:
+            raise ValueError("modality and filename go with data")
         if self.terms is not None and not self.terms:
             raise ValueError("terms is empty")
         return self
@@ -70,6 +82,7 @@ class _Query(_Strict):
                 item_id=self.item_id,
                 data=self.data,
                 modality=self.modality,
+                filename=self.filename,
                 weight=1.0,
             )
         ]
@@ -100,6 +113,7 @@ class GenerateRequest(_Query):
             item_id=self.item_id,
             data=self.data,
             modality=self.modality,
+            filename=self.filename,
             terms=self.terms,
             k=None,
             target=None,
@@ -167,14 +181,15 @@ class EmbedInput(_Strict):
 
     text: str | None = None
     data: str | None = None
-    modality: str | None = None
+    modality: str | None = Field(None, description=MODALITY_HELP)
+    filename: str | None = Field(None, description=FILENAME_HELP)
 
     @model_validator(mode="after")
     def _one_kind(self) -> EmbedInput:
         if (self.text is None) == (self.data is None):
             raise ValueError("an input has exactly one of text or data")
-        if self.modality is not None and self.data is None:
-            raise ValueError("modality goes with data")
+        if (self.modality is not None or self.filename is not None) and self.data is None:
+            raise ValueError("modality and filename go with data")
         return self
 
 

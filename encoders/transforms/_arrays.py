@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..formats import HEAD_BYTES, content_format, describe
 from .errors import InvalidInput
 
 Source = str | Path | bytes | bytearray | memoryview | np.ndarray
-Kind = Literal["png", "npy", "text", "unknown"]
 
 # Caps. Depth maps, thermal frames and IMU traces are small (SUN RGB-D 730x530, LLVIP
 # 1280x1024, 10 s of IMU at 200 Hz); these leave plenty of room and bound memory per item.
@@ -64,42 +64,6 @@ def read_bytes(source: str | Path | bytes | bytearray | memoryview, what: str) -
     if len(data) > MAX_FILE_BYTES:
         raise InvalidInput(f"{what} input is over the limit of {MAX_FILE_BYTES} bytes")
     return data
-
-
-def sniff(data: bytes) -> Kind:
-    """What the bytes are, by content (magic numbers), never by file name."""
-    if data.startswith(PNG_MAGIC):
-        return "png"
-    if data.startswith(NPY_MAGIC):
-        return "npy"
-    head = data[:4096]
-    if b"\x00" not in head:
-        try:
-            head.decode("utf-8")
-            return "text"
-        except UnicodeDecodeError as e:
-            # A multi-byte character cut at the 4 KiB boundary is still text.
-            if e.start >= len(head) - 3:
-                return "text"
-    return "unknown"
-
-
-def describe(kind: Kind, data: bytes) -> str:
-    """A short name for what a rejected input looks like (for error messages)."""
-    if kind != "unknown":
-        return {"png": "a PNG image", "npy": "a .npy array", "text": "text"}[kind]
-    for magic, name in (
-        (b"\xff\xd8\xff", "a JPEG image"),
-        (b"GIF8", "a GIF image"),
-        (b"RIFF", "a RIFF file (WAV/WebP/AVI)"),
-        (b"PK\x03\x04", "a zip archive (.npz?)"),
-        (b"\x1a\x45\xdf\xa3", "a Matroska/WebM file"),
-    ):
-        if data.startswith(magic):
-            return name
-    if data[4:8] == b"ftyp":
-        return "an MP4/MOV file"
-    return "unrecognised binary data"
 
 
 # ----------------------------------------------------------------------------- .npy
@@ -237,7 +201,7 @@ def read_map(
     if isinstance(source, np.ndarray):
         return check_2d(source, what)
     data = read_bytes(source, what)
-    kind = sniff(data)
+    kind = content_format(data[:HEAD_BYTES])
     if kind == "npy":
         return check_2d(read_npy(data, what), what)
     if kind == "png":
@@ -245,7 +209,7 @@ def read_map(
         if arr.ndim == 3:
             raise InvalidInput(f"{what}: got a colour PNG ({colour_png}); {accepted}")
         return check_2d(arr, what)
-    raise InvalidInput(f"{what}: got {describe(kind, data)}; {accepted}")
+    raise InvalidInput(f"{what}: got {describe(data[:HEAD_BYTES])}; {accepted}")
 
 
 def check_2d(arr: np.ndarray, what: str) -> np.ndarray:

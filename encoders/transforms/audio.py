@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import PreprocessConfig
+from ..formats import HEAD_BYTES, audio_demuxer
 from ._clips import clip_spans
 from ._resample import resample
 from .errors import InvalidInput
@@ -251,28 +252,6 @@ def _decode(opener: Callable[[], Any], name: str) -> tuple[np.ndarray, int]:
 _PCM_SCALE = {"s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
 
 
-def sniff_audio_container(head: bytes) -> str | None:
-    """The FFmpeg demuxer for an audio file's first bytes, or None if it is none we accept.
-
-    FFmpeg is never left to guess: its probing also accepts playlists (HLS, concat) that
-    make it open other files or URLs, which an upload must never be able to do.
-    """
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
-        return "mov"  # M4A/AAC in MP4, MOV soundtracks
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "matroska"  # WebM/MKA
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
-        # MP3 frame sync (11 bits set); ADTS AAC shares the sync and is told apart by layer 0.
-        return "aac" if head[1] & 0x06 == 0 else "mp3"
-    return None
-
-
 def _decode_av(file: Any) -> tuple[np.ndarray, int]:
     """Decode the first audio stream with FFmpeg: (C, N) float32 and the rate."""
     import av
@@ -280,7 +259,7 @@ def _decode_av(file: Any) -> tuple[np.ndarray, int]:
     # Paths are opened here, not by FFmpeg, so a path is never read as a URL or protocol.
     fp = open(file, "rb") if isinstance(file, str) else file
     try:
-        fmt = sniff_audio_container(fp.read(12))
+        fmt = audio_demuxer(fp.read(HEAD_BYTES))
         fp.seek(0)
         if fmt is None:
             raise InvalidInput("not a recognised audio container")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import PreprocessConfig
+from ..formats import HEAD_BYTES, content_format, describe
 from . import _arrays
 from .errors import InvalidInput
 
@@ -156,12 +157,12 @@ def _read(
     if isinstance(source, np.ndarray):
         return (*_from_array(source, layout), "auto")
     data = _arrays.read_bytes(source, "imu")
-    kind = _arrays.sniff(data)
+    kind = content_format(data[:HEAD_BYTES])
     if kind == "npy":
         return (*_from_array(_arrays.read_npy(data, "imu"), layout), "auto")
     if kind == "text":
         return parse_imu_csv(data)
-    raise InvalidInput(f"imu: got {_arrays.describe(kind, data)}; {_ACCEPTED}")
+    raise InvalidInput(f"imu: got {describe(data[:HEAD_BYTES])}; {_ACCEPTED}")
 
 
 def _from_array(arr: np.ndarray, layout: ImuLayout) -> tuple[np.ndarray, np.ndarray | None]:

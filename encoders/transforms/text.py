@@ -24,12 +24,14 @@ import regex
 import torch
 
 from ..config import PreprocessConfig
+from .errors import InvalidInput
 
 __all__ = [
     "BPE_VOCAB_PATH",
     "BPE_VOCAB_SHA256",
     "Tokenizer",
     "get_tokenizer",
+    "read_text_file",
     "tokenize",
     "trim_to_longest",
 ]
@@ -232,3 +234,24 @@ def trim_to_longest(tokens: torch.Tensor) -> torch.Tensor:
         return tokens
     last = int(tokens.argmax(dim=-1).max())
     return tokens[:, : last + 1]
+
+
+MAX_TEXT_FILE_BYTES = 1 << 20  # a text item is a caption-sized string; the model reads 77 tokens
+
+
+def read_text_file(path: str | Path, max_chars: int = 20_000) -> str:
+    """A text file (``.txt``/``.md``/``.text``) -> its UTF-8 text, stripped, cut to ``max_chars``.
+
+    Raises ``InvalidInput`` for a file over 1 MiB, one that is not UTF-8, or one with no text.
+    """
+    with open(path, "rb") as f:
+        raw = f.read(MAX_TEXT_FILE_BYTES + 1)
+    if len(raw) > MAX_TEXT_FILE_BYTES:
+        raise InvalidInput(f"text file over {MAX_TEXT_FILE_BYTES} bytes; accepted: a caption")
+    try:
+        text = raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise InvalidInput("not UTF-8 text; accepted: UTF-8 text files") from None
+    if not text:
+        raise InvalidInput("the text file holds no text")
+    return text[:max_chars]

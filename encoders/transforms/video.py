@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PreprocessConfig
+from ..formats import HEAD_BYTES, video_demuxer
 from ._clips import clip_spans
 from .errors import InvalidInput
 
@@ -64,9 +65,6 @@ Source = str | Path | bytes
 MAX_PIXELS = 7680 * 4320 + 1
 
 _ACCEPTED_TEXT = "accepted: MP4/MOV (ISO BMFF), WebM/Matroska, AVI"
-# ISO BMFF files start with a box whose type sits at bytes 4..8; `ftyp` in every file a
-# current muxer writes, the others in old QuickTime files.
-_BMFF_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"})
 
 
 @dataclass(frozen=True)
@@ -204,8 +202,10 @@ def _open(source: Source) -> _Opened:
     else:
         raise TypeError(f"video source must be a path or bytes, got {type(source).__name__}")
     try:
-        fmt = _sniff(fp.read(12))
+        fmt = video_demuxer(fp.read(HEAD_BYTES))
         fp.seek(0)
+        if fmt is None:
+            raise InvalidInput(f"not a recognised video container; {_ACCEPTED_TEXT}")
         container = av.open(fp, format=fmt)
     except InvalidInput:
         fp.close()
@@ -218,17 +218,6 @@ def _open(source: Source) -> _Opened:
         fp.close()
         raise InvalidInput("not a readable video")
     return _Opened(fp, container)
-
-
-def _sniff(head: bytes) -> str:
-    """The FFmpeg demuxer for a file's first bytes; InvalidInput for anything else."""
-    if head[4:8] in _BMFF_BOXES:
-        return "mov"  # FFmpeg's one demuxer for mov/mp4/m4a/3gp/3g2/mj2
-    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML header: Matroska and WebM
-        return "matroska"
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return "avi"
-    raise InvalidInput(f"not a recognised video container; {_ACCEPTED_TEXT}")
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:

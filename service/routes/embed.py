@@ -11,6 +11,7 @@ from ..deps import ModelDep, PipelineDep, SettingsDep, require_api_key
 from ..errors import MalformedRequest
 from ..pipeline import BlobInput, Input, TextInput, decode_base64, parse_data_uri, parse_modality
 from ..schemas import (
+    MODALITY_HELP,
     EmbeddingOut,
     EmbedRequest,
     EmbedResponse,
@@ -31,7 +32,7 @@ _MULTIPART = {
         "modality": {
             "type": "array",
             "items": {"type": "string"},
-            "description": "One for all files or one per file; sniffed from content if absent.",
+            "description": "One for all files or one per file: " + MODALITY_HELP,
         },
         "text": {"type": "array", "items": {"type": "string"}, "description": "Texts."},
     },
@@ -60,7 +61,8 @@ async def embed(
                 inputs.append(TextInput(inp.text, name))
             else:
                 m = parse_modality(inp.modality, f"{name}.modality")
-                inputs.append(BlobInput(decode_base64(inp.data or "", name), m, name))
+                data = decode_base64(inp.data or "", name)
+                inputs.append(BlobInput(data, m, name, inp.filename))
     else:
         files, fields = await read_form(request, settings.max_inputs, settings.max_text_chars * 4)
         unknown = set(fields) - {"modality", "text"}
@@ -75,7 +77,7 @@ async def embed(
             )
         for i, f in enumerate(files):
             m = parse_modality(mods[0] if len(mods) == 1 else (mods[i] if mods else None))
-            inputs.append(BlobInput(f.data, m, f"file {f.name!r}"))
+            inputs.append(BlobInput(f.data, m, f"file {f.name!r}", f.name))
         inputs += [TextInput(t, f"text[{i}]") for i, t in enumerate(fields.get("text", []))]
     if not inputs:
         raise MalformedRequest("nothing to embed: send files, `text`, or `inputs`")

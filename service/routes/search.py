@@ -15,7 +15,15 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import PipelineDep, SearcherDep, SettingsDep, require_api_key
 from ..errors import MalformedRequest, NotFound
 from ..pipeline import BlobInput, Input, Pipeline, TextInput, decode_base64, mix, parse_modality
-from ..schemas import QueryEcho, ResultOut, SearchForm, SearchRequest, SearchResponse, TermEcho
+from ..schemas import (
+    MODALITY_HELP,
+    QueryEcho,
+    ResultOut,
+    SearchForm,
+    SearchRequest,
+    SearchResponse,
+    TermEcho,
+)
 from ..searchers import Item, Searcher
 from ..settings import ServiceSettings
 from . import body_ref, error_responses
@@ -41,7 +49,7 @@ MIX_FILES: dict[str, Any] = {
     "modality": {
         "type": "array",
         "items": {"type": "string"},
-        "description": "One for all files or one per file; sniffed from content if absent.",
+        "description": "One for all files or one per file: " + MODALITY_HELP,
     },
     "weights": {
         "type": "array",
@@ -140,9 +148,13 @@ def from_json(body: SearchRequest) -> Query:
             data = decode_base64(t.data or "", name)
             m = parse_modality(t.modality, f"{name}.modality")
             echo = TermEcho(
-                kind="data", weight=t.weight, modality=m.value if m else "", bytes=len(data)
+                kind="data",
+                weight=t.weight,
+                modality=m.value if m else "",
+                filename=t.filename,
+                bytes=len(data),
             )
-            terms.append(Term(t.weight, echo, input=BlobInput(data, m, name)))
+            terms.append(Term(t.weight, echo, input=BlobInput(data, m, name, t.filename)))
     target = [body.target] if isinstance(body.target, str) else (body.target or [])
     return Query(terms, body.k, split_list(target), body.tags or [])
 
@@ -190,7 +202,7 @@ def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
             filename=f.name,
             bytes=len(f.data),
         )
-        terms.append(Term(w, echo, input=BlobInput(f.data, m, name)))
+        terms.append(Term(w, echo, input=BlobInput(f.data, m, name, f.name)))
     return Query(terms, form.k, split_list(form.target), split_list(form.tag))
 
 

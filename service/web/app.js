@@ -191,7 +191,8 @@ async function buildRequest() {
     const weight = weights[i];
     if (t.kind === "text") return { text: t.text.value.trim(), weight };
     if (t.kind === "item") return { item_id: t.item.id, weight };
-    const term = { data: await readBase64(t.file), weight };
+    // No guessing here: the server detects the modality from the content and the file name.
+    const term = { data: await readBase64(t.file), filename: t.file.name, weight };
     if (t.modality.value) term.modality = t.modality.value;
     return term;
   }));
