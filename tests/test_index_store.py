@@ -370,3 +370,19 @@ def test_service_json_is_the_same_from_an_index_and_from_memory(tmp_path: Path) 
     assert answers[0] == answers[1]
     assert [h["id"] for h in answers[1][0]] and all("p" in h["tags"] for h in answers[1][0])
     assert answers[1][3] == []
+
+
+def test_result_types_and_service_import_without_faiss() -> None:
+    """FAISS is an extra: the service (and the index's result types) import without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['faiss'] = None\n"
+        "import service, index\n"
+        "assert service.Hit is index.Hit and service.Item is index.Item\n"
+        "try:\n    index.open_index\nexcept ImportError as e:\n    print('needs', e.name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "needs faiss"
