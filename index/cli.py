@@ -14,6 +14,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+# The index commands need FAISS (an extra): without it importing this module fails, and the
+# CLI root says how to install it instead of offering commands that cannot run.
+import faiss  # noqa: F401
 import typer
 
 from encoders import EncoderError, InvalidInput, Modality
@@ -252,20 +255,12 @@ def info(
 
 def index_info(index: Path) -> dict[str, Any]:
     """The manifest plus the rejected files (``index info --json``)."""
-    from .store import META, connect, read_manifest
+    from .store import IndexStore, read_manifest
 
     manifest = read_manifest(Path(index))
-    conn = connect(Path(index) / META, readonly=True)
-    try:
-        rejected = [
-            {"path": r["path"], "error": r["error"]}
-            for r in conn.execute(
-                "SELECT path, error FROM files WHERE status = 'rejected' ORDER BY path"
-            )
-        ]
-    finally:
-        conn.close()
-    return {**manifest, "rejected": rejected}
+    with IndexStore.open_readonly(Path(index)) as store:
+        rejected = [{"path": r["path"], "error": r["error"]} for r in store.file_rows("rejected")]
+    return {**manifest.to_dict(), "rejected": rejected}
 
 
 @index_app.command("query")
@@ -307,8 +302,9 @@ def query(
         sys.stdout.write("\n")
         return
     for rank, h in enumerate(hits, 1):
-        seg = f"  {_clock(h.start)}–{_clock(h.end)}" if h.start is not None else ""
-        typer.echo(f"{rank:>3d}  {h.score:.4f}  {h.modality:8s} #{h.id:<7d} {h.path}{seg}")
+        it = h.item
+        seg = f"  {_clock(it.start)}–{_clock(it.end)}" if it.start is not None else ""
+        typer.echo(f"{rank:>3d}  {h.score:.4f}  {it.modality:8s} #{it.id:<7d} {it.path}{seg}")
 
 
 @index_app.command("verify")
@@ -356,11 +352,11 @@ def _model_for(index: Path, checkpoint: str | None, config: str | None, device: 
     manifest = read_manifest(Path(index))
     if checkpoint is not None or config is not None:
         return _model(checkpoint, config, device)
-    cfg = ModelConfig.from_dict(manifest["model"]["config"])
-    identity = str(manifest["model"]["checkpoint"])
+    cfg = ModelConfig.from_dict(manifest.model["config"])
+    identity = str(manifest.model["checkpoint"])
     if identity.startswith("random:"):
         return ModelSource(cfg, None, device, seed=int(identity.split(":", 1)[1]))
-    path = manifest.get("checkpoint_path")
+    path = manifest.checkpoint_path
     if not path or not Path(path).is_file():
         raise FileNotFoundError(
             f"the weights the index was built with ({path}) are not there: pass --checkpoint"

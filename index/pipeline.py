@@ -38,7 +38,7 @@ from .corpus import CorpusEntry, scan_corpus, scan_paths
 from .errors import IndexStoreError
 from .fingerprint import checkpoint_identity, model_fingerprint
 from .spec import DEFAULT_MEMORY_BUDGET, TARGET_RECALL
-from .store import FileRecord, IndexStore, ItemRecord, read_manifest
+from .store import FileRecord, IndexManifest, IndexStore, ItemRecord, read_manifest
 
 Log = Callable[[str], None]
 
@@ -92,7 +92,7 @@ class BuildSummary:
     wall_s: float = 0.0
     model_s: float = 0.0  # time inside Encoder.embed
     decode_wait_s: float = 0.0  # time the main process waited for a decoded file
-    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    manifest: IndexManifest | None = field(default=None, repr=False)
 
     @property
     def overlap(self) -> float:

@@ -1,16 +1,16 @@
-"""Searching an index: ``open_index(path) -> IndexSearcher``, the API the service uses.
+"""Searching an index: ``open_index(path) -> IndexSearcher``, the ``Searcher`` the service uses.
 
 Every item modality has its own FAISS index over one shared embedding space, so a query
-vector of any modality searches any of them; results are merged by cosine score.
+vector of any modality searches any of them; results are merged by cosine score and come out
+as ``index.results.Hit`` (the service's result type). Tag filters are applied inside: the
+ids carrying the tags come from SQLite and restrict the search itself (see ``search``).
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
 import threading
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,27 +21,16 @@ from encoders import Modality
 
 from .errors import DimensionMismatch, IndexCorrupt, IndexIncomplete
 from .fingerprint import check_fingerprint, encoder_fingerprint
-from .spec import IndexSpec, apply_search_params, gpu_available, index_ids, to_gpu
-from .store import ITEM_COLUMNS, META, connect, read_manifest
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: the item, its cosine score, and where it sits in its file."""
-
-    id: int
-    score: float
-    modality: str
-    path: str
-    start: float | None = None  # segment start, seconds (audio and video items)
-    end: float | None = None
-    caption: str | None = None
-    tags: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tags"] = list(self.tags)
-        return d
+from .results import Hit, IndexInfo, Item
+from .spec import (
+    IndexSpec,
+    apply_search_params,
+    gpu_available,
+    index_ids,
+    search_parameters,
+    to_gpu,
+)
+from .store import META, IndexManifest, IndexStore, read_manifest
 
 
 class MetadataStore(Protocol):
@@ -50,48 +39,6 @@ class MetadataStore(Protocol):
     def get(
         self, ids: Sequence[int], cols: Sequence[str] | None = None
     ) -> list[dict[str, Any]]: ...
-
-
-class SqliteMetadata:
-    """``MetadataStore`` over ``meta.sqlite`` (thread-safe; removed items are not returned)."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._lock = threading.Lock()
-
-    def get(self, ids: Sequence[int], cols: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """One dict per id, in order; ``{}`` for an id that is not (or no longer) indexed."""
-        columns = list(ITEM_COLUMNS if cols is None else cols)
-        unknown = sorted(set(columns) - set(ITEM_COLUMNS))
-        if unknown:
-            raise ValueError(f"unknown metadata columns {unknown}; accepted: {list(ITEM_COLUMNS)}")
-        wanted = [int(i) for i in ids]
-        fetch = sorted(set(columns) | {"id"})
-        found: dict[int, dict[str, Any]] = {}
-        with self._lock:
-            for start in range(0, len(wanted), 500):
-                part = [i for i in wanted[start : start + 500] if _storable(i)]
-                if not part:
-                    continue
-                marks = ",".join("?" * len(part))
-                rows = self._conn.execute(
-                    f"SELECT {', '.join(fetch)} FROM items WHERE deleted = 0 AND id IN ({marks})",
-                    part,
-                )
-                for r in rows:
-                    found[int(r["id"])] = {c: _column(c, r[c]) for c in columns}
-        return [found.get(i, {}) for i in wanted]
-
-
-def _storable(item_id: int) -> bool:
-    """Whether an id fits SQLite's (and FAISS's) int64; others cannot be indexed."""
-    return -(1 << 63) <= item_id < (1 << 63)
-
-
-def _column(name: str, value: Any) -> Any:
-    if name == "tags":
-        return json.loads(value) if value else []
-    return value
 
 
 # Exact search of a CPU ``Flat`` index: FAISS scores a single query one stored vector at a time
@@ -104,6 +51,12 @@ def _column(name: str, value: Any) -> Any:
 SCAN_BLOCK_BYTES = 1 << 26  # scores held at once: (rows in a block) x (queries) x 4 bytes
 
 
+# A filtered search over at most this many matching items scores them exactly, from their
+# stored vectors, whatever the index type: exact and cheaper than an approximate index's
+# filtered search, whose recall drops when few items match (HNSW's graph most of all).
+FILTER_EXACT_MAX = 16384
+
+
 class FlatScan:
     """Exact inner-product top-k over the vectors of a CPU ``IDMap2(Flat)`` index, in place."""
 
@@ -114,6 +67,7 @@ class FlatScan:
         self._owner = index  # ``vectors`` is a view of its memory
         self.vectors = faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d)
         self.ids = index_ids(index) if ids is None else ids
+        self._order = np.argsort(self.ids, kind="stable")  # rows by ascending id
 
     @staticmethod
     def supports(index: faiss.Index) -> bool:
@@ -129,38 +83,71 @@ class FlatScan:
         """Whether this scan beats FAISS's own search for a batch of ``queries``."""
         return queries == 1 or 16 <= queries <= 64
 
-    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(nq, k) scores and ids, best first, as ``Index.search`` (``k`` <= ntotal)."""
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row positions of ``ids`` (all held by the index), ascending."""
+        pos = np.searchsorted(self.ids[self._order], ids)
+        return np.sort(self._order[pos])
+
+    def search(
+        self, q: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, k) scores and ids, best first, as ``Index.search`` (``k`` <= rows scanned).
+
+        ``rows``: scan only these row positions (a filtered search), else every row.
+        """
         # float32 as FAISS takes it: a float64 query would upcast (copy) every stored vector.
         q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, self.vectors.shape[1])
-        n, nq = len(self.vectors), len(q)
-        rows = max(k, SCAN_BLOCK_BYTES // (4 * nq))
-        best_s, best_i = [], []
-        for start in range(0, n, rows):
-            block = self.vectors[start : start + rows]
-            s = (block @ q[0])[None] if nq == 1 else np.ascontiguousarray((block @ q.T).T)
-            kk = min(k, s.shape[1])
-            top = np.argpartition(s, s.shape[1] - kk, axis=1)[:, s.shape[1] - kk :]
-            best_s.append(np.take_along_axis(s, top, axis=1))
-            best_i.append(top + start)
-        scores, rows_ = np.concatenate(best_s, axis=1), np.concatenate(best_i, axis=1)
-        if scores.shape[1] > k:
-            top = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k :]
-            scores = np.take_along_axis(scores, top, axis=1)
-            rows_ = np.take_along_axis(rows_, top, axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")
-        return (
-            np.take_along_axis(scores, order, axis=1),
-            self.ids[np.take_along_axis(rows_, order, axis=1)],
-        )
+        step = max(k, SCAN_BLOCK_BYTES // (4 * len(q)))
+        blocks: Iterator[tuple[np.ndarray, np.ndarray]]
+        if rows is None:  # slices: views of the index's memory, no copy
+            n = len(self.vectors)
+            blocks = (
+                (self.vectors[s : s + step], self.ids[s : s + step]) for s in range(0, n, step)
+            )
+        else:
+            blocks = (
+                (self.vectors[r], self.ids[r])
+                for r in (rows[s : s + step] for s in range(0, len(rows), step))
+            )
+        return top_k(q, blocks, k)
+
+
+def top_k(
+    q: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` of (nq, d) queries over (vectors, ids) blocks.
+
+    Returns (nq, k') scores and ids, best first, k' = min(k, vectors seen).
+    """
+    nq = len(q)
+    best_s, best_i = [], []
+    for block, ids in blocks:
+        if not len(block):
+            continue
+        s = (block @ q[0])[None] if nq == 1 else np.ascontiguousarray((block @ q.T).T)
+        kk = min(k, s.shape[1])
+        top = np.argpartition(s, s.shape[1] - kk, axis=1)[:, s.shape[1] - kk :]
+        best_s.append(np.take_along_axis(s, top, axis=1))
+        best_i.append(ids[top])
+    if not best_s:
+        return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
+    scores, ids_ = np.concatenate(best_s, axis=1), np.concatenate(best_i, axis=1)
+    if scores.shape[1] > k:
+        top = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k :]
+        scores = np.take_along_axis(scores, top, axis=1)
+        ids_ = np.take_along_axis(ids_, top, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids_, order, axis=1)
 
 
 @dataclass
 class _ModalityIndex:
     index: faiss.Index
     spec: IndexSpec
+    ids: np.ndarray  # the ids the FAISS index holds, ascending
     tombstones: np.ndarray  # ids still in the FAISS index whose rows are marked deleted
     scan: FlatScan | None = None  # CPU Flat indexes: FlatScan for the batch sizes it wins
+    gpu: bool = False
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.scan is not None and FlatScan.wants(len(q)):
@@ -168,27 +155,55 @@ class _ModalityIndex:
         dist, ids = self.index.search(q, k)
         return dist, ids
 
+    def search_among(
+        self,
+        q: np.ndarray,
+        k: int,
+        allowed: np.ndarray,
+        gather: Callable[[np.ndarray], np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` among the ``allowed`` ids only (ascending, all held by this index).
+
+        CPU Flat: the masked exact scan. Few matches, or a GPU index (faiss-gpu takes no
+        ``IDSelector``): exact over their stored vectors (``gather``). Otherwise FAISS
+        itself, restricted by an ``IDSelectorBatch``. Never asks for more than ``k``.
+        """
+        k = min(k, len(allowed))
+        if self.scan is not None:
+            return self.scan.search(q, k, self.scan.rows_of(allowed))
+        if self.gpu or len(allowed) <= FILTER_EXACT_MAX:
+            step = max(k, FILTER_EXACT_MAX)
+            parts = (allowed[s : s + step] for s in range(0, len(allowed), step))
+            return top_k(q, ((gather(p), p) for p in parts), k)
+        sel = faiss.IDSelectorBatch(allowed)  # referenced until the search returns
+        params = search_parameters(self.index, self.spec, sel)
+        dist, ids = self.index.search(q, k, params=params)
+        return dist, ids
+
 
 class IndexSearcher:
-    """A loaded index: ``search`` by vectors, ``get`` metadata, ``vector`` of a stored item."""
+    """A loaded index: ``search`` by vectors (and tags), items and their stored vectors.
+
+    It is the service's ``Searcher``: results are ``Hit``/``Item``, ``info()`` lists
+    ``IndexInfo``. Thread-safe: store reads are serialised on one lock.
+    """
 
     def __init__(
         self,
         root: Path,
-        manifest: dict[str, Any],
-        conn: sqlite3.Connection,
+        manifest: IndexManifest,
+        store: IndexStore,
         indexes: dict[Modality, _ModalityIndex],
     ) -> None:
         self.root = root
         self.manifest = manifest
-        self.metadata = SqliteMetadata(conn)
-        self._conn = conn
+        self._store = store
         self._lock = threading.Lock()
         self._indexes = indexes
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     @property
     def modalities(self) -> tuple[Modality, ...]:
@@ -197,23 +212,32 @@ class IndexSearcher:
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        value: dict[str, Any] = self.manifest["model"]
-        return value
+        return dict(self.manifest.model)
 
     def counts(self) -> dict[Modality, int]:
-        return {m: int(self.manifest["modalities"][m.value]["count"]) for m in self._indexes}
+        return {m: self.manifest.modalities[m.value].count for m in self._indexes}
+
+    def info(self) -> list[IndexInfo]:
+        """One ``IndexInfo`` per item modality: its count and recipe (``/v1/info``)."""
+        return [
+            IndexInfo(self.root.name, m, n, self.manifest.modalities[m.value].spec.to_dict())
+            for m, n in sorted(self.counts().items())
+        ]
 
     def search(
         self,
         vectors: np.ndarray,
         k: int = 10,
         targets: Sequence[Modality | str] | None = None,
+        tags: Sequence[str] | None = None,
     ) -> list[list[Hit]]:
         """Top-``k`` items per query row over the ``targets`` modalities (default: all).
 
         Args:
             vectors: (N, D) float32 query embeddings (rows are L2-normalised here).
             targets: item modalities to search; ones the index does not hold add nothing.
+            tags: only items carrying every one of these tags; the ids come from SQLite and
+                restrict the search inside each modality's index (no over-fetching).
         Returns: per query, up to ``k`` hits by descending cosine score.
         """
         q = self._check_queries(vectors)
@@ -225,13 +249,22 @@ class IndexSearcher:
             mi = self._indexes.get(m)
             if mi is None or mi.index.ntotal == 0:
                 continue
-            # Tombstoned ids (HNSW cannot remove) are fetched and dropped: over-fetch by them.
-            kk = min(k + len(mi.tombstones), int(mi.index.ntotal))
-            dist, ids = mi.search(q, kk)
-            if len(mi.tombstones):
-                dead = np.isin(ids, mi.tombstones)
-                ids = np.where(dead, -1, ids)
-                dist = np.where(dead, -np.inf, dist)
+            if tags:
+                with self._lock:
+                    allowed = self._store.tagged_ids(m.value, tags)
+                # Only what this snapshot's FAISS file holds (rows committed since are not).
+                allowed = allowed[np.isin(allowed, mi.ids, assume_unique=True)]
+                if not len(allowed):
+                    continue
+                dist, ids = mi.search_among(q, k, allowed, self._gather)
+            else:
+                # Tombstoned ids (HNSW cannot remove) are fetched and dropped: over-fetch by them.
+                kk = min(k + len(mi.tombstones), int(mi.index.ntotal))
+                dist, ids = mi.search(q, kk)
+                if len(mi.tombstones):
+                    dead = np.isin(ids, mi.tombstones)
+                    ids = np.where(dead, -1, ids)
+                    dist = np.where(dead, -np.inf, dist)
             scored.append((dist, ids, m))
         if not scored:
             return [[] for _ in range(len(q))]
@@ -243,10 +276,9 @@ class IndexSearcher:
             [(int(ids[r, c]), float(dist[r, c]), scored[mods[c]][2]) for c in row if ids[r, c] >= 0]
             for r, row in enumerate(order)
         ]
-        meta = self.metadata.get(
-            sorted({i for row in picks for i, _, _ in row}),
-            ["id", "path", "start_s", "end_s", "caption", "tags"],
-        )
+        cols = ["id", "path", "start_s", "end_s", "caption", "tags"]
+        with self._lock:
+            meta = self._store.item_metadata(sorted({i for row in picks for i, _, _ in row}), cols)
         by_id = {int(d["id"]): d for d in meta if d}
         out: list[list[Hit]] = []
         for row in picks:
@@ -255,49 +287,56 @@ class IndexSearcher:
                 d = by_id.get(i)
                 if d is None:  # removed between the FAISS file and now: not a result
                     continue
-                hits.append(
-                    Hit(
-                        i,
-                        score,
-                        m.value,
-                        d["path"],
-                        d["start_s"],
-                        d["end_s"],
-                        d["caption"],
-                        tuple(d["tags"]),
-                    )
-                )
+                hits.append(Hit(_item(i, m, d), score))
             out.append(hits)
         return out
 
     def get(self, ids: Sequence[int], cols: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Metadata rows by id (``MetadataStore.get``)."""
-        return self.metadata.get(ids, cols)
+        """Metadata rows by id (``MetadataStore.get``); ``{}`` for an id not in the index."""
+        with self._lock:
+            return self._store.item_metadata(ids, cols)
+
+    def get_item(self, item_id: int) -> Item | None:
+        """The item with this id, or None when it is not (or no longer) in the index."""
+        cols = ["id", "modality", "path", "start_s", "end_s", "caption", "tags"]
+        row = self.get([int(item_id)], cols)[0]
+        return _item(int(item_id), Modality.parse(row["modality"]), row) if row else None
 
     def vector(self, item_id: int) -> np.ndarray:
         """The stored (D,) unit vector of an item, exactly as embedded (search by item id)."""
-        if not _storable(item_id):
-            raise KeyError(f"no item with id {item_id} in the index")
         with self._lock:
-            row = self._conn.execute(
-                "SELECT i.chunk, c.first_id FROM items i JOIN chunks c ON c.chunk = i.chunk "
-                "WHERE i.id = ? AND i.deleted = 0",
-                (int(item_id),),
-            ).fetchone()
-        if row is None:
+            v = self._store.item_vector(int(item_id))
+        if v is None:
             raise KeyError(f"no item with id {item_id} in the index")
-        path = self.root / "chunks" / f"c{int(row[0]):08d}.npy"
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        return np.array(arr[int(item_id) - int(row[1])], dtype=np.float32)
+        return v
+
+    def item_vector(self, item_id: int) -> np.ndarray | None:
+        """``vector``, or None for an id that is not in the index (``Searcher``)."""
+        try:
+            return self.vector(item_id)
+        except KeyError:
+            return None
+
+    def item_media_path(self, item_id: int) -> Path | None:
+        """The file an item came from as stored at indexing time; relative to the index."""
+        item = self.get_item(item_id)
+        if item is None or item.path is None:
+            return None
+        p = Path(item.path)
+        return p if p.is_absolute() else self.root / p
 
     def close(self) -> None:
-        self._conn.close()
+        self._store.close()
 
     def __enter__(self) -> IndexSearcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _gather(self, ids: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._store.gather(ids)
 
     def _check_queries(self, vectors: np.ndarray) -> np.ndarray:
         q = np.asarray(vectors, dtype=np.float32)
@@ -313,6 +352,18 @@ class IndexSearcher:
         if (norms == 0).any():
             raise ValueError("a query vector is all zeros")
         return np.ascontiguousarray(q / norms, dtype=np.float32)
+
+
+def _item(item_id: int, modality: Modality, row: dict[str, Any]) -> Item:
+    return Item(
+        id=item_id,
+        modality=modality,
+        path=row["path"],
+        start=row["start_s"],
+        end=row["end_s"],
+        caption=row["caption"],
+        tags=tuple(str(t) for t in row["tags"]),
+    )
 
 
 def open_index(
@@ -334,37 +385,36 @@ def open_index(
     root = Path(path)
     manifest = read_manifest(root)
     if encoder is not None:
-        check_fingerprint(manifest["model"], encoder_fingerprint(encoder, checkpoint), str(root))
-    conn = connect(root / META, readonly=True)
+        check_fingerprint(dict(manifest.model), encoder_fingerprint(encoder, checkpoint), str(root))
+    store = IndexStore.open_readonly(root)
     try:
-        indexes = _load_indexes(root, manifest, conn, gpu_available() if gpu is None else gpu)
+        indexes = _load_indexes(root, manifest, store, gpu_available() if gpu is None else gpu)
     except Exception:
-        conn.close()
+        store.close()
         raise
-    return IndexSearcher(root, manifest, conn, indexes)
+    return IndexSearcher(root, manifest, store, indexes)
 
 
 def _load_indexes(
-    root: Path, manifest: dict[str, Any], conn: sqlite3.Connection, gpu: bool
+    root: Path, manifest: IndexManifest, store: IndexStore, gpu: bool
 ) -> dict[Modality, _ModalityIndex]:
-    generation = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-    if generation is None or int(json.loads(generation[0])) != int(manifest.get("generation", -1)):
+    if store.generation != manifest.generation:
         raise IndexIncomplete(
             f"the index at {root} changed after its manifest was written (an update was "
             "interrupted): rerun the command that was interrupted (build, add, remove or sync)"
         )
-    dim = int(manifest["dim"])
+    dim = manifest.dim
     out: dict[Modality, _ModalityIndex] = {}
-    for name, entry in manifest["modalities"].items():
+    for name, entry in manifest.modalities.items():
         m = Modality.parse(name)
-        file = root / entry["file"]
+        file = root / entry.file
         if not file.is_file():
             raise IndexCorrupt(f"{file} is missing")
         index = faiss.read_index(str(file))
         if index.d != dim:
             raise IndexCorrupt(f"{file} holds {index.d}-d vectors; the manifest says {dim}")
         present = index_ids(index)
-        live, dead = _ids(conn, name, 0), _ids(conn, name, 1)
+        live, dead = store.live_ids(name), store.tombstone_ids(name)
         # vector id == metadata row id: every live row is in FAISS, and FAISS holds nothing
         # else than live rows and tombstones (HNSW keeps removed vectors until compaction).
         missing = np.setdiff1d(live, present)
@@ -374,19 +424,13 @@ def _load_indexes(
                 f"{file} and {META} disagree: {len(missing)} item rows without a vector, "
                 f"{len(extra)} vectors without a row; run `bindsearch index verify`"
             )
-        spec = IndexSpec.from_dict(entry["spec"])
-        apply_search_params(index, spec)
-        scan = None
+        apply_search_params(index, entry.spec)
+        scan, on_gpu = None, False
         if gpu:
-            index = to_gpu(index)
+            cpu, index = index, to_gpu(index)
+            on_gpu = index is not cpu  # types without a GPU version stay on the CPU
         elif FlatScan.supports(index):
             scan = FlatScan(index, present)
-        out[m] = _ModalityIndex(index, spec, np.intersect1d(present, dead), scan)
+        tombstones = np.intersect1d(present, dead)
+        out[m] = _ModalityIndex(index, entry.spec, np.sort(present), tombstones, scan, on_gpu)
     return out
-
-
-def _ids(conn: sqlite3.Connection, modality: str, deleted: int) -> np.ndarray:
-    rows = conn.execute(
-        "SELECT id FROM items WHERE modality = ? AND deleted = ? ORDER BY id", (modality, deleted)
-    ).fetchall()
-    return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))

@@ -388,3 +388,28 @@ def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
     """Remove ``ids`` from an index that supports removal; returns how many went."""
     wrapped: Any = index  # the Python wrapper takes an id array (the stubs want an IDSelector)
     return int(wrapped.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+
+
+def search_parameters(
+    index: faiss.Index, spec: IndexSpec, sel: faiss.IDSelector
+) -> faiss.SearchParameters:
+    """Per-search parameters restricting ``index`` to the ids ``sel`` accepts.
+
+    Parameters given with a search replace the index's own, so the recorded ``nprobe`` /
+    ``efSearch`` of ``spec`` go in the same object (IVF: ``SearchParametersIVF``, HNSW:
+    ``SearchParametersHNSW``, otherwise the plain ``SearchParameters``).
+    """
+    inner: Any = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    values = dict(spec.search_params)
+    params: Any
+    if _ivf(index) is not None:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(values.get("nprobe", _ivf(index).nprobe))
+    elif hasattr(inner, "hnsw"):
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        params.efSearch = int(values.get("efSearch", inner.hnsw.efSearch))
+    else:
+        params = faiss.SearchParameters()
+    params.sel = sel
+    out: faiss.SearchParameters = params
+    return out

@@ -27,10 +27,12 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import faiss
 import numpy as np
+
+from encoders import Modality
 
 from .errors import IndexCorrupt, IndexIncomplete, IndexNotFound, IndexStoreError, SettingsMismatch
 from .fingerprint import check_fingerprint
@@ -126,8 +128,195 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The parsed ``manifest.json``; ``IndexIncomplete`` if a build never finished."""
+def chunk_file(root: Path, chunk: int) -> Path:
+    """The file of chunk number ``chunk`` in the index at ``root`` (the one place it is named)."""
+    return Path(root) / CHUNKS / f"c{chunk:08d}.npy"
+
+
+def _chunk_number(path: Path) -> int | None:
+    """The chunk number a committed chunk file name carries; None for any other file."""
+    stem = path.name[1:].removesuffix(".npy")
+    ok = path.name.startswith("c") and path.suffix == ".npy" and stem.isdigit()
+    return int(stem) if ok else None
+
+
+@dataclass(frozen=True)
+class ModalityManifest:
+    """One item modality's FAISS file in the manifest: its recipe, counts, recall, checksum."""
+
+    file: str  # a file name inside the index directory, e.g. ``vision.faiss``
+    spec: IndexSpec
+    count: int  # live items
+    ntotal: int  # vectors in the FAISS file (live items + tombstones)
+    tombstones: int
+    removable: bool
+    sha256: str
+    recall: Mapping[str, Any] | None = None  # ``RecallReport.to_dict()``; None: exact
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "spec": self.spec.to_dict(),
+            "count": self.count,
+            "ntotal": self.ntotal,
+            "tombstones": self.tombstones,
+            "removable": self.removable,
+            "recall": None if self.recall is None else dict(self.recall),
+            "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    """``manifest.json``, typed: written by ``IndexStore.refresh``, read by ``read_manifest``.
+
+    The JSON layout is ``to_dict()``; ``from_dict`` is the one place it is read and validated.
+    """
+
+    model: Mapping[str, Any]  # the model fingerprint (``index.fingerprint``)
+    dim: int
+    modalities: Mapping[str, ModalityManifest]
+    counts: Mapping[str, int]  # items, files, duplicates, rejected
+    checksums: Mapping[str, str]  # items_sha256, chunks_sha256, one per FAISS file
+    generation: int  # the database's generation this manifest was written at
+    next_id: int
+    updated: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    index_options: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint_path: str | None = None
+    metric: str = "inner_product"
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.version,
+            "model": dict(self.model),
+            "dim": self.dim,
+            "metric": self.metric,
+            "score": "cosine (vectors are L2-normalised)",
+            "checkpoint_path": self.checkpoint_path,
+            "settings": dict(self.settings),
+            "index_options": dict(self.index_options),
+            "modalities": {m: e.to_dict() for m, e in self.modalities.items()},
+            "counts": dict(self.counts),
+            "checksums": dict(self.checksums),
+            "generation": self.generation,
+            "next_id": self.next_id,
+            "updated": self.updated,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, source: str | Path = MANIFEST) -> IndexManifest:
+        """Validate a parsed manifest; ``IndexCorrupt`` naming ``source`` and what is wrong."""
+        r = _Reader(str(source))
+        d = r.obj(data, "the manifest")
+        if d.get("format") != FORMAT:
+            raise IndexCorrupt(f"{source} is not a bindsearch index manifest (no {FORMAT!r})")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexCorrupt(
+                f"{source} has format version {version!r}; this bindsearch reads version "
+                f"{FORMAT_VERSION}: rebuild the index"
+            )
+        mods: dict[str, ModalityManifest] = {}
+        for name, value in r.obj(r.key(d, "modalities"), "modalities").items():
+            where = f"modalities.{name}"
+            if name not in {m.value for m in Modality}:
+                r.fail(f"{where} is not a modality ({', '.join(m.value for m in Modality)})")
+            e = r.obj(value, where)
+            file = r.str_(e, "file", where)
+            if file != Path(file).name or not file.endswith(".faiss"):
+                r.fail(f"{where}.file is {file!r}, not a .faiss file in the index folder")
+            try:
+                spec = IndexSpec.from_dict(r.obj(r.key(e, "spec", where), f"{where}.spec"))
+            except (KeyError, TypeError, ValueError) as err:
+                r.fail(f"{where}.spec is not an index recipe ({err})")
+            recall = e.get("recall")
+            mods[name] = ModalityManifest(
+                file=file,
+                spec=spec,
+                count=r.int_(e, "count", where),
+                ntotal=r.int_(e, "ntotal", where),
+                tombstones=r.int_(e, "tombstones", where),
+                removable=r.bool_(e, "removable", where),
+                sha256=r.str_(e, "sha256", where),
+                recall=None if recall is None else r.obj(recall, f"{where}.recall"),
+            )
+        counts = r.obj(r.key(d, "counts"), "counts")
+        checksums = r.obj(r.key(d, "checksums"), "checksums")
+        path = d.get("checkpoint_path")
+        if path is not None and not isinstance(path, str):
+            r.fail(f"checkpoint_path is {path!r}, not a string or null")
+        if r.int_(d, "dim") < 1:
+            r.fail(f"dim is {d['dim']}, not a positive number of dimensions")
+        return cls(
+            model=r.obj(r.key(d, "model"), "model"),
+            dim=r.int_(d, "dim"),
+            modalities=mods,
+            counts={k: r.int_(counts, k, "counts") for k in counts},
+            checksums={k: r.str_(checksums, k, "checksums") for k in checksums},
+            generation=r.int_(d, "generation"),
+            next_id=r.int_(d, "next_id"),
+            updated=r.str_(d, "updated"),
+            settings=r.obj(d.get("settings") or {}, "settings"),
+            index_options=r.obj(d.get("index_options") or {}, "index_options"),
+            checkpoint_path=path,
+            metric=r.str_(d, "metric"),
+            version=FORMAT_VERSION,
+        )
+
+
+class _Reader:
+    """Typed reads of a parsed manifest: each failure is one ``IndexCorrupt`` line."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, what: str) -> NoReturn:
+        raise IndexCorrupt(f"{self.source} is malformed: {what}")
+
+    def obj(self, value: object, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(f"{where} is a JSON {_json_type(value)}, not an object")
+        return value
+
+    def key(self, d: Mapping[str, Any], key: str, where: str = "") -> Any:
+        if key not in d:
+            self.fail(f"{where + '.' if where else ''}{key} is missing")
+        return d[key]
+
+    def int_(self, d: Mapping[str, Any], key: str, where: str = "") -> int:
+        value = self.key(d, key, where)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(f"{where + '.' if where else ''}{key} is {value!r}, not an integer")
+        return value
+
+    def str_(self, d: Mapping[str, Any], key: str, where: str = "") -> str:
+        value = self.key(d, key, where)
+        if not isinstance(value, str):
+            self.fail(f"{where + '.' if where else ''}{key} is {value!r}, not a string")
+        return value
+
+    def bool_(self, d: Mapping[str, Any], key: str, where: str = "") -> bool:
+        value = self.key(d, key, where)
+        if not isinstance(value, bool):
+            self.fail(f"{where + '.' if where else ''}{key} is {value!r}, not true or false")
+        return value
+
+
+def _json_type(value: object) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def read_manifest(root: Path) -> IndexManifest:
+    """The index's validated ``manifest.json``; ``IndexIncomplete`` if a build never finished.
+
+    Raises ``IndexCorrupt`` (one line naming the file and what is wrong) when it is not JSON,
+    not a manifest, of another format version, or has a field of the wrong type.
+    """
+    root = Path(root)
     path = root / MANIFEST
     if not (root / META).is_file():
         raise IndexNotFound(f"no index at {root} (no {META})")
@@ -136,17 +325,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"the index at {root} is incomplete (its build was interrupted): rerun the build"
         )
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexCorrupt(f"{path} is not valid JSON: {e}") from None
-    if data.get("format") != FORMAT:
-        raise IndexCorrupt(f"{path} is not a bindsearch index manifest")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise IndexCorrupt(
-            f"{path} has format version {data.get('format_version')}; this bindsearch reads "
-            f"version {FORMAT_VERSION}: rebuild the index"
-        )
-    return data
+    except OSError as e:
+        raise IndexCorrupt(f"cannot read {path}: {e.strerror or e}") from None
+    return IndexManifest.from_dict(data, path)
 
 
 class IndexStore:
@@ -218,6 +402,14 @@ class IndexStore:
         store.drop_orphan_chunks()
         return store
 
+    @classmethod
+    def open_readonly(cls, root: Path) -> IndexStore:
+        """Open an index for reading only (search, verify, info): no repair, no writes."""
+        root = Path(root)
+        if not (root / META).is_file():
+            raise IndexNotFound(f"no index at {root} (no {META})")
+        return cls(root, connect(root / META, readonly=True))
+
     def close(self) -> None:
         self._mmaps.clear()
         self.conn.close()
@@ -256,8 +448,13 @@ class IndexStore:
         value: dict[str, Any] = self.get_meta("settings") or {}
         return value
 
+    @property
+    def generation(self) -> int:
+        """Bumped by every committed change; the manifest records the one it was written at."""
+        return int(self.get_meta("generation") or 0)
+
     def _bump_generation(self) -> None:
-        self.set_meta("generation", int(self.get_meta("generation") or 0) + 1)
+        self.set_meta("generation", self.generation + 1)
 
     # --- files --------------------------------------------------------------------------------
 
@@ -375,7 +572,7 @@ class IndexStore:
         return 1 if row[0] is None else int(row[0]) + 1
 
     def chunk_path(self, chunk: int) -> Path:
-        return self.root / CHUNKS / f"c{chunk:08d}.npy"
+        return chunk_file(self.root, chunk)
 
     def _write_chunk(self, chunk: int, vectors: np.ndarray) -> str:
         path = self.chunk_path(chunk)
@@ -393,8 +590,7 @@ class IndexStore:
         """Delete chunk files a crash left without rows (and temporary files)."""
         known = {int(r[0]) for r in self.conn.execute("SELECT chunk FROM chunks")}
         for p in (self.root / CHUNKS).glob("c*"):
-            stem = p.name[1:].split(".")[0]
-            if p.suffix == ".tmp" or not stem.isdigit() or int(stem) not in known:
+            if _chunk_number(p) not in known:
                 p.unlink(missing_ok=True)
         for p in self.root.glob("*.tmp"):
             p.unlink(missing_ok=True)
@@ -436,13 +632,14 @@ class IndexStore:
         return found
 
     def _remove_items(self, ids: Sequence[int]) -> None:
-        manifest = self._manifest_or_empty()
+        manifest = self._manifest_or_none()
+        entries = {} if manifest is None else manifest.modalities
         for i in ids:
             row = self.conn.execute("SELECT modality FROM items WHERE id = ?", (i,)).fetchone()
             if row is None:
                 continue
-            entry = manifest.get("modalities", {}).get(row[0])
-            removable = entry is None or IndexSpec.from_dict(entry["spec"]).removable
+            entry = entries.get(row[0])
+            removable = entry is None or entry.spec.removable
             if removable:
                 self.conn.execute("DELETE FROM items WHERE id = ?", (i,))
             else:  # the vector stays in the graph until compaction: a tombstone row hides it
@@ -461,6 +658,74 @@ class IndexStore:
             "SELECT id FROM items WHERE modality = ? AND deleted = 1 ORDER BY id", (modality,)
         ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def tagged_ids(self, modality: str, tags: Sequence[str]) -> np.ndarray:
+        """Live ids of ``modality`` whose items carry every one of ``tags``, ascending."""
+        sql = "SELECT id FROM items WHERE modality = ? AND deleted = 0"
+        args: list[Any] = [modality]
+        for tag in dict.fromkeys(tags):
+            # instr() on the stored JSON text skips most rows before json_each parses them.
+            sql += (
+                " AND instr(tags, ?) > 0"
+                " AND EXISTS (SELECT 1 FROM json_each(items.tags) WHERE value = ?)"
+            )
+            args += [json.dumps(str(tag)), str(tag)]
+        rows = self.conn.execute(sql + " ORDER BY id", args).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def item_metadata(
+        self, ids: Sequence[int], cols: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Live items' metadata by id, one dict per id in order; ``{}`` for an unknown id.
+
+        ``cols``: among ``ITEM_COLUMNS`` (default: all); ``tags`` come back as a list.
+        """
+        columns = list(ITEM_COLUMNS if cols is None else cols)
+        unknown = sorted(set(columns) - set(ITEM_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown metadata columns {unknown}; accepted: {list(ITEM_COLUMNS)}")
+        wanted = [int(i) for i in ids]
+        fetch = ", ".join(sorted(set(columns) | {"id"}))
+        found: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(wanted), 500):
+            part = [i for i in wanted[start : start + 500] if storable_id(i)]
+            if not part:
+                continue
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT {fetch} FROM items WHERE deleted = 0 AND id IN ({marks})"
+            for r in self.conn.execute(sql, part):
+                found[int(r["id"])] = {c: _column(c, r[c]) for c in columns}
+        return [found.get(i, {}) for i in wanted]
+
+    def item_vector(self, item_id: int) -> np.ndarray | None:
+        """A live item's stored (dim,) vector, exactly as embedded; None if there is none."""
+        if not storable_id(item_id):
+            return None
+        row = self.conn.execute(
+            "SELECT i.chunk, c.first_id FROM items i JOIN chunks c ON c.chunk = i.chunk "
+            "WHERE i.id = ? AND i.deleted = 0",
+            (int(item_id),),
+        ).fetchone()
+        if row is None:
+            return None
+        vectors = self.chunk_vectors(int(row[0]))
+        return np.array(vectors[int(item_id) - int(row[1])], dtype=np.float32)
+
+    def chunk_rows(self) -> list[tuple[int, int, int, str]]:
+        """(chunk, first id, count, sha256) of every committed chunk, by chunk number."""
+        rows = self.conn.execute("SELECT chunk, first_id, count, sha256 FROM chunks ORDER BY 1")
+        return [(int(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in rows]
+
+    def item_chunks(self) -> list[tuple[int, int]]:
+        """(item id, chunk) of every item row, tombstones included."""
+        return [(int(r[0]), int(r[1])) for r in self.conn.execute("SELECT id, chunk FROM items")]
+
+    def modality_rows(self, modality: str) -> list[tuple[int, int, bool]]:
+        """(item id, chunk, deleted) of a modality's item rows, by id."""
+        rows = self.conn.execute(
+            "SELECT id, chunk, deleted FROM items WHERE modality = ? ORDER BY id", (modality,)
+        )
+        return [(int(r[0]), int(r[1]), bool(r[2])) for r in rows]
 
     def modalities(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT modality FROM items ORDER BY 1")]
@@ -503,11 +768,11 @@ class IndexStore:
 
     # --- FAISS files and the manifest ---------------------------------------------------------
 
-    def _manifest_or_empty(self) -> dict[str, Any]:
+    def _manifest_or_none(self) -> IndexManifest | None:
         try:
             return read_manifest(self.root)
         except IndexStoreError:
-            return {}
+            return None
 
     def refresh(
         self,
@@ -516,7 +781,7 @@ class IndexStore:
         target_recall: float | None = None,
         rebuild: bool = False,
         log: Any = None,
-    ) -> dict[str, Any]:
+    ) -> IndexManifest:
         """Bring every FAISS file in line with the database, then write the manifest.
 
         Per modality: a missing file, a different recipe (``factory``: ``auto`` or a factory
@@ -536,8 +801,9 @@ class IndexStore:
         options.setdefault("target_recall", TARGET_RECALL)
         with self.transaction():
             self.set_meta("index_options", options)
-        old = self._manifest_or_empty().get("modalities", {})
-        entries: dict[str, Any] = {}
+        previous = self._manifest_or_none()
+        old = {} if previous is None else previous.modalities
+        entries: dict[str, ModalityManifest] = {}
         for m in sorted(set(self.modalities()) | set(old)):
             entry = self._refresh_modality(m, old.get(m), options, rebuild, log)
             if entry is not None:
@@ -545,23 +811,23 @@ class IndexStore:
         # Tombstones that no FAISS file holds any more (after a compaction) can go now.
         with self.transaction():
             for m in entries:
-                if entries[m]["tombstones"] == 0:
+                if entries[m].tombstones == 0:
                     self.conn.execute("DELETE FROM items WHERE modality = ? AND deleted = 1", (m,))
             self._bump_generation()
         for m in set(old) - set(entries):
             (self.root / f"{m}.faiss").unlink(missing_ok=True)
         manifest = self._manifest(entries)
-        _atomic_write(self.root / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _atomic_write(self.root / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode())
         return manifest
 
     def _refresh_modality(
         self,
         m: str,
-        old: Mapping[str, Any] | None,
+        old: ModalityManifest | None,
         options: Mapping[str, Any],
         rebuild: bool,
         log: Any,
-    ) -> dict[str, Any] | None:
+    ) -> ModalityManifest | None:
         live = self.live_ids(m)
         path = self.root / f"{m}.faiss"
         if len(live) == 0:
@@ -571,8 +837,8 @@ class IndexStore:
             wanted = choose_spec(len(live), self.dim, int(options["memory_budget"]))
         else:
             wanted = IndexSpec.parse(str(options["factory"]))
-        spec = None if old is None else IndexSpec.from_dict(old["spec"])
-        recall = None if old is None else old.get("recall")
+        spec = None if old is None else old.spec
+        recall = None if old is None else old.recall
         index = None
         if spec is not None and path.is_file() and not rebuild and spec.factory == wanted.factory:
             index = faiss.read_index(str(path))
@@ -599,16 +865,16 @@ class IndexStore:
             if len(add) or (spec.removable and len(gone)):
                 self._write_index(index, path)
         ntotal = int(index.ntotal)
-        return {
-            "file": path.name,
-            "spec": spec.to_dict(),
-            "count": len(live),
-            "ntotal": ntotal,
-            "tombstones": ntotal - len(live),
-            "removable": spec.removable,
-            "recall": recall,
-            "sha256": sha256_path(path),
-        }
+        return ModalityManifest(
+            file=path.name,
+            spec=spec,
+            count=len(live),
+            ntotal=ntotal,
+            tombstones=ntotal - len(live),
+            removable=spec.removable,
+            sha256=sha256_path(path),
+            recall=recall,
+        )
 
     @staticmethod
     def _write_index(index: faiss.Index, path: Path) -> None:
@@ -630,28 +896,35 @@ class IndexStore:
             "rejected": one("SELECT COUNT(*) FROM files WHERE status = 'rejected'"),
         }
 
-    def _manifest(self, entries: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": self.fingerprint,
-            "dim": self.dim,
-            "metric": "inner_product",
-            "score": "cosine (vectors are L2-normalised)",
-            "checkpoint_path": self.get_meta("checkpoint_path"),
-            "settings": self.settings,
-            "index_options": self.get_meta("index_options"),
-            "modalities": entries,
-            "counts": self.counts(),
-            "checksums": {
+    def _manifest(self, entries: dict[str, ModalityManifest]) -> IndexManifest:
+        return IndexManifest(
+            model=self.fingerprint,
+            dim=self.dim,
+            modalities=entries,
+            counts=self.counts(),
+            checksums={
                 "items_sha256": items_digest(self.conn),
                 "chunks_sha256": chunks_digest(self.conn),
-                **{e["file"]: e["sha256"] for e in entries.values()},
+                **{e.file: e.sha256 for e in entries.values()},
             },
-            "generation": int(self.get_meta("generation") or 0),
-            "next_id": int(self.get_meta("next_id") or 0),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+            generation=self.generation,
+            next_id=int(self.get_meta("next_id") or 0),
+            updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            settings=self.settings,
+            index_options=self.get_meta("index_options") or {},
+            checkpoint_path=self.get_meta("checkpoint_path"),
+        )
+
+
+def storable_id(item_id: int) -> bool:
+    """Whether an id fits SQLite's (and FAISS's) int64; others cannot be in an index."""
+    return -(1 << 63) <= item_id < (1 << 63)
+
+
+def _column(name: str, value: Any) -> Any:
+    if name == "tags":
+        return json.loads(value) if value else []
+    return value
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,9 +9,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .errors import IndexStoreError
 from .spec import IndexSpec, index_ids
-from .store import META, chunks_digest, connect, items_digest, read_manifest, sha256_path
+from .store import (
+    IndexManifest,
+    IndexStore,
+    chunks_digest,
+    items_digest,
+    read_manifest,
+    sha256_path,
+)
 
 SAMPLE = 2000  # vectors compared between FAISS and the chunks, per modality
 _LOSSY = ("PQ", "SQ", "LSH", "RQ", "LSQ")
@@ -31,34 +36,29 @@ class VerifyReport:
 
 
 def verify_index(path: str | Path) -> VerifyReport:
-    """Check every checksum and that FAISS ids, vectors and metadata rows agree."""
+    """Check every checksum and that FAISS ids, vectors and metadata rows agree.
+
+    Raises ``IndexStoreError`` when there is nothing to check against: no index, or a
+    manifest that is missing, unreadable or malformed (one line naming the file).
+    """
     root = Path(path)
+    manifest = read_manifest(root)
     report = VerifyReport()
-    try:
-        manifest = read_manifest(root)
-    except IndexStoreError as e:
-        report.problems.append(str(e))
-        return report
-    conn = connect(root / META, readonly=True)
-    try:
-        _check(root, manifest, conn, report)
-    finally:
-        conn.close()
+    with IndexStore.open_readonly(root) as store:
+        _check(root, manifest, store, report)
     return report
 
 
-def _check(root: Path, manifest: dict[str, Any], conn: Any, report: VerifyReport) -> None:
+def _check(root: Path, manifest: IndexManifest, store: IndexStore, report: VerifyReport) -> None:
     bad = report.problems.append
-    dim = int(manifest["dim"])
-    generation = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-    if generation is None or json.loads(generation[0]) != manifest.get("generation"):
+    dim = manifest.dim
+    if store.generation != manifest.generation:
         bad("the database changed after the manifest was written (an interrupted update)")
     # Chunks: each file present, its sha256 as recorded, (count, dim) float32.
-    chunks = conn.execute("SELECT chunk, first_id, count, sha256 FROM chunks ORDER BY chunk")
-    chunk_rows = [tuple(r) for r in chunks]
+    chunk_rows = store.chunk_rows()
     vectors: dict[int, np.ndarray] = {}
     for chunk, _first, count, digest in chunk_rows:
-        file = root / "chunks" / f"c{chunk:08d}.npy"
+        file = store.chunk_path(chunk)
         if not file.is_file():
             bad(f"chunk file {file.name} is missing")
             continue
@@ -74,33 +74,31 @@ def _check(root: Path, manifest: dict[str, Any], conn: Any, report: VerifyReport
     # Items: each row's vector lies in its chunk.
     spans = {c: (f, n) for c, f, n, _ in chunk_rows}
     orphans = 0
-    for i, c in conn.execute("SELECT id, chunk FROM items"):
+    for i, c in store.item_chunks():
         f, n = spans.get(c, (0, 0))
         if not f <= i < f + n:
             orphans += 1
     if orphans:
         bad(f"{orphans} item rows have no vector in their chunk")
     # Checksums recorded in the manifest.
-    sums = manifest.get("checksums", {})
-    if items_digest(conn) != sums.get("items_sha256"):
+    sums = manifest.checksums
+    if items_digest(store.conn) != sums.get("items_sha256"):
         bad("the item rows do not match the manifest's items_sha256")
-    if chunks_digest(conn) != sums.get("chunks_sha256"):
+    if chunks_digest(store.conn) != sums.get("chunks_sha256"):
         bad("the chunk table does not match the manifest's chunks_sha256")
     # One FAISS file per modality: checksum, ids == rows, vectors == chunk vectors.
     firsts = {c: f for c, f, _, _ in chunk_rows}
-    for name, entry in manifest["modalities"].items():
-        file = root / entry["file"]
+    for name, entry in manifest.modalities.items():
+        file = root / entry.file
         if not file.is_file():
             bad(f"{file.name} is missing")
             continue
-        if sha256_path(file) != entry["sha256"]:
+        if sha256_path(file) != entry.sha256:
             bad(f"{file.name} does not match its sha256 in the manifest")
             continue
         index = faiss.read_index(str(file))
         present = index_ids(index)
-        rows = conn.execute(
-            "SELECT id, chunk, deleted FROM items WHERE modality = ? ORDER BY id", (name,)
-        ).fetchall()
+        rows = store.modality_rows(name)
         live = np.array([r[0] for r in rows if not r[2]], dtype=np.int64)
         dead = np.array([r[0] for r in rows if r[2]], dtype=np.int64)
         missing = np.setdiff1d(live, present)
@@ -109,19 +107,17 @@ def _check(root: Path, manifest: dict[str, Any], conn: Any, report: VerifyReport
             bad(f"{name}: {len(missing)} items have no vector in {file.name}")
         if len(extra):
             bad(f"{name}: {file.name} holds {len(extra)} vectors with no item row")
-        if index.ntotal != entry["ntotal"] or len(live) != entry["count"]:
+        if index.ntotal != entry.ntotal or len(live) != entry.count:
             bad(f"{name}: counts differ from the manifest")
         report.checked[name] = {"items": len(live), "ntotal": int(index.ntotal)}
-        _compare_vectors(
-            name, index, IndexSpec.from_dict(entry["spec"]), rows, firsts, vectors, report
-        )
+        _compare_vectors(name, index, entry.spec, rows, firsts, vectors, report)
 
 
 def _compare_vectors(
     name: str,
     index: faiss.Index,
     spec: IndexSpec,
-    rows: list[Any],
+    rows: list[tuple[int, int, bool]],
     firsts: dict[int, int],
     vectors: dict[int, np.ndarray],
     report: VerifyReport,

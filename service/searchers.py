@@ -1,4 +1,4 @@
-"""The ``Searcher`` protocol the service searches through, an in-memory one, and the index adapter.
+"""The ``Searcher`` protocol the service searches through, and an in-memory one.
 
 ``MemorySearcher`` is exact cosine search in numpy over vectors held in memory: the oracle in
 tests and the way to serve a small collection without building an index. It loads from a JSONL
@@ -8,7 +8,8 @@ file (one item a line, with its vector), a test and demo facility::
      "tags": ["pets"], "start": null, "end": null, "vector": [0.1, ...]}
 
 Relative paths are taken relative to the JSONL file. ``load_searcher`` opens either that or an
-index directory built by the ``index`` package, through ``IndexAdapter``.
+index directory built by the ``index`` package (``index.IndexSearcher`` is a ``Searcher``: its
+results are the ``Hit``/``Item`` types the service returns, tag filters applied inside it).
 
 Tag filters keep the items that carry every given tag.
 """
@@ -16,46 +17,26 @@ Tag filters keep the items that carry every given tag.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from encoders import Modality
+from index.results import Hit, IndexInfo, Item
 
 from .embedders import unit
 
-
-@dataclass(frozen=True)
-class Item:
-    """One indexed item (a file, or a segment of one between ``start`` and ``end`` seconds)."""
-
-    id: int
-    modality: Modality
-    path: str | None = None
-    start: float | None = None
-    end: float | None = None
-    caption: str | None = None
-    tags: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Hit:
-    item: Item
-    score: float
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    """One searchable collection: a modality's vectors with their count and index recipe."""
-
-    name: str
-    modality: Modality
-    count: int
-    recipe: dict[str, Any] = field(default_factory=dict)
+__all__ = [
+    "Hit",
+    "IndexInfo",
+    "Item",
+    "MemorySearcher",
+    "Searcher",
+    "check_index_model",
+    "load_searcher",
+]
 
 
 @runtime_checkable
@@ -197,143 +178,19 @@ def _item_from_row(row: dict[str, Any]) -> Item:
     )
 
 
-class IndexAdapter:
-    """An ``index.IndexSearcher`` (``index.open_index``) behind the ``Searcher`` protocol.
-
-    The index knows nothing of tags at search time, so with tag filters this over-fetches
-    (growing k up to the collection size) and filters here.
-    """
-
-    _OVERFETCH_LIMIT = 1 << 16
-
-    def __init__(self, searcher: Any) -> None:
-        self._s = searcher
-
-    @property
-    def dim(self) -> int:
-        return int(self._s.dim)
-
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        value: dict[str, Any] = self._s.fingerprint
-        return value
-
-    def search(
-        self,
-        vectors: np.ndarray,
-        k: int,
-        targets: Sequence[Modality] | None = None,
-        tags: Sequence[str] | None = None,
-    ) -> list[list[Hit]]:
-        q = np.ascontiguousarray(vectors, np.float32)
-        if not tags:
-            return [[_hit(h) for h in hits] for hits in self._s.search(q, k, targets)]
-        want = set(tags)
-        total = sum(i.count for i in self.info()) or k
-        out: list[list[Hit]] = []
-        for row in q:
-            fetch = k
-            while True:
-                hits = [_hit(h) for h in self._s.search(row[None], fetch, targets)[0]]
-                kept = [h for h in hits if want.issubset(h.item.tags)]
-                exhausted = len(hits) < fetch or fetch >= min(total, self._OVERFETCH_LIMIT)
-                if len(kept) >= k or exhausted:
-                    out.append(kept[:k])
-                    break
-                fetch = min(fetch * 4, total, self._OVERFETCH_LIMIT)
-        return out
-
-    def get_item(self, item_id: int) -> Item | None:
-        rows = self._s.get([int(item_id)])
-        if not rows or not rows[0] or rows[0].get("deleted"):
-            return None
-        row = dict(rows[0])
-        # The store names segment bounds start_s/end_s.
-        row.setdefault("start", row.get("start_s"))
-        row.setdefault("end", row.get("end_s"))
-        return _item_from_any(row)
-
-    def item_vector(self, item_id: int) -> np.ndarray | None:
-        try:
-            v = self._s.vector(int(item_id))
-        except (KeyError, IndexError):
-            return None
-        return unit(np.asarray(v, np.float32).reshape(-1))
-
-    def item_media_path(self, item_id: int) -> Path | None:
-        return _media_path(self.get_item(item_id), Path(self._s.root))
-
-    def info(self) -> list[IndexInfo]:
-        name = Path(self._s.root).name
-        mods = self._s.manifest.get("modalities", {})
-        return [
-            IndexInfo(
-                name,
-                m,
-                int(n),
-                dict(mods.get(m.value, {}).get("spec", {})),
-            )
-            for m, n in sorted(self._s.counts().items())
-        ]
-
-
 def _media_path(item: Item | None, root: Path | None) -> Path | None:
-    """An item's stored path; relative ones resolve against the index's folder."""
+    """An item's stored path; relative ones resolve against the JSONL file's folder."""
     if item is None or item.path is None:
         return None
     p = Path(item.path)
     return p if p.is_absolute() or root is None else root / p
 
 
-def _get(obj: Any, key: str, default: Any) -> Any:
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
-def _first_attr(obj: Any, names: Iterable[str], default: Any) -> Any:
-    for n in names:
-        v = getattr(obj, n, None)
-        if v is not None:
-            return v
-    return default
-
-
-def _as_dict(x: Any) -> dict[str, Any]:
-    if isinstance(x, dict):
-        return x
-    if hasattr(x, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(x)
-    return {"recipe": str(x)}
-
-
-def _item_from_any(row: Any) -> Item:
-    tags = _get(row, "tags", ()) or ()
-    if isinstance(tags, str):
-        tags = tuple(t for t in tags.split(",") if t)
-    start, end = _get(row, "start", None), _get(row, "end", None)
-    caption, path = _get(row, "caption", None), _get(row, "path", None)
-    return Item(
-        id=int(_get(row, "id", -1)),
-        modality=Modality.parse(_get(row, "modality", "vision")),
-        path=None if path is None else str(path),
-        start=None if start is None or math.isnan(float(start)) else float(start),
-        end=None if end is None or math.isnan(float(end)) else float(end),
-        caption=None if caption is None else str(caption),
-        tags=tuple(str(t) for t in tags),
-    )
-
-
-def _hit(h: Any) -> Hit:
-    return Hit(_item_from_any(h), float(_get(h, "score", 0.0)))
-
-
 def load_searcher(path: str | Path) -> Searcher:
     """Open what ``--index`` names: a ``.jsonl`` of items with vectors, or an index directory.
 
-    Raises ValueError with one line when it cannot (missing file, no ``index`` package yet).
+    Raises ValueError with one line when it cannot (missing file, FAISS not installed), and
+    ``index.IndexStoreError`` (one line) for an index directory that is not a sound index.
     """
     path = Path(path)
     if not path.exists():
@@ -341,20 +198,24 @@ def load_searcher(path: str | Path) -> Searcher:
     if path.suffix == ".jsonl":
         return MemorySearcher.from_jsonl(path)
     try:
-        from index import open_index
-    except ImportError:
+        from index.search import open_index
+    except ImportError as e:
+        if "faiss" not in str(e):
+            raise
         raise ValueError(
-            "this install's `index` package has no open_index(): index directories cannot be "
-            "served yet (a .jsonl of items with vectors can)"
+            f"serving the index directory {path} needs FAISS: install bindsearch with the 'cpu' "
+            "extra (faiss-cpu), or 'gpu' on a CUDA machine (faiss-gpu); never both"
         ) from None
-    return IndexAdapter(open_index(path))
+    return open_index(path)
 
 
 def check_index_model(
     searcher: Searcher, config: str, checkpoint: Path | None, random_weights: bool
 ) -> None:
     """Refuse (one line) an index built with another model than the one being served."""
-    if not isinstance(searcher, IndexAdapter):
+    from index.search import IndexSearcher
+
+    if not isinstance(searcher, IndexSearcher):
         return  # a .jsonl of vectors carries no model fingerprint
     from encoders.config import resolve_config
     from encoders.weights import default_checkpoint

@@ -103,14 +103,15 @@ def test_planted_near_duplicates_are_rank_one(
         ids = _ids_by_path(root / "idx")
         for a, b in (("img0", "img0_altered"), ("snd0", "snd0_reenc")):
             hits = s.search(s.vector(ids[str(files[a].resolve())])[None], 3)[0]
-            assert [h.path for h in hits[:2]] == [str(files[a].resolve()), str(files[b].resolve())]
+            want_paths = [str(files[a].resolve()), str(files[b].resolve())]
+            assert [h.item.path for h in hits[:2]] == want_paths
         # ... and fresh copies made outside the corpus find their originals at rank 1.
         q_img = altered_copy(files["img3"], tmp_path / "q.jpg")
         q_snd = reencoded_audio(files["snd2"], tmp_path / "q.ogg")
         for m, q, want in (("vision", q_img, "img3"), ("audio", q_snd, "snd2")):
             hit = s.search(encoder.embed_items(m, [q]), 1)[0][0]
-            assert hit.path == str(files[want].resolve())
-            assert hit.modality == m and hit.score > 0.9
+            assert hit.item.path == str(files[want].resolve())
+            assert hit.item.modality == m and hit.score > 0.9
 
 
 def test_any_to_any_on_one_index(
@@ -134,13 +135,13 @@ def test_any_to_any_on_one_index(
         }
         for qm, q in queries.items():
             everything = s.search(q, 30)[0]
-            assert everything[0].modality == qm.value and everything[0].score > 0.999
-            assert len({h.modality for h in everything}) == 6  # every modality is reachable
+            assert everything[0].item.modality == qm and everything[0].score > 0.999
+            assert len({h.item.modality for h in everything}) == 6  # every modality is reachable
             scores = [h.score for h in everything]
             assert scores == sorted(scores, reverse=True)
             for target in s.modalities:
                 hits = s.search(q, 2, targets=[target])[0]
-                assert hits and {h.modality for h in hits} == {target.value}
+                assert hits and {h.item.modality for h in hits} == {target}
         # Metadata by id, and the stored vector of an item.
         i = _ids_by_path(root / "idx")[str(files["txt"].resolve())]
         assert s.get([i, 10**9], ["path", "modality"]) == [

@@ -69,11 +69,12 @@ def test_auto_recipe_on_200k_vectors_is_approximate_with_recall_recorded(tmp_pat
     x = clustered(200_000, d, 1000)
     with fill(tmp_path / "idx", x) as store:
         manifest = store.refresh(factory="auto")
-    entry = manifest["modalities"]["vision"]
-    spec = entry["spec"]
+    entry = manifest.modalities["vision"]
+    spec = entry.spec.to_dict()
     assert spec["factory"] == "IVF512,Flat"  # non-flat above 100k vectors
     nprobe = spec["search_params"]["nprobe"]
-    assert entry["recall"]["recall_at_10"] >= 0.95 and entry["recall"]["queries"] == 1000
+    assert entry.recall is not None
+    assert entry.recall["recall_at_10"] >= 0.95 and entry.recall["queries"] == 1000
     assert nprobe <= 512 // 4  # far from scanning every list
     # The recorded recall holds on queries the index has never seen, against an exact oracle.
     centres = np.random.default_rng(0).standard_normal((1000, d)).astype(np.float32)  # as above
@@ -82,7 +83,7 @@ def test_auto_recipe_on_200k_vectors_is_approximate_with_recall_recorded(tmp_pat
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     _, exact = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
     with open_index(tmp_path / "idx") as s:
-        got = np.array([[h.id for h in hits] for hits in s.search(q, 10)])
+        got = np.array([[h.item.id for h in hits] for hits in s.search(q, 10)])
     assert recall_at_k(got, exact, 10) >= 0.93
     assert verify_index(tmp_path / "idx").ok
 
@@ -92,12 +93,12 @@ def test_forced_factories(tmp_path: Path, factory: str) -> None:
     x = clustered(4000, 32, 50)
     with fill(tmp_path / "idx", x, chunk=1500) as store:
         manifest = store.refresh(factory=factory)
-    entry = manifest["modalities"]["vision"]
-    assert entry["spec"]["factory"] == factory and entry["count"] == 4000
-    assert (entry["recall"] is None) == (factory == "Flat")
+    entry = manifest.modalities["vision"]
+    assert entry.spec.factory == factory and entry.count == 4000
+    assert (entry.recall is None) == (factory == "Flat")
     with open_index(tmp_path / "idx") as s:
         hits = s.search(x[:20], 5)
-    top = [h[0].id for h in hits]
+    top = [h[0].item.id for h in hits]
     assert sum(t == i for i, t in enumerate(top)) >= 18  # each vector finds itself
     assert verify_index(tmp_path / "idx").ok
 
@@ -149,7 +150,7 @@ def test_flat_scan_serves_open_index_and_skips_other_recipes(tmp_path: Path) -> 
             mi = s._indexes[next(iter(s._indexes))]
             assert (mi.scan is not None) == scanned
             one = s.search(x[5], 10)[0]
-            assert one[0].id == 5 and abs(one[0].score - 1) < 1e-5  # id = row here
+            assert one[0].item.id == 5 and abs(one[0].score - 1) < 1e-5  # id = row here
             batch = s.search(x[:20], 10)  # 16-64 queries: one matrix product too
-            assert [h[0].id for h in batch] == list(range(20))
-            assert [h.id for h in batch[5]] == [h.id for h in one]
+            assert [h[0].item.id for h in batch] == list(range(20))
+            assert [h.item.id for h in batch[5]] == [h.item.id for h in one]

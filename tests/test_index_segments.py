@@ -88,7 +88,8 @@ def test_long_audio_and_video_become_segments(
         # The middle sound of long.wav finds its own segment first.
         q = encoder.embed("audio", load_audio((parts[1], rate), CONFIG.preprocess)[None])
         hit = s.search(q, 1, targets=["audio"])[0][0]
-        assert (Path(hit.path).name, hit.start, hit.end) == ("long.wav", 2.0, 4.0)
+        it = hit.item
+        assert (Path(str(it.path)).name, it.start, it.end) == ("long.wav", 2.0, 4.0)
     assert verify_index(tmp_path / "idx").ok
     sf.write(tmp_path / "q.wav", parts[2], rate)
     r = CliRunner().invoke(

@@ -72,7 +72,7 @@ def aligned(idx: Path) -> None:
 
 def top(idx: Path, vec: np.ndarray, k: int = 1) -> list[str]:
     with open_index(idx) as s:
-        return [Path(h.path).name for h in s.search(vec, k)[0]]
+        return [Path(str(h.item.path)).name for h in s.search(vec, k)[0]]
 
 
 def test_add_appends_without_touching_existing_ids(
@@ -108,7 +108,7 @@ def test_remove_by_id_and_path(tmp_path: Path, model: ModelSource, encoder: Enco
     aligned(idx)
     with open_index(idx) as s:
         hits = s.search(encoder.embed_items("vision", [c / "img2.png"]), 20)[0]
-        assert "img2.png" not in {Path(h.path).name for h in hits}
+        assert "img2.png" not in {Path(str(h.item.path)).name for h in hits}
         assert s.get([before["img2.png"][0]]) == [{}]
     # A later build does not bring back the item removed by id (its file is still known)...
     assert build_index(c, idx, model).embedded_items == 1  # ... but snd1.wav, forgotten, is back
@@ -124,17 +124,17 @@ def test_hnsw_removal_uses_tombstones_then_compacts(
     before = ids(idx)
     remove_from_index(idx, ids=[before["img3.png"][0]])
     with open_index(idx) as s:
-        entry = s.manifest["modalities"]["vision"]
-        assert entry["spec"]["factory"] == "HNSW16"
-        assert (entry["count"], entry["ntotal"], entry["tombstones"]) == (9, 10, 1)
+        entry = s.manifest.modalities["vision"]
+        assert entry.spec.factory == "HNSW16"
+        assert (entry.count, entry.ntotal, entry.tombstones) == (9, 10, 1)
         hits = s.search(encoder.embed_items("vision", [c / "img3.png"]), 9)[0]
-        assert len(hits) == 9 and "img3.png" not in {Path(h.path).name for h in hits}
+        assert len(hits) == 9 and "img3.png" not in {Path(str(h.item.path)).name for h in hits}
     aligned(idx)
     # Past 20% tombstones the graph is rebuilt without them, and the tombstone rows go.
     remove_from_index(idx, paths=[c / "img4.png", c / "img5.png"])
     with open_index(idx) as s:
-        entry = s.manifest["modalities"]["vision"]
-        assert (entry["count"], entry["ntotal"], entry["tombstones"]) == (7, 7, 0)
+        entry = s.manifest.modalities["vision"]
+        assert (entry.count, entry.ntotal, entry.tombstones) == (7, 7, 0)
     with sqlite3.connect(idx / "meta.sqlite") as conn:
         assert conn.execute("SELECT COUNT(*) FROM items WHERE deleted = 1").fetchone() == (0,)
     aligned(idx)
