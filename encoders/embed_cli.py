@@ -13,25 +13,27 @@ import typer
 from ._cli import fail as _fail
 from .errors import EncoderError
 from .modality import Modality
+from .models import DEFAULT_MODEL
 
 
 def embed_files(
     modality: str,
     items: list[str],
     checkpoint: Path | None = None,
-    config: str = "imagebind_demo",
+    config: str | None = None,
     official: bool = False,
     device: str = "cpu",
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Embed ``items`` (paths, or strings for text) -> (N, D) float32 unit vectors."""
+    """Embed ``items`` (paths, or strings for text) -> (N, D) float32 unit vectors.
+
+    ``config``/``checkpoint``: see ``encoders.resolve_model`` (None: the default model).
+    """
     from .encoder import load_encoder
-    from .weights import default_checkpoint
+    from .models import resolve_model
 
     m = Modality.parse(modality)
-    if checkpoint is None:
-        checkpoint, config = default_checkpoint(config)
-    enc = load_encoder(checkpoint, config=config, device=device, modalities=[m])
+    enc = load_encoder(resolve_model(config, checkpoint), device=device, modalities=[m])
     return enc.embed_items(m, items, official=official, batch_size=batch_size)
 
 
@@ -46,13 +48,13 @@ def embed(
     ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help=".pth or .safetensors weights.")] = None,
     config: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Preset name or JSON (ours or the official "
-            "ImageBindModel kwargs). Without --checkpoint: imagebind_demo uses the shipped "
-            "demo weights, imagebind_huge the downloaded ones."
+            help=f"Preset name or JSON (ours or the official ImageBindModel kwargs); default "
+            f"{DEFAULT_MODEL}. Without --checkpoint: imagebind_demo uses the shipped demo "
+            "weights, imagebind_huge the downloaded ones."
         ),
-    ] = "imagebind_demo",
+    ] = None,
     official: Annotated[
         bool, typer.Option("--official", help="Reproduce the official preprocessing bit for bit.")
     ] = False,

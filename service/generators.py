@@ -2,11 +2,12 @@
 
 The generator (``encoders.generation.ImageGenerator``) is chosen by ``BINDSEARCH_GENERATOR``:
 "demo", "unclip", a Stable unCLIP directory or hub id, or "none"; unset, it is "demo" when
-the served model is the shipped demo model and "none" otherwise (the demo decoder only
-understands the demo model's space). It loads in the background after the model, so search
-is ready without waiting for it; until then, or when it cannot load, ``/v1/generate`` answers
-503 with the reason. Generations run one at a time on their own thread, never on the event
-loop nor on the model thread, so searches are never queued behind them.
+the served model's reference names a demo decoder made for its weights (``ModelRef.decoder``)
+and "none" otherwise (a demo decoder only understands the space it was trained in). It loads
+in the background after the model, so search is ready without waiting for it; until then, or
+when it cannot load, ``/v1/generate`` answers 503 with the reason. Generations run one at a
+time on their own thread, never on the event loop nor on the model thread, so searches are
+never queued behind them.
 """
 
 from __future__ import annotations
@@ -31,28 +32,30 @@ from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "imagebind_demo"  # the name TorchEmbedder gives the shipped demo weights
-
 
 class NoGenerator(Unavailable):
     type = "no_generator"
 
 
-def default_generator(model_name: str) -> str:
-    """The generator to use when none was chosen: the demo decoder for the demo model only."""
-    return "demo" if model_name == DEMO_MODEL else "none"
+def default_generator(model: ModelInfo) -> str:
+    """The generator to use when none was chosen: the demo decoder made for the model, if any."""
+    return "demo" if model.decoder is not None else "none"
 
 
 def load_named_generator(
-    spec: str | Path, dim: int, device: str = "cpu", encoder_checkpoint: Path | None = None
+    spec: str | Path,
+    dim: int,
+    device: str = "cpu",
+    model_sha256: str | None = None,
+    decoder: Path | None = None,
 ) -> ImageGenerator:
     """A generator taking ``dim``-d vectors, by name or path.
 
-    ``spec``: "demo" (the decoder shipped with the demo weights), a ``.safetensors`` file of
-    demo-decoder weights, "unclip" (Stable unCLIP H from the hub or the HF cache), or a Stable
-    unCLIP directory / hub id. ``encoder_checkpoint``, when given, must be the encoder weights
-    a demo decoder was trained against. Raises ``EncoderError`` (one line) when it cannot load
-    or takes another width.
+    ``spec``: "demo" (``decoder``, the one made for the model, else the shipped one), a
+    ``.safetensors`` file of demo-decoder weights, "unclip" (Stable unCLIP H from the hub or
+    the HF cache), or a Stable unCLIP directory / hub id. ``model_sha256``, when given, must be
+    the sha256 of the encoder weights a demo decoder was trained against. Raises
+    ``EncoderError`` (one line) when it cannot load or takes another width.
     """
     name = str(spec)
     if name == "none":
@@ -61,8 +64,8 @@ def load_named_generator(
     if name == "demo" or (name.endswith(".safetensors") and Path(name).is_file()):
         from encoders.decoder import load_demo_decoder
 
-        path = None if name == "demo" else Path(name)
-        gen = load_demo_decoder(path, device=device, dim=dim, encoder=encoder_checkpoint)
+        path = decoder if name == "demo" else Path(name)
+        gen = load_demo_decoder(path, device=device, dim=dim, encoder_sha256=model_sha256)
     else:
         from encoders.unclip import UNCLIP_MODEL, load_unclip
 
@@ -101,7 +104,7 @@ class GeneratorSlot:
         if given is not None:
             self._set(given, model)
             return
-        spec = self.settings.generator or default_generator(model.name)
+        spec = self.settings.generator or default_generator(model)
         if spec == "none":
             self.reason = (
                 "no generator is configured: set BINDSEARCH_GENERATOR to "
@@ -112,7 +115,7 @@ class GeneratorSlot:
         device = self.settings.generator_device or self.settings.device
         try:
             gen = await asyncio.to_thread(
-                load_named_generator, spec, model.dim, device, self.settings.checkpoint
+                load_named_generator, spec, model.dim, device, model.sha256, model.decoder
             )
         except asyncio.CancelledError:
             raise
