@@ -48,6 +48,7 @@ from encoders.errors import EncoderError
 from encoders.model import ImageBind
 
 from . import world as W
+from .recipe import DEMO_PRESET
 from .world import FACTORS, PERCEIVES, generate, image_batch, to_model_inputs
 
 __all__ = [
@@ -64,7 +65,6 @@ __all__ = [
 
 # Modalities images are generated from in the evaluation (vision: the reconstruction reference).
 EVAL_SOURCES = ("vision", "audio", "thermal", "depth")
-DEMO_PRESET = "imagebind_demo"
 
 
 def _load_vision(
