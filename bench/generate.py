@@ -33,13 +33,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from encoders.encoder import load_encoder
-    from encoders.weights import default_checkpoint
+    from encoders import load_encoder, resolve_model
     from generate.decoder import load_demo_decoder
 
-    path, preset = default_checkpoint("imagebind_demo")
-    enc = load_encoder(path, config=preset, modalities=["vision"])
-    dec = load_demo_decoder()
+    ref = resolve_model()  # the default model and the decoder made for it
+    enc = load_encoder(ref, modalities=["vision"])
+    dec = load_demo_decoder(ref.decoder, encoder_sha256=ref.sha256)
     size = enc.model.cfg.preprocess.image_size
     rng = np.random.default_rng(0)
     rows: dict[str, Any] = {}

@@ -201,12 +201,16 @@ def _load(
 
 def _model_args(case: Case) -> tuple[list[str], Any, str | None]:
     """serve's model flags, and what load_encoder needs for the same model."""
-    from encoders.weights import default_checkpoint
+    from encoders import resolve_model
 
     if case.random_weights:
         return (["--config", case.config, "--random-weights"], None, case.config)
-    ckpt, config = default_checkpoint(case.config)
-    return (["--config", str(config), "--checkpoint", str(ckpt)], ckpt, str(config))
+    ref = resolve_model(case.config)
+    return (
+        ["--config", ref.config_name, "--checkpoint", str(ref.weights)],
+        ref.weights,
+        ref.config_name,
+    )
 
 
 def bench_embed(case: Case) -> dict[str, Any]:

@@ -180,7 +180,7 @@ def text_trimming(enc: Encoder, batch: int, stream: int, reps: int) -> dict[str,
 def bf16_check(enc: Encoder, modalities: list[str], batch: int, reps: int) -> list[dict[str, Any]]:
     """bf16 vs fp32 encoders of the same weights: cosine of the embeddings and the speed-up."""
     other_dtype = torch.float32 if enc.dtype == torch.bfloat16 else torch.bfloat16
-    other = Encoder(_copy_model(enc, other_dtype), enc.device, other_dtype)
+    other = Encoder(_copy_model(enc, other_dtype), enc.device, other_dtype, enc.ref)
     rows = []
     for m in modalities:
         x = example(enc.config, m, batch, seed=3)

@@ -2,8 +2,8 @@
 
 No web framework, no index library, no settings in here.
 
-    from encoders import load_encoder
-    enc = load_encoder("imagebind_huge.safetensors", config="imagebind_huge", device="cuda")
+    from encoders import load_encoder, resolve_model
+    enc = load_encoder(resolve_model("imagebind_huge"), device="cuda")  # enc.ref: which model
     vectors = enc.embed_items("vision", ["cat.jpg", "dog.png"])  # (2, 1024) unit vectors
 """
 
@@ -13,9 +13,11 @@ from .encoder import Encoder, load_encoder
 from .errors import CheckpointError, DownloadError, EncoderError, InvalidInput, UnknownWeights
 from .inputs import InputLimits, preprocess
 from .modality import Modality
+from .models import DEFAULT_MODEL, ModelRef, resolve_model
 from .weights import WEIGHTS, WeightsSpec, download_weights
 
 __all__ = [
+    "DEFAULT_MODEL",
     "PRESETS",
     "WEIGHTS",
     "CheckpointError",
@@ -26,6 +28,7 @@ __all__ = [
     "InvalidInput",
     "Modality",
     "ModelConfig",
+    "ModelRef",
     "PreprocessConfig",
     "TrunkConfig",
     "UnknownWeights",
@@ -36,5 +39,6 @@ __all__ = [
     "preprocess",
     "read_state_dict",
     "remap_imagebind_keys",
+    "resolve_model",
     "sha256_file",
 ]

@@ -329,8 +329,11 @@ def resolve_config(config: str | Path | ModelConfig | dict[str, Any]) -> ModelCo
 
 
 def _from_any_dict(d: dict[str, Any], source: str) -> ModelConfig:
+    # Our form names its architecture ("arch") and has fields the official kwargs lack; both
+    # share a few names (audio_stride), so those alone do not decide.
+    ours = {f.name for f in dataclasses.fields(ModelConfig)} - set(OFFICIAL_DEFAULTS)
     try:
-        if any(k in OFFICIAL_DEFAULTS for k in d):
+        if not any(k in ours for k in d):
             return ModelConfig.from_official_kwargs(d)
         return ModelConfig.from_dict(d)
     except (TypeError, ValueError) as e:

@@ -14,13 +14,14 @@ from .cli import fail as _fail
 from .errors import EncoderError, InvalidInput
 from .formats import RULE
 from .modality import Modality
+from .models import DEFAULT_MODEL
 
 
 def embed_files(
     modality: str | None,
     items: list[str],
     checkpoint: Path | None = None,
-    config: str = "imagebind_demo",
+    config: str | None = None,
     official: bool = False,
     device: str = "cpu",
     batch_size: int = 16,
@@ -28,16 +29,15 @@ def embed_files(
     """Embed ``items`` (paths, or strings for text) -> (N, D) float32 unit vectors, in order.
 
     Without ``modality`` every path's modality is detected (``encoders.formats.detect``); a
-    call may mix modalities.
+    call may mix modalities. ``config``/``checkpoint``: see ``encoders.resolve_model`` (None:
+    the default model).
     """
     from .encoder import load_encoder
-    from .weights import default_checkpoint
+    from .models import resolve_model
 
     plan = plan_items(modality, items)
     mods = list(dict.fromkeys(m for m, _ in plan))  # first-seen order
-    if checkpoint is None:
-        checkpoint, config = default_checkpoint(config)
-    enc = load_encoder(checkpoint, config=config, device=device, modalities=mods)
+    enc = load_encoder(resolve_model(config, checkpoint), device=device, modalities=mods)
     out = np.zeros((len(plan), enc.dim), np.float32)
     for m in mods:
         rows = [i for i, (mi, _) in enumerate(plan) if mi is m]
@@ -89,13 +89,13 @@ def embed(
     ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help=".pth or .safetensors weights.")] = None,
     config: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Preset name or JSON (ours or the official "
-            "ImageBindModel kwargs). Without --checkpoint: imagebind_demo uses the shipped "
-            "demo weights, imagebind_huge the downloaded ones."
+            help=f"Preset name or JSON (ours or the official ImageBindModel kwargs); default "
+            f"{DEFAULT_MODEL}. Without --checkpoint: imagebind_demo uses the shipped demo "
+            "weights, imagebind_huge the downloaded ones."
         ),
-    ] = "imagebind_demo",
+    ] = None,
     official: Annotated[
         bool, typer.Option("--official", help="Reproduce the official preprocessing bit for bit.")
     ] = False,

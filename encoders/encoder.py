@@ -11,10 +11,12 @@ import torch
 from torch import Tensor
 
 from .checkpoint import check_state_dict, read_state_dict, remap_imagebind_keys, select_modalities
-from .config import ModelConfig, PreprocessConfig, resolve_config
+from .config import ModelConfig, PreprocessConfig
+from .errors import CheckpointError
 from .inputs import Item, preprocess
 from .modality import TOWERS, Modality
 from .model import ImageBind, init_weights
+from .models import ModelRef, file_sha256, resolve_model
 from .transforms.text import trim_to_longest
 
 
@@ -22,7 +24,8 @@ class Encoder:
     """An ImageBind model in eval/inference mode on one device and dtype.
 
     ``forward`` returns the official outputs (logit-scaled, for parity); ``embed`` returns
-    L2-normalised float32 vectors, the only form the index and the service use.
+    L2-normalised float32 vectors, the only form the index and the service use. ``ref`` says
+    which model it is (weights file, sha256, name, licence): nobody needs to work it out again.
     """
 
     pin_memory: bool = True  # CUDA: host->device copies from page-locked memory
@@ -32,12 +35,17 @@ class Encoder:
         model: ImageBind,
         device: torch.device,
         dtype: torch.dtype,
-        checkpoint_sha256: str | None = None,
+        ref: ModelRef,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.device = device
         self.dtype = dtype
-        self.checkpoint_sha256 = checkpoint_sha256
+        self.ref = ref
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        """sha256 of the loaded weights file (None for random weights)."""
+        return self.ref.sha256
 
     @property
     def config(self) -> ModelConfig:
@@ -151,7 +159,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_encoder(
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | ModelRef | None = None,
     config: str | Path | ModelConfig | dict[str, Any] = "imagebind_huge",
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
@@ -167,14 +175,32 @@ def load_encoder(
     checkpoint the weights are random (seeded): for tests and benchmarks.
 
     Args:
-        checkpoint: ``.pth`` (read with ``weights_only=True``) or ``.safetensors`` (mmap).
+        checkpoint: a ``ModelRef`` (``resolve_model``; ``config`` and ``seed`` are then
+            ignored), or a ``.pth`` (read with ``weights_only=True``) or ``.safetensors``
+            (mmap) file, or None for random weights.
         config: a preset name, a ModelConfig, a dict, or a JSON file (ours or the official
             constructor kwargs).
         dtype: parameter dtype; None (the default) picks bf16 on GPUs that support it (fp16 on
             older ones) and fp32 on CPU. ``torch.bfloat16`` works on CPU too.
         sha256: when given, the checkpoint file is checked against it before loading.
     """
-    cfg = resolve_config(config)
+    if isinstance(checkpoint, ModelRef):
+        ref = checkpoint
+        seed = ref.seed
+    elif checkpoint is None:
+        ref = resolve_model(config, random_weights=True, seed=seed or 0)
+    else:
+        ref = resolve_model(config, checkpoint)
+    if ref.weights is not None:
+        # Memoised per (file, size, mtime): costs nothing unless the file changed since.
+        got = file_sha256(ref.weights)
+        want = ref.sha256 if sha256 is None else sha256.lower()
+        if got != want:
+            raise CheckpointError(
+                f"checkpoint {ref.weights} has sha256 {got}, expected {want}: "
+                "the file is corrupt, truncated, replaced or not the one named"
+            )
+    cfg = ref.config
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
@@ -187,16 +213,14 @@ def load_encoder(
     model = ImageBind(cfg, wanted, device="meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}
 
-    file_sha = None
-    if checkpoint is None:
+    if ref.weights is None:
         model = model.to_empty(device="cpu")
         init_weights(model, seed=seed)
     else:
-        sd = remap_imagebind_keys(read_state_dict(checkpoint, sha256=sha256))
+        sd = remap_imagebind_keys(read_state_dict(ref.weights))
         sd = select_modalities(sd, model.modalities)
         check_state_dict(sd, expected)
         # assign=True: the checkpoint's tensors become the parameters (no second copy).
         model.load_state_dict(sd, strict=True, assign=True)
-        file_sha = sha256
     model = model.to(device=dev, dtype=dt)
-    return Encoder(model, dev, dt, checkpoint_sha256=file_sha)
+    return Encoder(model, dev, dt, ref)

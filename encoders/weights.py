@@ -470,9 +470,10 @@ def _unshared(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-# Weights that ship inside the package (encoders/data/): the embedded default.
-DEFAULT_CONFIG = "imagebind_demo"
+# Weights that ship inside the package (encoders/data/), by preset; ``encoders.models`` picks.
 BUNDLED: dict[str, str] = {"imagebind_demo": "imagebind_demo.safetensors"}
+# The demo decoder trained against each shipped model (``bindsearch train-decoder``).
+BUNDLED_DECODERS: dict[str, str] = {"imagebind_demo": "imagebind_demo_decoder.safetensors"}
 BUNDLED_LICENCE = (
     "Apache-2.0 (the bindsearch demo model, trained by `bindsearch train` on a generated world; "
     "see encoders/data/MODEL_CARD_imagebind_demo.md)"
@@ -487,25 +488,25 @@ def bundled_weights(config: str) -> Path | None:
     return Path(__file__).parent / "data" / name
 
 
-def default_checkpoint(config: str = DEFAULT_CONFIG) -> tuple[Path, str]:
-    """The weights to use when none are named: shipped ones, else the cached download.
+def bundled_decoder(config: str) -> Path | None:
+    """The demo decoder shipped for a preset's shipped weights, or None."""
+    name = BUNDLED_DECODERS.get(config)
+    if name is None:
+        return None
+    return Path(__file__).parent / "data" / name
 
-    Returns (safetensors path, config preset). The error says how to get weights.
+
+def downloaded_spec(path: str | Path) -> WeightsSpec | None:
+    """The registered weights a safetensors file was converted from by ``download_weights``.
+
+    Read from the file's metadata (the source URL, or the source checksum we know); None for
+    any other file.
     """
-    bundled = bundled_weights(config)
-    if bundled is not None:
-        if not bundled.is_file():
-            raise DownloadError(f"the shipped {config} weights are missing from {bundled}")
-        return bundled, config
-    spec = WEIGHTS.get(config)
-    if spec is None:
-        raise UnknownWeights(
-            f"no downloadable weights for config {config!r}: pass --checkpoint FILE"
-        )
-    try:
-        return cached_weights_path(spec), spec.config
-    except DownloadError:
-        raise DownloadError(
-            f"no model weights given and none downloaded: pass --checkpoint FILE (and "
-            f"--config), or run `bindsearch weights download {spec.name}` first"
-        ) from None
+    meta = _read_source_meta(Path(path))
+    if meta is None:
+        return None
+    for spec in WEIGHTS.values():
+        known = {spec.sha256, read_recorded_sha256(spec)} - {None}
+        if meta.get(META_URL) == spec.url or meta.get(META_SHA256) in known:
+            return spec
+    return None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from encoders import DEFAULT_MODEL
 from encoders.cli import fail as _fail
 from encoders.errors import EncoderError
 from encoders.modality import Modality
@@ -65,7 +66,7 @@ def generate_image(
     terms: list[QueryTerm],
     output: Path,
     checkpoint: Path | None = None,
-    config: str = "imagebind_demo",
+    config: str | None = None,
     generator: str | None = None,
     seed: int = 0,
     steps: int | None = None,
@@ -74,15 +75,15 @@ def generate_image(
 ) -> GeneratorInfo:
     """Embed ``terms``, mix them like the service, generate one image, write it as PNG.
 
+    ``config``/``checkpoint``: see ``encoders.resolve_model`` (None: the default model).
     ``generator``: "demo", a demo-decoder ``.safetensors``, "unclip", or a Stable unCLIP
-    directory / hub id; default "demo" for the demo config, "unclip" otherwise. Returns the
-    generator's info.
+    directory / hub id; default "demo" when the model has a demo decoder
+    (``ModelRef.decoder``), "unclip" otherwise. Returns the generator's info.
     """
     import numpy as np
 
-    from encoders.encoder import load_encoder
+    from encoders import load_encoder, resolve_model
     from encoders.vectors import mix
-    from encoders.weights import DEFAULT_CONFIG, default_checkpoint
 
     from .load import load_named_generator
 
@@ -93,17 +94,15 @@ def generate_image(
             raise ValueError(f"{t.modality.value} file {t.value} does not exist")
         if t.modality is Modality.TEXT and not t.value.strip():
             raise ValueError("the text is empty")
-    spec = generator or ("demo" if config == DEFAULT_CONFIG else "unclip")
-    given_checkpoint = checkpoint
-    if checkpoint is None:
-        checkpoint, config = default_checkpoint(config)
+    ref = resolve_model(config, checkpoint)
+    spec = generator or ("demo" if ref.decoder is not None else "unclip")
     wanted = list(dict.fromkeys(t.modality for t in terms))
-    enc = load_encoder(checkpoint, config=config, device=device, modalities=wanted)
+    enc = load_encoder(ref, device=device, modalities=wanted)
     vectors = np.stack(
         [enc.embed_items(t.modality, [t.value], official=official)[0] for t in terms]
     )
     query = mix(vectors, [t.weight for t in terms])
-    gen = load_named_generator(spec, enc.dim, device, given_checkpoint)
+    gen = load_named_generator(spec, enc.dim, device, ref.sha256, ref.decoder)
     [img] = gen.generate(query[None], seed=seed, steps=steps)
     output.parent.mkdir(parents=True, exist_ok=True)
     img.save(output, "PNG")
@@ -132,13 +131,17 @@ def generate(
         typer.Option(
             help="demo (shipped with the demo weights), a demo-decoder .safetensors, unclip "
             "(Stable unCLIP, the `generate` extra; needs imagebind_huge), or a Stable unCLIP "
-            "directory or hub id. Default: demo for the demo config, unclip otherwise."
+            "directory or hub id. Default: demo when the model ships a demo decoder, unclip "
+            "otherwise."
         ),
     ] = None,
     checkpoint: Annotated[Path | None, typer.Option(help=".pth or .safetensors weights.")] = None,
     config: Annotated[
-        str, typer.Option(help="Preset name or JSON config of the checkpoint.")
-    ] = "imagebind_demo",
+        str | None,
+        typer.Option(
+            help=f"Preset name or JSON config of the checkpoint (default: {DEFAULT_MODEL})."
+        ),
+    ] = None,
     official: Annotated[
         bool, typer.Option("--official", help="Reproduce the official preprocessing bit for bit.")
     ] = False,

@@ -35,7 +35,6 @@ from encoders.errors import CheckpointError, EncoderError
 from .generation import GeneratorInfo, check_embeddings
 
 __all__ = [
-    "DECODER_FILE",
     "DECODER_LICENCE",
     "DecoderConfig",
     "DemoDecoder",
@@ -45,7 +44,6 @@ __all__ = [
     "save_decoder",
 ]
 
-DECODER_FILE = "imagebind_demo_decoder.safetensors"
 DECODER_LICENCE = "Apache-2.0 (trained by bindsearch)"
 # safetensors metadata keys
 META_CONFIG = "decoder_config"
@@ -145,6 +143,7 @@ class DemoDecoder:
             image_size=model.cfg.image_size,
             licence=DECODER_LICENCE,
             default_steps=1,
+            model_sha256=trained_for,
         )
 
     @property
@@ -174,10 +173,14 @@ class DemoDecoder:
 
 
 def demo_decoder_path() -> Path:
-    """The shipped decoder weights (package data of ``encoders``)."""
-    import encoders
+    """The decoder shipped with the default model (package data of ``encoders``)."""
+    from encoders.models import DEFAULT_MODEL
+    from encoders.weights import bundled_decoder
 
-    return Path(encoders.__file__).parent / "data" / DECODER_FILE
+    path = bundled_decoder(DEFAULT_MODEL)
+    if path is None:
+        raise CheckpointError(f"the default model {DEFAULT_MODEL} ships no demo decoder")
+    return path
 
 
 def save_decoder(
@@ -203,6 +206,7 @@ def load_demo_decoder(
     device: str | torch.device = "cpu",
     encoder: str | Path | None = None,
     dim: int | None = None,
+    encoder_sha256: str | None = None,
 ) -> DemoDecoder:
     """Load decoder weights (default: the shipped ones) as an ``ImageGenerator``.
 
@@ -210,6 +214,7 @@ def load_demo_decoder(
         encoder: encoder weights the vectors will come from; when given, their sha256 must be
             the one the decoder was trained against, or this raises.
         dim: the encoder's embedding width; when given, it must be the decoder's.
+        encoder_sha256: the same check with the sha256 already known (``ModelRef.sha256``).
     """
     from safetensors import safe_open
 
@@ -238,6 +243,12 @@ def load_demo_decoder(
                 f"{trained_for[:12]}..., not {Path(encoder).name} ({got[:12]}...): retrain it "
                 f"with `bindsearch train-decoder --checkpoint {encoder}`"
             )
+    if encoder_sha256 is not None and trained_for is not None and encoder_sha256 != trained_for:
+        raise EncoderError(
+            f"the decoder {p} was trained against encoder weights with sha256 "
+            f"{trained_for[:12]}..., not the served model's ({encoder_sha256[:12]}...): retrain "
+            "it with `bindsearch train-decoder --checkpoint WEIGHTS`"
+        )
     dev = torch.device(device)
     model = ImageDecoder(cfg, device="meta")
     try:

@@ -29,6 +29,8 @@ class GeneratorInfo:
         image_size: side of the square images it makes, in pixels.
         licence: of its weights, shown wherever they are served.
         default_steps: denoising steps when the caller gives none (1 for a one-shot decoder).
+        model_sha256: sha256 of the encoder weights it was made for, when it records one
+            (the demo decoder does; it must be the served ``ModelRef.sha256``).
     """
 
     name: str
@@ -36,6 +38,7 @@ class GeneratorInfo:
     image_size: int
     licence: str
     default_steps: int
+    model_sha256: str | None = None
 
 
 @runtime_checkable

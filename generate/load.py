@@ -30,15 +30,19 @@ def load_generator(name: str | Path = "demo", **kwargs: Any) -> ImageGenerator:
 
 
 def load_named_generator(
-    spec: str | Path, dim: int, device: str = "cpu", encoder_checkpoint: Path | None = None
+    spec: str | Path,
+    dim: int,
+    device: str = "cpu",
+    model_sha256: str | None = None,
+    decoder: Path | None = None,
 ) -> ImageGenerator:
     """A generator taking ``dim``-d vectors, by name or path.
 
-    ``spec``: "demo" (the decoder shipped with the demo weights), a ``.safetensors`` file of
-    demo-decoder weights, "unclip" (Stable unCLIP H from the hub or the HF cache), or a Stable
-    unCLIP directory / hub id. ``encoder_checkpoint``, when given, must be the encoder weights
-    a demo decoder was trained against. Raises ``EncoderError`` (one line) when it cannot load
-    or takes another width.
+    ``spec``: "demo" (``decoder``, the one made for the model, else the shipped one), a
+    ``.safetensors`` file of demo-decoder weights, "unclip" (Stable unCLIP H from the hub or
+    the HF cache), or a Stable unCLIP directory / hub id. ``model_sha256``, when given, must be
+    the sha256 of the encoder weights a demo decoder was trained against. Raises
+    ``EncoderError`` (one line) when it cannot load or takes another width.
     """
     name = str(spec)
     if name == "none":
@@ -47,8 +51,8 @@ def load_named_generator(
     if name == "demo" or (name.endswith(".safetensors") and Path(name).is_file()):
         from .decoder import load_demo_decoder
 
-        path = None if name == "demo" else Path(name)
-        gen = load_demo_decoder(path, device=device, dim=dim, encoder=encoder_checkpoint)
+        path = decoder if name == "demo" else Path(name)
+        gen = load_demo_decoder(path, device=device, dim=dim, encoder_sha256=model_sha256)
     else:
         from .unclip import UNCLIP_MODEL, load_unclip
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import faiss  # noqa: F401
 import typer
 
-from encoders import EncoderError, InvalidInput, Modality
+from encoders import DEFAULT_MODEL, EncoderError, InvalidInput, Modality
 from encoders.cli import fail as _fail
 from encoders.formats import RULE
 
@@ -34,13 +34,14 @@ T = TypeVar("T")
 Checkpoint = Annotated[
     str | None,
     typer.Option(
-        help="Weights (.pth/.safetensors). Default: the downloaded weights of --config; for an "
-        "existing index, the weights it was built with. 'none': seeded random weights (tests).",
+        help="Weights (.pth/.safetensors). Default: the shipped or downloaded weights of "
+        "--config; for an existing index, the weights it was built with. 'none': seeded random "
+        "weights (tests).",
     ),
 ]
 Config = Annotated[
     str | None,
-    typer.Option(help="Model preset or JSON config (default: imagebind_demo, or the index's)."),
+    typer.Option(help=f"Model preset or JSON config (default: {DEFAULT_MODEL}, or the index's)."),
 ]
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Workers = Annotated[int, typer.Option(min=0, help="Decode processes (0: decode in-process).")]
@@ -326,25 +327,18 @@ def verify(index: Annotated[Path, typer.Argument(help="The index directory.")]) 
 
 
 def _model(checkpoint: str | None, config: str | None, device: str) -> Any:
-    from encoders.config import resolve_config
-    from encoders.weights import default_checkpoint
+    from encoders import resolve_model
 
     from .pipeline import ModelSource
 
-    preset = config or "imagebind_demo"
     if checkpoint is not None and checkpoint.lower() == "none":
-        return ModelSource(resolve_config(preset), None, device)
-    if checkpoint is None:
-        path, preset = default_checkpoint(preset)
-        return ModelSource(resolve_config(preset), Path(path), device)
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    return ModelSource(resolve_config(preset), Path(checkpoint), device)
+        return ModelSource.from_ref(resolve_model(config, random_weights=True), device)
+    return ModelSource.from_ref(resolve_model(config, checkpoint), device)
 
 
 def _model_for(index: Path, checkpoint: str | None, config: str | None, device: str) -> Any:
     """The model an existing index was built with, unless told otherwise."""
-    from encoders import ModelConfig
+    from encoders import ModelConfig, resolve_model
 
     from .pipeline import ModelSource
     from .store import read_manifest
@@ -355,13 +349,14 @@ def _model_for(index: Path, checkpoint: str | None, config: str | None, device: 
     cfg = ModelConfig.from_dict(manifest.model["config"])
     identity = str(manifest.model["checkpoint"])
     if identity.startswith("random:"):
-        return ModelSource(cfg, None, device, seed=int(identity.split(":", 1)[1]))
+        seed = int(identity.split(":", 1)[1])
+        return ModelSource.from_ref(resolve_model(cfg, random_weights=True, seed=seed), device)
     path = manifest.checkpoint_path
     if not path or not Path(path).is_file():
         raise FileNotFoundError(
             f"the weights the index was built with ({path}) are not there: pass --checkpoint"
         )
-    return ModelSource(cfg, Path(path), device)
+    return ModelSource.from_ref(resolve_model(cfg, path), device)
 
 
 def _query_item(item: str | None, modality: str | None, text: str | None) -> tuple[Modality, str]:

@@ -2,6 +2,7 @@
 
 fingerprint = checkpoint identity (``sha256:<hex>`` of the weights file, or ``random:<seed>``
 for the seeded random weights the tests use) + the model config + ``PREPROCESS_VERSION``.
+The identity comes from the model's ``encoders.ModelRef``: nothing here hashes it again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from encoders import ModelConfig, sha256_file
+from encoders import ModelConfig, ModelRef
+from encoders.models import file_sha256
 
 # Bump whenever decoding, segmenting or item choice in index/ changes the vectors of a file:
 # an index built by an older version then refuses to mix in new vectors.
@@ -22,7 +24,7 @@ def checkpoint_identity(checkpoint: str | Path | None, seed: int = 0) -> str:
     """``sha256:<hex>`` of a weights file, or ``random:<seed>`` without one."""
     if checkpoint is None:
         return f"random:{seed}"
-    return f"sha256:{sha256_file(checkpoint)}"
+    return f"sha256:{file_sha256(checkpoint)}"
 
 
 def model_fingerprint(config: ModelConfig, checkpoint: str) -> dict[str, Any]:
@@ -34,6 +36,11 @@ def model_fingerprint(config: ModelConfig, checkpoint: str) -> dict[str, Any]:
     }
     body["digest"] = _digest(body)
     return body
+
+
+def ref_fingerprint(ref: ModelRef) -> dict[str, Any]:
+    """The fingerprint of a resolved model (``encoders.resolve_model``)."""
+    return model_fingerprint(ref.config, ref.identity)
 
 
 def check_fingerprint(stored: dict[str, Any], current: dict[str, Any], where: str) -> None:
@@ -63,22 +70,21 @@ def _digest(body: dict[str, Any]) -> str:
 
 
 def encoder_fingerprint(encoder: Any, checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """The fingerprint of a loaded ``encoders.Encoder``.
+    """The fingerprint of a loaded ``encoders.Encoder`` (from its ``ref``).
 
     Args:
-        checkpoint: the weights' identity when the encoder does not record its sha256: a
-            weights file (hashed here), ``sha256:<hex>``, or ``random:<seed>`` for seeded
-            random weights.
+        checkpoint: overrides the weights' identity, for an encoder-like object without a
+            ``ref``: a weights file (hashed here), ``sha256:<hex>``, or ``random:<seed>``.
     """
     if checkpoint is None:
-        sha = getattr(encoder, "checkpoint_sha256", None)
-        if not sha:
+        ref = getattr(encoder, "ref", None)
+        if not isinstance(ref, ModelRef):
             raise ValueError(
-                "the encoder does not record its checkpoint sha256: load it with "
-                "load_encoder(..., sha256=...) or pass checkpoint= (a file, or 'random:<seed>')"
+                "the encoder carries no model reference (encoder.ref): load it with "
+                "encoders.load_encoder, or pass checkpoint= (a file, or 'random:<seed>')"
             )
-        identity = f"sha256:{sha}"
-    elif isinstance(checkpoint, str) and checkpoint.startswith(("sha256:", "random:")):
+        return model_fingerprint(encoder.config, ref.identity)
+    if isinstance(checkpoint, str) and checkpoint.startswith(("sha256:", "random:")):
         identity = checkpoint
     else:
         identity = checkpoint_identity(checkpoint)

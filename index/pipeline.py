@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from encoders import Encoder, Modality, ModelConfig, load_encoder
+from encoders import Encoder, Modality, ModelConfig, ModelRef, load_encoder
 
 from ._decode import Decoded, DecodedItem, DecodeTask, decode, init_worker
 from .corpus import CorpusEntry, scan_corpus, scan_paths
@@ -133,7 +133,8 @@ class EncoderLike(Protocol):
 class ModelSource:
     """The model of a build: its fingerprint without loading it, and the encoder on demand.
 
-    ``checkpoint=None`` means seeded random weights (tests and benchmarks only).
+    ``checkpoint=None`` means seeded random weights (tests and benchmarks only). Made from a
+    resolved model (``ModelSource.from_ref``), it takes its identity from the reference.
     """
 
     config: ModelConfig
@@ -142,11 +143,21 @@ class ModelSource:
     seed: int = 0
     encoder: Encoder | None = None  # an already loaded one (the Python API, tests)
     _identity: str | None = None
+    ref: ModelRef | None = None
+
+    @classmethod
+    def from_ref(cls, ref: ModelRef, device: str = "cpu") -> ModelSource:
+        """The build's model from ``encoders.resolve_model``."""
+        return cls(ref.config, ref.weights, device, seed=ref.seed, ref=ref)
 
     @property
     def identity(self) -> str:
         if self._identity is None:
-            self._identity = checkpoint_identity(self.checkpoint, self.seed)
+            self._identity = (
+                self.ref.identity
+                if self.ref is not None
+                else checkpoint_identity(self.checkpoint, self.seed)
+            )
         return self._identity
 
     def fingerprint(self) -> dict[str, Any]:
@@ -156,7 +167,7 @@ class ModelSource:
         if self.encoder is None:
             towers = sorted({m.tower for m in modalities})
             self.encoder = load_encoder(
-                self.checkpoint,
+                self.ref if self.ref is not None else self.checkpoint,
                 config=self.config,
                 device=self.device,
                 # Random weights depend on which towers are built (one RNG stream): all of them.

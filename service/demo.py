@@ -1,8 +1,8 @@
 """The embedded default: the shipped demo model and a demo index built on first start.
 
-``bindsearch serve`` with no model and no index serves the demo model
-(``encoders/data/imagebind_demo.safetensors``) over a small index of the generated demo world
-(images, depth, thermal, audio, video with soundtrack, IMU), built once into the cache:
+``bindsearch serve`` with no model and no index serves the default model
+(``encoders.DEFAULT_MODEL``, shipped in ``encoders/data/``) over a small index of the generated
+demo world (images, depth, thermal, audio, video with soundtrack, IMU), built once into the cache:
 ``$BINDSEARCH_CACHE/demo/``. The build is the ordinary resumable index build, so an
 interrupted first start finishes on the next one; new demo weights get a new index.
 """
@@ -14,10 +14,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from encoders import ModelRef
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = "imagebind_demo"
 DEMO_SAMPLES = 120  # x 6 files each: a corpus that builds in about a minute on 2 cores
 DEMO_SEED = 0
 _MODALITY_OF_KEY = {
@@ -37,31 +40,34 @@ def demo_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def ensure_demo_index(
-    cache_dir: str | Path | None = None, n: int | None = None, progress: bool = True
+    cache_dir: str | Path | None = None,
+    n: int | None = None,
+    progress: bool = True,
+    ref: ModelRef | None = None,
 ) -> Path:
     """The demo index directory, generating the world and building the index when missing.
 
-    ``n`` samples of the world (default ``BINDSEARCH_DEMO_SAMPLES``, else 120).
+    ``n`` samples of the world (default ``BINDSEARCH_DEMO_SAMPLES``, else 120), embedded by
+    ``ref`` (default: ``encoders.resolve_model()``, the default model).
     """
     if n is None:
         n = int(os.environ.get("BINDSEARCH_DEMO_SAMPLES", DEMO_SAMPLES))
     if n < 1:
         raise ValueError(f"BINDSEARCH_DEMO_SAMPLES must be at least 1, got {n}")
-    from encoders.checkpoint import sha256_file
-    from encoders.config import resolve_config
-    from encoders.weights import default_checkpoint
+    from encoders import resolve_model
     from index.pipeline import BuildOptions, ModelSource, build_index
 
-    weights, config = default_checkpoint(DEMO_CONFIG)
+    ref = ref if ref is not None else resolve_model()
+    if ref.sha256 is None:
+        raise ValueError("the demo index is built with real weights, not random ones")
     root = demo_dir(cache_dir)
     world = root / f"world-{n}-{DEMO_SEED}"
     corpus = _ensure_world(world, n, progress)
     # Named by the weights: retrained demo weights never meet an index of the old ones.
-    out = root / f"index-{n}-{sha256_file(weights)[:12]}"
+    out = root / f"index-{n}-{ref.sha256[:12]}"
     if not (out / "manifest.json").is_file():
         log.info("building the demo index in %s (first start only)", out)
-    source = ModelSource(resolve_config(config), weights, "cpu")
-    build_index(corpus, out, source, BuildOptions(workers=0, progress=progress))
+    build_index(corpus, out, ModelSource.from_ref(ref), BuildOptions(workers=0, progress=progress))
     return out
 
 

@@ -19,7 +19,7 @@ from encoders import InvalidInput, Modality
 from encoders.vectors import unit as unit  # re-exported: service.searchers uses it
 
 if TYPE_CHECKING:
-    from encoders import Encoder
+    from encoders import Encoder, ModelRef
 
 # A prepared sample: whatever the embedder's ``preprocess`` returns, handed back to ``embed``.
 Sample = Any
@@ -27,7 +27,11 @@ Sample = Any
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What ``/v1/info`` says about the model."""
+    """What ``/v1/info`` says about the model.
+
+    ``sha256`` (of the weights) and ``decoder`` (the demo decoder made for them) come from the
+    model's ``encoders.ModelRef``; None for a fake model or random weights.
+    """
 
     name: str
     licence: str
@@ -36,6 +40,8 @@ class ModelInfo:
     modalities: tuple[Modality, ...]
     device: str
     dtype: str
+    sha256: str | None = None
+    decoder: Path | None = None
 
 
 @runtime_checkable
@@ -132,24 +138,31 @@ class FakeEmbedder:
 
 
 class TorchEmbedder:
-    """An ``encoders.Encoder`` behind the ``Embedder`` protocol."""
+    """An ``encoders.Encoder`` behind the ``Embedder`` protocol.
+
+    Its name, licence and sha256 are the encoder's ``ref``'s; ``name``/``licence`` override
+    the display (tests).
+    """
 
     def __init__(
         self,
         encoder: Encoder,
-        name: str,
-        licence: str,
+        name: str | None = None,
+        licence: str | None = None,
         licence_url: str | None = None,
     ) -> None:
         self.encoder = encoder
+        ref = encoder.ref
         self._info = ModelInfo(
-            name=name,
-            licence=licence,
-            licence_url=licence_url,
+            name=ref.name if name is None else name,
+            licence=ref.licence if licence is None else licence,
+            licence_url=ref.licence_url if licence is None else licence_url,
             dim=encoder.dim,
             modalities=tuple(encoder.modalities),
             device=str(encoder.device),
             dtype=str(encoder.dtype).removeprefix("torch."),
+            sha256=ref.sha256,
+            decoder=ref.decoder,
         )
 
     @property
@@ -209,30 +222,20 @@ def _warmup_sample(m: Modality) -> bytes | str | None:
 
 
 def load_torch_embedder(
-    checkpoint: Path | None,
-    config: str,
-    device: str,
+    checkpoint: Path | None = None,
+    config: str | None = None,
+    device: str = "cpu",
     random_weights: bool = False,
     modalities: Sequence[str] | None = None,
+    *,
+    ref: ModelRef | None = None,
 ) -> TorchEmbedder:
-    """Load the model for ``serve``: a checkpoint, else the cached official weights.
+    """Load the model for ``serve``: ``ref``, else ``encoders.resolve_model(config, checkpoint)``.
 
     Raises the encoders' one-line errors (no weights downloaded, bad checkpoint, no GPU).
     """
-    from encoders import WEIGHTS, load_encoder
-    from encoders.weights import BUNDLED_LICENCE, bundled_weights, default_checkpoint
+    from encoders import load_encoder, resolve_model
 
-    if random_weights:
-        enc = load_encoder(None, config=config, device=device, modalities=modalities)
-        name = f"{config} (random weights)"
-        return TorchEmbedder(enc, name, "none: random weights, testing only")
-    official = checkpoint is None
-    if checkpoint is None:
-        checkpoint, config = default_checkpoint(config)
-    enc = load_encoder(checkpoint, config=config, device=device, modalities=modalities)
-    if official and bundled_weights(config) is not None:
-        return TorchEmbedder(enc, config, BUNDLED_LICENCE)
-    spec = WEIGHTS.get(config)
-    if official and spec is not None:
-        return TorchEmbedder(enc, spec.name, spec.licence, spec.licence_url)
-    return TorchEmbedder(enc, Path(checkpoint).stem, "unknown: a checkpoint you supplied")
+    if ref is None:
+        ref = resolve_model(config, checkpoint, random_weights=random_weights)
+    return TorchEmbedder(load_encoder(ref, device=device, modalities=modalities))

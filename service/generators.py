@@ -2,11 +2,12 @@
 
 The generator (``generate.ImageGenerator``) is chosen by ``BINDSEARCH_GENERATOR``:
 "demo", "unclip", a Stable unCLIP directory or hub id, or "none"; unset, it is "demo" when
-the served model is the shipped demo model and "none" otherwise (the demo decoder only
-understands the demo model's space). It loads in the background after the model, so search
-is ready without waiting for it; until then, or when it cannot load, ``/v1/generate`` answers
-503 with the reason. Generations run one at a time on their own thread, never on the event
-loop nor on the model thread, so searches are never queued behind them.
+the served model's reference names a demo decoder made for its weights (``ModelRef.decoder``)
+and "none" otherwise (a demo decoder only understands the space it was trained in). It loads
+in the background after the model, so search is ready without waiting for it; until then, or
+when it cannot load, ``/v1/generate`` answers 503 with the reason. Generations run one at a
+time on their own thread, never on the event loop nor on the model thread, so searches are
+never queued behind them.
 """
 
 from __future__ import annotations
@@ -37,16 +38,14 @@ from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "imagebind_demo"  # the name TorchEmbedder gives the shipped demo weights
-
 
 class NoGenerator(Unavailable):
     type = "no_generator"
 
 
-def default_generator(model_name: str) -> str:
-    """The generator to use when none was chosen: the demo decoder for the demo model only."""
-    return "demo" if model_name == DEMO_MODEL else "none"
+def default_generator(model: ModelInfo) -> str:
+    """The generator to use when none was chosen: the demo decoder made for the model, if any."""
+    return "demo" if model.decoder is not None else "none"
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -70,7 +69,7 @@ class GeneratorSlot:
         if given is not None:
             self._set(given, model)
             return
-        spec = self.settings.generator or default_generator(model.name)
+        spec = self.settings.generator or default_generator(model)
         if spec == "none":
             self.reason = (
                 "no generator is configured: set BINDSEARCH_GENERATOR to "
@@ -81,7 +80,7 @@ class GeneratorSlot:
         device = self.settings.generator_device or self.settings.device
         try:
             gen = await asyncio.to_thread(
-                load_named_generator, spec, model.dim, device, self.settings.checkpoint
+                load_named_generator, spec, model.dim, device, model.sha256, model.decoder
             )
         except asyncio.CancelledError:
             raise

@@ -253,6 +253,9 @@ class OpenAIEmbeddingsResponse(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
+    sha256: str | None = Field(
+        None, description="sha256 of the weights file (the index records the same); null: random."
+    )
     licence: str
     licence_url: str | None
     dim: int
@@ -271,6 +274,9 @@ class IndexOut(BaseModel):
 class GeneratorOut(BaseModel):
     name: str
     licence: str = Field(description="Licence of the generator's weights.")
+    model_sha256: str | None = Field(
+        None, description="sha256 of the encoder weights it was made for, when it records one."
+    )
     dim: int
     image_size: int
     default_steps: int

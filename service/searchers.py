@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from encoders import Modality
+from encoders import Modality, ModelRef
 from index.results import Hit, IndexInfo, Item
 
 from .embedders import unit
@@ -209,21 +209,12 @@ def load_searcher(path: str | Path) -> Searcher:
     return open_index(path)
 
 
-def check_index_model(
-    searcher: Searcher, config: str, checkpoint: Path | None, random_weights: bool
-) -> None:
+def check_index_model(searcher: Searcher, ref: ModelRef) -> None:
     """Refuse (one line) an index built with another model than the one being served."""
     from index.search import IndexSearcher
 
     if not isinstance(searcher, IndexSearcher):
         return  # a .jsonl of vectors carries no model fingerprint
-    from encoders.config import resolve_config
-    from encoders.weights import default_checkpoint
-    from index.fingerprint import check_fingerprint, checkpoint_identity, model_fingerprint
+    from index.fingerprint import check_fingerprint, ref_fingerprint
 
-    if not random_weights and checkpoint is None:
-        checkpoint, config = default_checkpoint(config)
-    identity = checkpoint_identity(None if random_weights else checkpoint)
-    check_fingerprint(
-        searcher.fingerprint, model_fingerprint(resolve_config(config), identity), "the index"
-    )
+    check_fingerprint(searcher.fingerprint, ref_fingerprint(ref), "the index")

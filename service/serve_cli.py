@@ -11,6 +11,8 @@ import typer
 from encoders.cli import fail as _fail
 
 if TYPE_CHECKING:
+    from encoders import ModelRef
+
     from .embedders import Embedder
     from .settings import ServiceSettings
 
@@ -30,10 +32,16 @@ def serve(
     ] = None,
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help=".pth or .safetensors weights (default: the downloaded official ones)."),
+        typer.Option(
+            help=".pth or .safetensors weights (default: those shipped or downloaded for --config)."
+        ),
     ] = None,
     config: Annotated[
-        str | None, typer.Option(help="Preset name or JSON config of the checkpoint.")
+        str | None,
+        typer.Option(
+            help="Preset name or JSON config of the checkpoint (default: the default model, "
+            "with its shipped weights and the demo index)."
+        ),
     ] = None,
     host: Annotated[
         str, typer.Option(envvar="BINDSEARCH_HOST", help="Interface to listen on.")
@@ -89,18 +97,16 @@ def serve(
         if modalities is not None:
             overrides["modalities"] = [m.strip() for m in modalities.split(",") if m.strip()]
         settings = ServiceSettings.model_validate(overrides)
-        _check_weights(settings)
+        ref = _check_weights(settings)  # the model, resolved once for everything below
         if uses_demo_defaults(settings):
-            # The embedded default: the shipped demo model over the demo world's index,
+            # The embedded default: the default model over the demo world's index,
             # built into the cache on first start (with a progress bar), reused afterwards.
             from .demo import ensure_demo_index
 
-            settings = settings.model_copy(update={"index": ensure_demo_index()})
+            settings = settings.model_copy(update={"index": ensure_demo_index(ref=ref)})
         searcher = None if settings.index is None else load_searcher(settings.index)
         if searcher is not None:
-            check_index_model(
-                searcher, settings.config, settings.checkpoint, settings.random_weights
-            )
+            check_index_model(searcher, ref)
     except (EncoderError, IndexStoreError, ValueError, OSError) as e:
         _fail(str(e))
 
@@ -109,37 +115,31 @@ def serve(
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        return load_torch_embedder(
-            settings.checkpoint,
-            settings.config,
-            settings.device,
-            settings.random_weights,
-            modalities=settings.modalities,
-        )
+        return load_torch_embedder(device=settings.device, modalities=settings.modalities, ref=ref)
 
     app = create_app(settings, load, searcher)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
 
 
 def uses_demo_defaults(settings: ServiceSettings) -> bool:
-    """True when nothing was chosen: no index, no checkpoint, the demo config, real weights."""
-    from .demo import DEMO_CONFIG
+    """True when nothing was chosen: no index, no checkpoint, the default model, real weights."""
+    from encoders import DEFAULT_MODEL
 
     return (
         settings.index is None
         and settings.checkpoint is None
-        and settings.config == DEMO_CONFIG
+        and settings.config in (None, DEFAULT_MODEL)
         and not settings.random_weights
     )
 
 
-def _check_weights(settings: ServiceSettings) -> None:
-    """Fail fast, in one line, when there are no weights to load or no device to load on."""
-    from encoders import Modality
-    from encoders.config import resolve_config
-    from encoders.weights import default_checkpoint
+def _check_weights(settings: ServiceSettings) -> ModelRef:
+    """The model to serve; fails fast, in one line, without weights or a device to load on."""
+    from encoders import Modality, resolve_model
 
-    resolve_config(settings.config)
+    ref = resolve_model(
+        settings.config, settings.checkpoint, random_weights=settings.random_weights
+    )
     for m in settings.modalities or ():
         Modality.parse(m)  # ValueError: the accepted names
     if settings.modalities == []:
@@ -149,9 +149,4 @@ def _check_weights(settings: ServiceSettings) -> None:
 
         if not torch.cuda.is_available():
             raise ValueError(f"device {settings.device!r} was asked for but there is no CUDA GPU")
-    if settings.random_weights:
-        return
-    if settings.checkpoint is None:
-        default_checkpoint(settings.config)
-    elif not settings.checkpoint.is_file():
-        raise ValueError(f"checkpoint {settings.checkpoint} does not exist")
+    return ref

@@ -20,7 +20,7 @@ class ServiceSettings(BaseSettings):
     # demos, a ``.jsonl`` file of items with their vectors (see ``MemorySearcher.from_jsonl``).
     index: Path | None = None
     checkpoint: Path | None = None
-    config: str = "imagebind_demo"  # the embedded default: shipped weights
+    config: str | None = None  # None: encoders.DEFAULT_MODEL, with its shipped weights
     device: str = "cpu"
     random_weights: bool = False  # testing only: the architecture of ``config``, random weights
     # Towers to load (JSON list in the environment, ``'["vision","text"]'``); None: all of them.

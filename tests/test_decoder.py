@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from encoders.checkpoint import sha256_file
 from encoders.errors import CheckpointError, EncoderError
-from encoders.weights import default_checkpoint
+from encoders.models import resolve_model
 from generate import ImageGenerator, load_generator
 from generate.decoder import (
     DecoderConfig,
@@ -51,8 +51,10 @@ def test_shipped_decoder_is_small_and_paired_with_the_shipped_encoder(
     assert (info.name, info.dim, info.image_size, info.default_steps) == ("demo", 64, 64, 1)
     assert info.licence == "Apache-2.0 (trained by bindsearch)"
     # A decoder trained against other encoder weights decodes from a space it never saw.
-    encoder, _ = default_checkpoint("imagebind_demo")
-    assert shipped.trained_for == sha256_file(encoder)
+    ref = resolve_model("imagebind_demo")
+    encoder = ref.weights
+    assert encoder is not None and ref.decoder == demo_decoder_path()
+    assert shipped.trained_for == sha256_file(encoder) == ref.sha256 == info.model_sha256
     load_demo_decoder(encoder=encoder)  # the check passes for the shipped pair
     assert "bindsearch train-decoder" in CARD.read_text()
 

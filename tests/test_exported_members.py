@@ -10,6 +10,7 @@ import world
 def test_encoders_exports() -> None:
     assert sorted(encoders.__all__) == sorted(
         [
+            "DEFAULT_MODEL",
             "PRESETS",
             "WEIGHTS",
             "CheckpointError",
@@ -20,6 +21,7 @@ def test_encoders_exports() -> None:
             "InvalidInput",
             "Modality",
             "ModelConfig",
+            "ModelRef",
             "PreprocessConfig",
             "TrunkConfig",
             "UnknownWeights",
@@ -30,6 +32,7 @@ def test_encoders_exports() -> None:
             "preprocess",
             "read_state_dict",
             "remap_imagebind_keys",
+            "resolve_model",
             "sha256_file",
         ]
     )

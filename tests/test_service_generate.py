@@ -115,6 +115,7 @@ def test_text_to_png(searcher: MemorySearcher) -> None:
             "dim": DIM,
             "image_size": 16,
             "default_steps": 1,
+            "model_sha256": None,
         }
         assert info["limits"]["max_generate_steps"] == 100
 

@@ -16,6 +16,8 @@ from encoders.cli import fail as _fail
 from encoders.errors import EncoderError
 from world.world import write_demo_world
 
+from .recipe import DEMO_PRESET
+
 __all__ = [
     "DEMO_PRESET",
     "demo_app",
@@ -24,8 +26,6 @@ __all__ = [
     "run_train",
     "train",
 ]
-
-DEMO_PRESET = "imagebind_demo"
 
 demo_app = typer.Typer(
     help="The demo world and the demo model trained on it.",
@@ -37,9 +37,12 @@ demo_app = typer.Typer(
 
 def demo_weights_path() -> Path:
     """The shipped demo weights (package data of ``encoders``)."""
-    import encoders
+    from encoders.weights import bundled_weights
 
-    return Path(encoders.__file__).parent / "data" / f"{DEMO_PRESET}.safetensors"
+    path = bundled_weights(DEMO_PRESET)
+    if path is None:
+        raise ValueError(f"no weights ship with {DEMO_PRESET}")
+    return path
 
 
 # ----------------------------------------------------------------------------- functions
@@ -52,22 +55,22 @@ def run_demo_eval(
     preset: str = DEMO_PRESET,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate weights (default: the shipped demo weights) on a fresh held-out world."""
+    """Evaluate weights (default: the shipped weights of ``preset``) on a fresh held-out world."""
     import torch
 
-    from encoders.encoder import load_encoder
+    from encoders import load_encoder, resolve_model
 
     from .eval import best_arithmetic, check, evaluate
 
     if threads:
         torch.set_num_threads(threads)
-    path = weights or demo_weights_path()
-    enc = load_encoder(path, config=preset, device="cpu")
+    ref = resolve_model(preset, weights)
+    enc = load_encoder(ref, device="cpu")
     report = evaluate(enc.model, n=n, seed=seed)
     if "arithmetic" in report:
         report["arithmetic_best"] = best_arithmetic(report["arithmetic"])[0]
     report["done_when_failures"] = check(report)
-    report["weights"] = str(path)
+    report["weights"] = str(ref.weights)
     return report
 
 

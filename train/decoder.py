@@ -55,6 +55,8 @@ from world.world import (
     to_model_inputs,
 )
 
+from .recipe import DEMO_PRESET
+
 __all__ = [
     "EVAL_SOURCES",
     "canonical_images",
@@ -69,28 +71,24 @@ __all__ = [
 
 # Modalities images are generated from in the evaluation (vision: the reconstruction reference).
 EVAL_SOURCES = ("vision", "audio", "thermal", "depth")
-DEMO_PRESET = "imagebind_demo"
 
 
 def _load_vision(
     checkpoint: str | Path | None, preset: str, towers: Sequence[str]
 ) -> tuple[ImageBind, Path, str]:
     """The frozen demo model (only ``towers``), the path its weights came from, their sha256."""
-    from encoders.checkpoint import sha256_file
-    from encoders.encoder import load_encoder
-    from encoders.weights import default_checkpoint
+    from encoders import load_encoder, resolve_model
 
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint(preset)[0]
-    # Hash first and load against it: the sha256 recorded with the decoder is that of the
-    # weights actually loaded, even if the file is replaced while the decoder trains.
-    sha = sha256_file(path)
-    enc = load_encoder(
-        path, config=preset, device="cpu", dtype=torch.float32, modalities=towers, sha256=sha
-    )
+    # The reference holds the sha256 and the load is checked against it: the sha256 recorded
+    # with the decoder is that of the weights actually loaded, even if the file is replaced.
+    ref = resolve_model(preset, checkpoint)
+    if ref.weights is None or ref.sha256 is None:
+        raise ValueError(f"the decoder is trained against real weights; {preset} has none")
+    enc = load_encoder(ref, device="cpu", dtype=torch.float32, modalities=towers)
     model = enc.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, path, sha
+    return model, ref.weights, ref.sha256
 
 
 def _normalise(pixels: Tensor, model: ImageBind) -> Tensor:

@@ -47,6 +47,10 @@ from encoders.config import ModelConfig, resolve_config
 from encoders.model import ImageBind, init_weights
 from encoders.transforms.text import trim_to_longest
 
+# The preset the demo world and the shipped demo weights are made for (what `bindsearch train`,
+# `demo world`, `demo eval` and `train-decoder` use unless told otherwise).
+DEMO_PRESET = "imagebind_demo"
+
 __all__ = [
     "STAGE2_MODALITIES",
     "PairedData",
@@ -129,7 +133,7 @@ class PairedData:
 class TrainConfig:
     """Hyper-parameters of both stages; the defaults trained the shipped demo weights."""
 
-    preset: str = "imagebind_demo"
+    preset: str = DEMO_PRESET
     stage1_steps: int = 2100
     stage2_steps: int = 400
     batch_size: int = 128

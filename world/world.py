@@ -768,16 +768,16 @@ def write_demo_world(
     preset: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """``write_world`` at the input sizes of ``preset`` (default: the demo model's).
+    """``write_world`` at the input sizes of ``preset`` (default: the default model's).
 
     What ``bindsearch demo world`` and the service's first start write; the manifest path.
     """
     from encoders.config import resolve_config
-    from encoders.weights import DEFAULT_CONFIG
+    from encoders.models import DEFAULT_MODEL
 
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
-    cfg = resolve_config(preset or DEFAULT_CONFIG).preprocess
+    cfg = resolve_config(preset or DEFAULT_MODEL).preprocess
     return write_world(out, n, cfg, seed=seed, split=split, progress=progress)
 
 

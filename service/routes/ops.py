@@ -85,6 +85,7 @@ async def info(state: StateDep, model: ModelDep) -> InfoResponse:
     return InfoResponse(
         model=ModelOut(
             name=model.name,
+            sha256=model.sha256,
             licence=model.licence,
             licence_url=model.licence_url,
             dim=model.dim,
@@ -119,6 +120,7 @@ def _generator_out(state: AppState) -> GeneratorOut | None:
     return GeneratorOut(
         name=g.name,
         licence=g.licence,
+        model_sha256=g.model_sha256,
         dim=g.dim,
         image_size=g.image_size,
         default_steps=g.default_steps,
