@@ -9,7 +9,7 @@ against the model's items/s in the build.
 * images: JPEGs (640x480) through the ``imagebind_huge`` vision tower (random weights; bf16 on
   CUDA) — the case where decoding should keep up;
 * text: captions of mixed length through the text tower, with length bucketing on
-  (``index.pipeline.TEXT_BUCKET_BATCHES``) and off, side by side.
+  (``index.engine.TEXT_BUCKET_BATCHES``) and off, side by side.
 
     .venv/bin/python -m bench.build --quick
     python -m bench.build --device cuda
@@ -38,7 +38,7 @@ import torch
 from bench._common import log, machine_info, write_json
 from bench.throughput import random_texts
 from encoders import Encoder, load_encoder
-from index import BuildOptions, ModelSource, build_index, pipeline
+from index import BuildOptions, ModelSource, build_index, engine
 from index._decode import DecodeTask, decode, init_worker
 
 
@@ -140,11 +140,11 @@ def run(device: str, quick: bool, workers: int | None) -> dict[str, Any]:
             f"{b['model_items_per_s']:.1f}/s"
         )
         builds.append(b)
-        old = pipeline.TEXT_BUCKET_BATCHES
+        old = engine.TEXT_BUCKET_BATCHES
         tb = 8 if quick else 256
         try:
             for bucket in (1, old):
-                pipeline.TEXT_BUCKET_BATCHES = bucket
+                engine.TEXT_BUCKET_BATCHES = bucket
                 text[f"bucket_{bucket}"] = one_build(
                     texts,
                     tmp / f"idx_text{bucket}",
@@ -154,7 +154,7 @@ def run(device: str, quick: bool, workers: int | None) -> dict[str, Any]:
                     f"{n_texts} captions, bucketing x{bucket}",
                 )
         finally:
-            pipeline.TEXT_BUCKET_BATCHES = old
+            engine.TEXT_BUCKET_BATCHES = old
         text["bucketing_model_speedup"] = (
             text["bucket_1"]["model_s"] / text[f"bucket_{old}"]["model_s"]
         )

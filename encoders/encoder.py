@@ -98,9 +98,13 @@ class Encoder:
         """L2-normalised float32 (N, D) embeddings, without logit scale.
 
         Clip inputs (audio (B, S, 1, F, T); video (B, S, 3, T, H, W)) give one vector per item,
-        the normalised mean of its clip vectors.
+        the normalised mean of its clip vectors. Text token ids (B, L) are trimmed to the
+        batch's longest text first (``trim_to_longest``: exact), so callers need not.
         """
         m = Modality.parse(modality)
+        if m is Modality.TEXT:
+            t = torch.as_tensor(x)
+            x = trim_to_longest(t) if t.ndim == 2 else t  # other shapes: _prepare says why
         with torch.inference_mode():
             y = self.model.embed_one(m, self._prepare(m, x), scaled=False)
             y = torch.nn.functional.normalize(y.float(), dim=-1)
@@ -131,9 +135,7 @@ class Encoder:
         out = []
         for start in range(0, len(items), batch_size):
             x = self.preprocess(m, items[start : start + batch_size], official, **options)
-            if m is Modality.TEXT:
-                x = trim_to_longest(x)  # exact: see trim_to_longest
-            out.append(self.embed(m, x))
+            out.append(self.embed(m, x))  # text is trimmed inside embed
         if not out:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate(out)

@@ -168,9 +168,7 @@ def _audio_items(
 
 
 def _decode_video(task: DecodeTask, out: Decoded) -> None:
-    from encoders.transforms.video import extract_audio, probe_video
-
-    from ._video import iter_video_segments
+    from encoders.transforms.video import extract_audio, iter_video_segments, probe_video
 
     spans = list(task.spans)
     duration = task.duration
@@ -189,8 +187,9 @@ def _decode_video(task: DecodeTask, out: Decoded) -> None:
                     out.items += _audio_items(wave, track[1], task.cfg, task.segment_seconds, 1)
             except (InvalidInput, ValueError, RuntimeError, OSError) as e:
                 out.note = f"soundtrack not indexed: {e}"
-    for (start, end), x in zip(spans, iter_video_segments(task.path, task.cfg, spans), strict=True):
-        out.items.append(DecodedItem("video", x, start, end, duration, (0, start)))
+    segments = iter_video_segments(task.path, task.cfg, spans)
+    for (start, end), x in zip(spans, segments, strict=True):
+        out.items.append(DecodedItem("video", x.numpy(), start, end, duration, (0, start)))
 
 
 def _sha256(path: str) -> str:

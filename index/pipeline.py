@@ -1,10 +1,10 @@
-"""The build: scan -> decode (worker processes) -> batch -> embed -> write, and updates.
+"""The build and its updates: scan -> engine -> writer -> refresh (see ``index.engine``).
 
-    entries (scan order)                      one bounded window of files in flight
-      -> DecodeTask per file  ==pool==>  Decoded parts, consumed in scan order
-      -> per-modality batches  -> Encoder.embed  (the main process: the model never waits
-                                                  while the workers keep up)
-      -> chunks of whole files -> IndexStore.commit_chunk  (atomic: .npy + one transaction)
+    entries (scan order)  -> IndexWriter: what is new or changed -> FileTask per file
+      -> an Engine (LocalEngine here: decode worker processes; or ray_engine.RayEngine)
+           -> EmbeddedFile per task, in any order, embedded through the shared Batcher
+      -> IndexWriter: scan order, duplicates, chunks of whole files -> IndexStore.commit_chunk
+           (atomic: .npy + one transaction)
       -> IndexStore.refresh   -> FAISS files + manifest.json
 
 Files are committed whole and in scan order, so ids depend only on the corpus: a build killed
@@ -20,30 +20,37 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from encoders import Encoder, Modality, ModelConfig, ModelRef, load_encoder
 
-from ._decode import Decoded, DecodedItem, DecodeTask, decode, init_worker
+from ._decode import Decoded, DecodeTask, decode, init_worker
 from .corpus import CorpusEntry, scan_corpus, scan_paths
+from .engine import (
+    Batcher,
+    EmbeddedFile,
+    EmbeddedItem,
+    EncoderLike,
+    Engine,
+    FileTask,
+    KnownContent,
+    needed_modalities,
+    nothing_known,
+)
 from .errors import IndexStoreError
 from .fingerprint import checkpoint_identity, model_fingerprint
 from .spec import DEFAULT_MEMORY_BUDGET, TARGET_RECALL
 from .store import FileRecord, IndexManifest, IndexStore, ItemRecord, read_manifest
 
 Log = Callable[[str], None]
-
-# Text items are embedded this many batches at a time, sorted by length (see _Pipeline._embed).
-TEXT_BUCKET_BATCHES = 4
 
 
 @dataclass
@@ -123,12 +130,6 @@ class BuildSummary:
         return out
 
 
-class EncoderLike(Protocol):
-    """What the build needs from ``encoders.Encoder``."""
-
-    def embed(self, modality: Modality | str, x: torch.Tensor | np.ndarray) -> np.ndarray: ...
-
-
 @dataclass
 class ModelSource:
     """The model of a build: its fingerprint without loading it, and the encoder on demand.
@@ -190,13 +191,29 @@ def build_index(
     """Build (or finish building) the index ``out`` from a folder or manifest."""
     opts = options or BuildOptions()
     opts.check()
+    return run_build(corpus, out, model, LocalEngine(model, opts), opts, log)
+
+
+def run_build(
+    corpus: str | Path,
+    out: str | Path,
+    model: ModelSource,
+    engine: Engine,
+    options: BuildOptions,
+    log: Log | None = None,
+) -> BuildSummary:
+    """scan -> ``engine`` -> the writer -> refresh: ``build_index`` on any engine.
+
+    ``engine`` must have been made with the same ``model`` and ``options``.
+    """
+    options.check()
     t0 = time.perf_counter()
-    store, entries = _start_build(corpus, out, model, opts)
+    store, entries = _start_build(corpus, out, model, options)
     with store:
         summary = BuildSummary(scanned=len(entries))
-        _Pipeline(store, model, opts, summary, log).run(entries)
+        IndexWriter(store, options, summary, log).write(entries, engine)
         summary.manifest = store.refresh(
-            opts.factory, opts.memory_budget, opts.target_recall, log=log
+            options.factory, options.memory_budget, options.target_recall, log=log
         )
     summary.wall_s = time.perf_counter() - t0
     return summary
@@ -215,7 +232,7 @@ def add_to_index(
     with store:
         entries = scan_paths(paths, exclude=[Path(index)])
         summary = BuildSummary(scanned=len(entries))
-        _Pipeline(store, model, opts, summary, log).run(entries)
+        IndexWriter(store, opts, summary, log).write(entries, LocalEngine(model, opts))
         summary.manifest = store.refresh(log=log)
     summary.wall_s = time.perf_counter() - t0
     return summary
@@ -250,7 +267,7 @@ def sync_index(
         if gone:
             summary.removed_items = len(store.remove_paths(gone))
             summary.removed_files = len(gone)
-        _Pipeline(store, model, opts, summary, log).run(entries)
+        IndexWriter(store, opts, summary, log).write(entries, LocalEngine(model, opts))
         summary.manifest = store.refresh(log=log)
     summary.wall_s = time.perf_counter() - t0
     return summary
@@ -301,7 +318,7 @@ def _open_for_update(
 def _start_build(
     corpus: str | Path, out: str | Path, model: ModelSource, opts: BuildOptions
 ) -> tuple[IndexStore, list[CorpusEntry]]:
-    """Scan the corpus and open (or create) the index a build writes (local and Ray engines)."""
+    """Scan the corpus and open (or create) the index a build writes."""
     out = Path(out)
     entries = scan_corpus(corpus, exclude=[out])
     store = IndexStore.create(out, model.fingerprint(), model.config.embed_dim, opts.settings())
@@ -334,118 +351,84 @@ def _is_under(path: Path, root: Path) -> bool:
         return False
 
 
-# --- the pipeline -------------------------------------------------------------------------------
+# --- the writer ---------------------------------------------------------------------------------
 
 
 @dataclass
-class _Item:
-    decoded: DecodedItem
-    vector: np.ndarray | None = None
-    dead: bool = False  # its file turned out a duplicate or failed: do not embed
-
-
-@dataclass
-class _Slot:
-    """One file in flight, from its first task to its commit."""
+class _Done:
+    """A file in scan order, its fate decided, waiting for its chunk."""
 
     entry: CorpusEntry
-    seq: int
-    tasks: deque[tuple[DecodeTask, Future[Decoded]]] = field(default_factory=deque)
-    items: list[_Item] = field(default_factory=list)
-    sha256: str | None = None
-    size: int | None = None
-    mtime_ns: int | None = None
-    error: str | None = None
-    note: str | None = None
+    file: EmbeddedFile
     duplicate_of: str | None = None
     touched: bool = False  # same content as indexed, only its mtime changed
-    crashes: int = 0
+
+    @property
+    def indexed(self) -> bool:
+        return self.file.error is None and self.duplicate_of is None and not self.touched
 
 
-class _InlineFuture(Future[Decoded]):
-    """workers=0: decode when the result is asked for (in order, in this process)."""
+class IndexWriter:
+    """The one writer of a build or update, whatever the engine.
 
-    def __init__(self, task: DecodeTask) -> None:
-        super().__init__()
-        self._task = task
+    It chooses what to do (unchanged files are skipped), puts the engine's results back in
+    scan order (a reorder buffer), decides duplicates by content in that order, and commits
+    whole files in chunks of about ``chunk_items`` items (ids follow), with rejected files
+    recorded beside them. It keeps the progress bar and the summary.
+    """
 
-    def result(self, timeout: float | None = None) -> Decoded:
-        if not self.done():
-            self.set_result(decode(self._task))
-        return super().result(timeout)
-
-
-class _Pipeline:
     def __init__(
-        self,
-        store: IndexStore,
-        model: ModelSource,
-        opts: BuildOptions,
-        summary: BuildSummary,
-        log: Log | None,
+        self, store: IndexStore, options: BuildOptions, summary: BuildSummary, log: Log | None
     ) -> None:
-        self.store, self.model, self.opts, self.summary = store, model, opts, summary
-        self.log = log
-        self.cfg = model.config.preprocess
-        self.encoder: EncoderLike | None = None
-        self.pool: ProcessPoolExecutor | None = None
-        self.buffers: dict[str, list[_Item]] = {}
-        self.ready: list[_Slot] = []
-        self.pending_sha: dict[str, str] = {}  # sha256 -> path, for files not yet committed
-        self.needed: set[Modality] = set()
+        self.store, self.opts, self.summary, self.log = store, options, summary, log
+        self._todo: list[CorpusEntry] = []
+        self._head = 0  # the next file of _todo, in scan order
+        self._arrived: dict[int, EmbeddedFile] = {}  # the reorder buffer: seq -> file
+        self._ready: list[_Done] = []
+        self._pending_sha: dict[str, str] = {}  # sha256 -> path, for files not yet committed
 
-    def run(self, entries: Sequence[CorpusEntry]) -> None:
-        todo = self._select(entries)
-        if not todo:
+    def known(self, sha256: str) -> bool:
+        """Whether a file of this content is indexed or about to be (the engines' ``known``)."""
+        return sha256 in self._pending_sha or self.store.indexed_path_with_sha(sha256) is not None
+
+    def write(self, entries: Sequence[CorpusEntry], engine: Engine) -> None:
+        """Have ``engine`` embed what ``entries`` holds that is new or changed, and commit it."""
+        self._todo = self._select(entries)
+        if not self._todo:
             return
-        for e in todo:
-            if e.modality is not None:
-                self.needed.add(e.modality)
-                if e.modality is Modality.VIDEO and self.opts.soundtrack:
-                    self.needed.add(Modality.AUDIO)
-        max_ahead = max(2, 2 * self.opts.workers)
+        tasks = [
+            FileTask(seq, str(e.path), e.modality)
+            for seq, e in enumerate(self._todo)
+            if e.error is None and e.modality is not None
+        ]
+        sent = {t.seq for t in tasks}
         bar = tqdm(
-            total=len(todo),
+            total=len(self._todo),
             unit="file",
             file=sys.stderr,
             dynamic_ncols=True,
             disable=not self._show_progress(),
             smoothing=0.1,
         )
-        it = iter(todo)
-        slots: deque[_Slot] = deque()
-        seq = 0
+        files = engine.run(tasks, self.known) if tasks else iter(())
         try:
-            if self.opts.workers > 0:
-                self.pool = self._new_pool()
-            while True:
-                while len(slots) < max_ahead and (entry := next(it, None)) is not None:
-                    slot = _Slot(entry, seq)
-                    seq += 1
-                    if entry.error is None and entry.modality is not None:
-                        self._submit(slot, self._task(slot))
-                    slots.append(slot)
-                if not slots:
-                    break
-                head = slots[0]
-                if head.tasks:
-                    self._advance(head, slots)
-                    continue
-                slots.popleft()
-                self._finish(head)
-                bar.update(1)
-                bar.set_postfix(
-                    items=self.summary.embedded_items + self._ready_items(),
-                    rejected=len(self.summary.rejected),
-                    refresh=False,
-                )
+            self._drain(bar)  # files the scan rejected come first, maybe
+            for f in files:
+                if f.seq not in sent or f.seq < self._head or f.seq in self._arrived:
+                    raise IndexStoreError(f"internal: the engine returned file #{f.seq} twice")
+                self._arrived[f.seq] = f
+                self._drain(bar)
+            if self._head != len(self._todo):
+                missing = self._todo[self._head].path
+                raise IndexStoreError(f"internal: the engine returned no result for {missing}")
             self._commit()
         finally:
+            close = getattr(files, "close", None)
+            if close is not None:
+                close()  # a generator engine shuts its workers down
             bar.close()
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-
-    # --- choosing what to do ------------------------------------------------------------------
+            self.summary.model_s += engine.model_s
+            self.summary.decode_wait_s += engine.decode_wait_s
 
     def _select(self, entries: Sequence[CorpusEntry]) -> list[CorpusEntry]:
         todo = []
@@ -464,204 +447,85 @@ class _Pipeline:
     def _show_progress(self) -> bool:
         return sys.stderr.isatty() if self.opts.progress is None else self.opts.progress
 
-    # --- decoding -----------------------------------------------------------------------------
-
-    def _task(
-        self,
-        slot: _Slot,
-        part: int = 0,
-        spans: tuple[tuple[float, float], ...] = (),
-        duration: float | None = None,
-    ) -> DecodeTask:
-        modality = slot.entry.modality
-        if modality is None:
-            raise ValueError("an entry without a modality cannot be decoded")
-        return DecodeTask(
-            slot.seq,
-            str(slot.entry.path),
-            modality.value,
-            self.cfg,
-            self.opts.segment_seconds,
-            self.opts.soundtrack,
-            part,
-            spans,
-            duration,
-        )
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn: workers are children of this process (their watchdog sees it die) and
-        # import only what decoding needs, never the loaded model.
-        return ProcessPoolExecutor(
-            self.opts.workers, multiprocessing.get_context("spawn"), initializer=init_worker
-        )
-
-    def _submit(self, slot: _Slot, task: DecodeTask) -> None:
-        fut: Future[Decoded] = (
-            self.pool.submit(decode, task) if self.pool is not None else _InlineFuture(task)
-        )
-        slot.tasks.append((task, fut))
-
-    def _advance(self, slot: _Slot, slots: deque[_Slot]) -> None:
-        task, fut = slot.tasks.popleft()
-        t0 = time.perf_counter()
-        try:
-            res = fut.result()
-        except BrokenProcessPool:
-            # A decoder crashed a worker (which file is unknown): new pool, every task again;
-            # the file at the head is rejected if it brings the pool down twice.
-            self.summary.decode_wait_s += time.perf_counter() - t0
-            slot.tasks.appendleft((task, fut))
-            self._restart_pool(slots)
-            slot.crashes += 1
-            if slot.crashes >= 2:
-                self._drop(slot, "the decoder crashed on this file")
-            return
-        self.summary.decode_wait_s += time.perf_counter() - t0
-        if slot.error is not None or slot.duplicate_of is not None or slot.touched:
-            return  # a later part of a file already given up
-        if res.error is not None:
-            self._drop(slot, res.error)
-            return
-        if res.part == 0:
-            slot.sha256, slot.size, slot.mtime_ns, slot.note = (
-                res.sha256,
-                res.size,
-                res.mtime_ns,
-                res.note,
-            )
-            if res.sha256 is not None and self._deduplicate(slot, res.sha256):
+    def _drain(self, bar: Any) -> None:
+        """Take every file at the front, in scan order, as far as results have arrived."""
+        while self._head < len(self._todo):
+            seq, entry = self._head, self._todo[self._head]
+            if entry.error is not None or entry.modality is None:
+                f = EmbeddedFile(seq, error=entry.error)  # never sent to the engine
+            elif seq in self._arrived:
+                f = self._arrived.pop(seq)
+            else:
                 return
-            for spans in res.later:
-                self._submit(slot, self._task(slot, len(slot.tasks) + 1, spans, res.duration))
-        for d in res.items:
-            if d.duration_s is None and d.modality == "video":
-                d.duration_s = task.duration
-            item = _Item(d)
-            slot.items.append(item)
-            self._add_to_batch(item)
+            self._head += 1
+            self._take(entry, f)
+            bar.update(1)
+            bar.set_postfix(
+                items=self.summary.embedded_items + self._ready_items(),
+                rejected=len(self.summary.rejected),
+                refresh=False,
+            )
 
-    def _deduplicate(self, slot: _Slot, sha: str) -> bool:
-        path = str(slot.entry.path)
-        other = self.pending_sha.get(sha) or self.store.indexed_path_with_sha(sha)
-        if other == path:
-            slot.touched = True  # same content as indexed: only the file's mtime changed
-        elif other is not None:
-            slot.duplicate_of = other
-        else:
-            self.pending_sha[sha] = path
-            return False
-        self._cancel(slot)
-        return True
-
-    def _drop(self, slot: _Slot, error: str) -> None:
-        slot.error = error
-        self._cancel(slot)
-        for item in slot.items:
-            item.dead = True
-            item.decoded.array = np.empty(0)
-        if slot.sha256 is not None and self.pending_sha.get(slot.sha256) == str(slot.entry.path):
-            del self.pending_sha[slot.sha256]
-
-    def _cancel(self, slot: _Slot) -> None:
-        for _, fut in slot.tasks:
-            fut.cancel()
-        slot.tasks.clear()
-
-    def _restart_pool(self, slots: deque[_Slot]) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pool = self._new_pool()
-        for s in slots:
-            tasks = [t for t, _ in s.tasks]
-            s.tasks.clear()
-            for t in tasks:
-                self._submit(s, t)
-
-    # --- embedding ----------------------------------------------------------------------------
-
-    def _add_to_batch(self, item: _Item) -> None:
-        buf = self.buffers.setdefault(item.decoded.modality, [])
-        buf.append(item)
-        # Text waits for several batches' worth, to batch similar lengths together (_embed).
-        window = TEXT_BUCKET_BATCHES if item.decoded.modality == Modality.TEXT.value else 1
-        if len(buf) >= self.opts.batch_size * window:
-            self._embed(item.decoded.modality)
-
-    def _embed(self, modality: str) -> None:
-        items = [it for it in self.buffers.pop(modality, []) if not it.dead]
-        if not items:
-            return
-        if self.encoder is None:
-            self.encoder = self.model.load(self.needed)
-        if modality == Modality.TEXT.value:
-            # Length buckets: sorted by their end-of-text position, each batch is trimmed to
-            # its own longest row (exact), so short texts do not pay for a long neighbour.
-            items.sort(key=lambda it: int(np.argmax(it.decoded.array)))
-        size = self.opts.batch_size
-        for start in range(0, len(items), size):
-            batch = items[start : start + size]
-            x = torch.from_numpy(np.stack([it.decoded.array for it in batch]))
-            if modality == Modality.TEXT.value:
-                from encoders.transforms.text import trim_to_longest
-
-                x = trim_to_longest(x)
-            t0 = time.perf_counter()
-            vectors = self.encoder.embed(modality, x)
-            self.summary.model_s += time.perf_counter() - t0
-            for it, v in zip(batch, vectors, strict=True):
-                it.vector = np.asarray(v, dtype=np.float32)
-                it.decoded.array = np.empty(0)  # the input is no longer needed
-
-    # --- committing ---------------------------------------------------------------------------
-
-    def _finish(self, slot: _Slot) -> None:
-        if slot.entry.error is not None:
-            slot.error = slot.entry.error
-        self.ready.append(slot)
+    def _take(self, entry: CorpusEntry, f: EmbeddedFile) -> None:
+        done = _Done(entry, f)
+        if f.error is None and f.sha256 is not None:
+            path = str(entry.path)
+            other = self._pending_sha.get(f.sha256) or self.store.indexed_path_with_sha(f.sha256)
+            if other == path:
+                done.touched = True
+            elif other is not None:
+                done.duplicate_of = other
+            else:
+                self._pending_sha[f.sha256] = path
+        if done.indexed and f.skipped:
+            raise IndexStoreError(f"internal: {entry.path} was skipped but is not a duplicate")
+        if not done.indexed:
+            f.items = []  # a duplicate's vectors (engines that embed before asking) are not kept
+        elif not f.embedded:
+            raise IndexStoreError(f"internal: {entry.path} has an item without a vector")
+        self._ready.append(done)
         if self._ready_items() >= self.opts.chunk_items:
             self._commit()
 
     def _ready_items(self) -> int:
-        return sum(len(s.items) for s in self.ready if s.error is None)
+        return sum(len(d.file.items) for d in self._ready if d.indexed)
 
     def _commit(self) -> None:
-        if not self.ready:
+        if not self._ready:
             return
-        for m in list(self.buffers):
-            self._embed(m)
         files: list[FileRecord] = []
         items: list[ItemRecord] = []
         vectors: list[np.ndarray] = []
         touched: list[FileRecord] = []
         s = self.summary
-        for slot in self.ready:
-            e = slot.entry
+        for done in self._ready:
+            e, f = done.entry, done.file
             path = str(e.path)
-            size, mtime = slot.size, slot.mtime_ns
+            size, mtime = f.size, f.mtime_ns
             if size is None:
                 size, mtime = _stat(e.path)
             common: dict[str, Any] = {
-                "sha256": slot.sha256,
+                "sha256": f.sha256,
                 "size": size,
                 "mtime_ns": mtime,
                 "modality": None if e.modality is None else e.modality.value,
                 "caption": e.caption,
                 "tags": e.tags,
             }
-            if slot.touched:
+            if done.touched:
                 touched.append(FileRecord(path, "indexed", **common))
                 s.already += 1
-            elif slot.error is not None:
-                files.append(FileRecord(path, "rejected", error=slot.error, **common))
-                s.rejected.append((path, slot.error))
-            elif slot.duplicate_of is not None:
+            elif f.error is not None:
+                files.append(FileRecord(path, "rejected", error=f.error, **common))
+                s.rejected.append((path, f.error))
+            elif done.duplicate_of is not None:
                 files.append(
-                    FileRecord(path, "duplicate", duplicate_of=slot.duplicate_of, **common)
+                    FileRecord(path, "duplicate", duplicate_of=done.duplicate_of, **common)
                 )
                 s.duplicates += 1
             else:
-                files.append(FileRecord(path, "indexed", error=slot.note, **common))
-                ordered = sorted(slot.items, key=lambda it: it.decoded.rank)
+                files.append(FileRecord(path, "indexed", error=f.note, **common))
+                ordered = sorted(f.items, key=lambda it: it.decoded.rank)
                 for it in ordered:
                     d = it.decoded
                     if it.vector is None:
@@ -670,7 +534,7 @@ class _Pipeline:
                         ItemRecord(
                             path,
                             d.modality,
-                            slot.sha256 or "",
+                            f.sha256 or "",
                             size or 0,
                             d.start_s,
                             d.end_s,
@@ -689,8 +553,8 @@ class _Pipeline:
         arr = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
         self.store.commit_chunk(files, items, arr, touched)
         s.chunks += 1
-        self.ready = []
-        self.pending_sha.clear()  # committed: the store answers for them now
+        self._ready = []
+        self._pending_sha.clear()  # committed: the store answers for them now
 
 
 def _unchanged(row: Any, path: Path) -> bool:
@@ -707,3 +571,191 @@ def _stat(path: Path) -> tuple[int | None, int | None]:
     except OSError:
         return None, None
     return st.st_size, st.st_mtime_ns
+
+
+# --- the local engine ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """One file in flight, from its first decode task until all its parts are decoded."""
+
+    task: FileTask
+    file: EmbeddedFile
+    parts: deque[tuple[DecodeTask, Future[Decoded]]] = field(default_factory=deque)
+    crashes: int = 0
+
+
+class _InlineFuture(Future[Decoded]):
+    """workers=0: decode when the result is asked for (in order, in this process)."""
+
+    def __init__(self, task: DecodeTask) -> None:
+        super().__init__()
+        self._task = task
+
+    def result(self, timeout: float | None = None) -> Decoded:
+        if not self.done():
+            self.set_result(decode(self._task))
+        return super().result(timeout)
+
+
+class LocalEngine:
+    """The engine of one machine: decode worker processes feed the model in this process.
+
+    A bounded window of files is decoded ahead; results are taken in scan order, so a file
+    whose content an earlier one has is skipped before its later parts are decoded. Items
+    join the shared ``Batcher``; a file leaves once its items have their vectors (the
+    batches are flushed whenever a chunk's worth of items waits for them).
+    """
+
+    def __init__(self, model: ModelSource, options: BuildOptions) -> None:
+        self.model, self.opts = model, options
+        self.cfg = model.config.preprocess
+        self.model_s = 0.0
+        self.decode_wait_s = 0.0
+        self._pool: ProcessPoolExecutor | None = None
+        self._encoder: EncoderLike | None = None
+        self._needed: set[Modality] = set()
+        self._seen: dict[str, int] = {}  # sha256 -> seq of the file of this run that has it
+
+    def run(
+        self, todo: Sequence[FileTask], known: KnownContent = nothing_known
+    ) -> Iterator[EmbeddedFile]:
+        if not todo:
+            return
+        self._needed = needed_modalities(todo, self.opts.soundtrack)
+        batcher = Batcher(self._load, self.opts.batch_size)
+        max_ahead = max(2, 2 * self.opts.workers)
+        it = iter(todo)
+        slots: deque[_Slot] = deque()  # decoding
+        waiting: deque[EmbeddedFile] = deque()  # decoded, some items still in the batcher
+        try:
+            if self.opts.workers > 0:
+                self._pool = self._new_pool()
+            while True:
+                while len(slots) < max_ahead and (task := next(it, None)) is not None:
+                    slot = _Slot(task, EmbeddedFile(task.seq))
+                    self._submit(slot, self._task(task))
+                    slots.append(slot)
+                if not slots:
+                    break
+                head = slots[0]
+                if head.parts:
+                    self._advance(head, slots, batcher, known)
+                    continue
+                slots.popleft()
+                waiting.append(head.file)
+                if sum(len(f.items) for f in waiting) >= self.opts.chunk_items:
+                    batcher.flush()  # the writer needs them to commit a chunk
+                while waiting and waiting[0].embedded:
+                    yield waiting.popleft()
+            batcher.flush()
+            yield from waiting
+        finally:
+            self.model_s += batcher.model_s
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+    def _load(self) -> EncoderLike:
+        if self._encoder is None:
+            self._encoder = self.model.load(self._needed)
+        return self._encoder
+
+    def _task(
+        self,
+        task: FileTask,
+        part: int = 0,
+        spans: tuple[tuple[float, float], ...] = (),
+        duration: float | None = None,
+    ) -> DecodeTask:
+        return DecodeTask(
+            task.seq,
+            task.path,
+            task.modality.value,
+            self.cfg,
+            self.opts.segment_seconds,
+            self.opts.soundtrack,
+            part,
+            spans,
+            duration,
+        )
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: workers are children of this process (their watchdog sees it die) and
+        # import only what decoding needs, never the loaded model.
+        return ProcessPoolExecutor(
+            self.opts.workers, multiprocessing.get_context("spawn"), initializer=init_worker
+        )
+
+    def _submit(self, slot: _Slot, task: DecodeTask) -> None:
+        fut: Future[Decoded] = (
+            self._pool.submit(decode, task) if self._pool is not None else _InlineFuture(task)
+        )
+        slot.parts.append((task, fut))
+
+    def _advance(
+        self, slot: _Slot, slots: deque[_Slot], batcher: Batcher, known: KnownContent
+    ) -> None:
+        task, fut = slot.parts.popleft()
+        t0 = time.perf_counter()
+        try:
+            res = fut.result()
+        except BrokenProcessPool:
+            # A decoder crashed a worker (which file is unknown): new pool, every task again;
+            # the file at the head is rejected if it brings the pool down twice.
+            self.decode_wait_s += time.perf_counter() - t0
+            slot.parts.appendleft((task, fut))
+            self._restart_pool(slots)
+            slot.crashes += 1
+            if slot.crashes >= 2:
+                self._drop(slot, "the decoder crashed on this file")
+            return
+        self.decode_wait_s += time.perf_counter() - t0
+        f = slot.file
+        if f.error is not None or f.skipped:
+            return  # a later part of a file already given up
+        if res.error is not None:
+            self._drop(slot, res.error)
+            return
+        if res.part == 0:
+            f.sha256, f.size, f.mtime_ns, f.note = res.sha256, res.size, res.mtime_ns, res.note
+            if res.sha256 is not None:
+                if res.sha256 in self._seen or known(res.sha256):
+                    f.skipped = True  # a duplicate, or unchanged content: the writer says which
+                    self._cancel(slot)
+                    return
+                self._seen[res.sha256] = f.seq
+            for spans in res.later:
+                self._submit(slot, self._task(slot.task, len(slot.parts) + 1, spans, res.duration))
+        for d in res.items:
+            if d.duration_s is None and d.modality == Modality.VIDEO.value:
+                d.duration_s = task.duration
+            item = EmbeddedItem(d)
+            f.items.append(item)
+            batcher.add(item)
+
+    def _drop(self, slot: _Slot, error: str) -> None:
+        f = slot.file
+        f.error = error
+        self._cancel(slot)
+        for item in f.items:
+            item.dead = True
+            item.decoded.array = np.empty(0)
+        if f.sha256 is not None and self._seen.get(f.sha256) == f.seq:
+            del self._seen[f.sha256]
+
+    def _cancel(self, slot: _Slot) -> None:
+        for _, fut in slot.parts:
+            fut.cancel()
+        slot.parts.clear()
+
+    def _restart_pool(self, slots: deque[_Slot]) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._new_pool()
+        for s in slots:
+            tasks = [t for t, _ in s.parts]
+            s.parts.clear()
+            for t in tasks:
+                self._submit(s, t)

@@ -1,16 +1,17 @@
-"""``bindsearch index build --engine ray``: the build on Ray Data, into the usual index directory.
+"""``bindsearch index build --engine ray``: the build's engine on Ray Data (``index.engine``).
 
-    todo entries (scan order, chosen by the driver: committed files are skipped, as locally)
+    FileTasks (scan order, chosen by the writer: committed files are skipped, as locally)
       -> ray.data.from_items                     one row per file
       -> map_batches(decode_files)   Ray tasks   a file -> one row per item + a header row
-      -> map_batches(Embedder)       actors      one per GPU (num_gpus=1), else CPU actors
+      -> map_batches(Embedder)       actors      one per GPU (num_gpus=1), else CPU actors;
+                                                 each embeds through the shared Batcher
       -> iter_batches on the driver              the output blocks (the shards), in any order
-      -> reorder buffer -> _Pipeline._finish/_commit   whole files, in scan order
+      -> EmbeddedFile per file, once all its rows are in -> the build's one IndexWriter
 
-Ray Data's output blocks arrive in whatever order the cluster finishes them; the driver
-merges them into the one index directory through the local build's own commit code, file by
-file in scan order, so chunks, ids, duplicates and rejections come out exactly as a local build
-of the same corpus gives them (vectors agree within float tolerance: batches differ).
+Ray Data's output blocks arrive in whatever order the cluster finishes them; the writer puts
+the files back in scan order and commits them, so chunks, ids, duplicates and rejections come
+out exactly as a local build of the same corpus gives them (vectors agree within float
+tolerance: batches differ).
 
 Resume: only committed chunks count. A build killed at any moment and rerun skips the
 committed files and redoes the rest; results that had been embedded but not committed are
@@ -24,10 +25,9 @@ import dataclasses
 import io
 import logging
 import math
-import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,26 +35,24 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from encoders import Modality, PreprocessConfig
 
 from ._decode import Decoded, DecodedItem, DecodeTask, decode
-from .corpus import CorpusEntry
+from .engine import (
+    TEXT_BUCKET_BATCHES,
+    Batcher,
+    EmbeddedFile,
+    EmbeddedItem,
+    EncoderLike,
+    FileTask,
+    KnownContent,
+    needed_modalities,
+    nothing_known,
+)
 from .errors import IndexStoreError
 from .fingerprint import checkpoint_identity
-from .pipeline import (
-    BuildOptions,
-    BuildSummary,
-    EncoderLike,
-    Log,
-    ModelSource,
-    _Item,
-    _Pipeline,
-    _Slot,
-    _start_build,
-)
-from .store import IndexStore
+from .pipeline import BuildOptions, BuildSummary, Log, ModelSource, run_build
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'bindsearch[ray]'"
 DECODE_TASK_MEMORY = 512 << 20  # logical memory per decode task: a worker with torch + one part
@@ -110,21 +108,7 @@ def build_index_ray(
     opts.check()
     ropts = ray_options or RayOptions()
     ropts.check()
-    t0 = time.perf_counter()
-    store, entries = _start_build(corpus, out, model, opts)
-    with store:
-        summary = BuildSummary(scanned=len(entries))
-        try:
-            _RayBuild(ray, store, model, opts, ropts, summary, log).run(entries)
-        except ray.exceptions.RayError as e:
-            # Ray's text is a remote traceback: keep its last line, the actual error.
-            last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1:] or [repr(e)]
-            raise IndexStoreError(f"the Ray build failed: {last[0].strip()}") from e
-        summary.manifest = store.refresh(
-            opts.factory, opts.memory_budget, opts.target_recall, log=log
-        )
-    summary.wall_s = time.perf_counter() - t0
-    return summary
+    return run_build(corpus, out, model, RayEngine(ray, model, opts, ropts, log), opts, log)
 
 
 @contextmanager
@@ -272,12 +256,16 @@ def decode_files(
 
 
 class Embedder:
-    """The actor: loads the model once, embeds the items of each batch modality by modality.
+    """The actor: loads the model once, embeds the item rows of each batch with a ``Batcher``.
 
-    Header rows pass through; item rows leave with their vector instead of their input.
+    Header rows pass through; item rows leave with their vector instead of their input. A
+    batch holds up to ``TEXT_BUCKET_BATCHES`` model batches, so its text is length-bucketed
+    as in the local engine.
     """
 
-    def __init__(self, model: ModelSource, needed: list[str], device: str, threads: int) -> None:
+    def __init__(
+        self, model: ModelSource, needed: list[str], device: str, threads: int, batch_size: int
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -292,34 +280,30 @@ class Embedder:
         if device != model.device:
             model = dataclasses.replace(model, device=device)
         self.encoder: EncoderLike = model.load({Modality.parse(m) for m in needed})
+        self.batch_size = batch_size
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
-        import torch
 
         rows = batch.drop_columns(["data"]).to_pylist()
         data = batch.column("data")
-        vectors: list[bytes] = [b""] * len(rows)
-        by_modality: dict[str, list[int]] = {}
+        batcher = Batcher(lambda: self.encoder, self.batch_size)
+        items: list[tuple[int, EmbeddedItem]] = []
         for i, r in enumerate(rows):
             if not r["header"]:
-                by_modality.setdefault(r["modality"], []).append(i)
-        t0 = time.perf_counter()
-        for m, idx in by_modality.items():
-            x = torch.from_numpy(
-                np.stack([np.load(io.BytesIO(data[i].as_py()), allow_pickle=False) for i in idx])
-            )
-            if m == Modality.TEXT.value:
-                from encoders.transforms.text import trim_to_longest
-
-                x = trim_to_longest(x)
-            out = np.asarray(self.encoder.embed(m, x), dtype=np.float32)  # (len(idx), dim)
-            for i, v in zip(idx, out, strict=True):
-                vectors[i] = v.tobytes()
-        model_s = time.perf_counter() - t0
+                x = np.load(io.BytesIO(data[i].as_py()), allow_pickle=False)
+                item = EmbeddedItem(DecodedItem(r["modality"], x))
+                items.append((i, item))
+                batcher.add(item)
+        batcher.flush()
+        vectors: list[bytes] = [b""] * len(rows)
+        for i, item in items:
+            if item.vector is None:
+                raise IndexStoreError("internal: the batcher left an item without a vector")
+            vectors[i] = item.vector.tobytes()
         for i, r in enumerate(rows):
             r["vector"] = vectors[i]
-            r["model_s"] = model_s if i == 0 else 0.0
+            r["model_s"] = batcher.model_s if i == 0 else 0.0
         return pa.Table.from_pylist(rows, schema=_schema("vector"))
 
 
@@ -328,80 +312,61 @@ class Embedder:
 
 @dataclass
 class _Pending:
-    """One file between its submission and its commit: the rows seen so far."""
+    """One file between its submission and its result: the rows seen so far."""
 
-    slot: _Slot
     header: dict[str, Any] | None = None
-    items: dict[tuple[str, int, float], _Item] = field(default_factory=dict)
+    items: dict[tuple[str, int, float], EmbeddedItem] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        if self.slot.entry.error is not None or self.slot.entry.modality is None:
-            return True  # never sent: rejected by the scan
         if self.header is None:
             return False
         return bool(self.header["error"]) or len(self.items) == self.header["n_items"]
 
 
-class _RayBuild:
+class RayEngine:
+    """The ``Engine`` on Ray Data: decode tasks and embedding actors across a cluster.
+
+    Files come back as the cluster finishes them; every file is embedded (duplicates are
+    known only to the writer, after the fact). ``known`` is not asked.
+    """
+
     def __init__(
         self,
         ray: ModuleType,
-        store: IndexStore,
         model: ModelSource,
-        opts: BuildOptions,
-        ropts: RayOptions,
-        summary: BuildSummary,
-        log: Log | None,
+        options: BuildOptions,
+        ray_options: RayOptions,
+        log: Log | None = None,
     ) -> None:
-        self.ray, self.store, self.model, self.opts, self.ropts = ray, store, model, opts, ropts
-        self.summary, self.log = summary, log
-        # The local build's bookkeeping: what to skip, dedup, chunking, the records it writes.
-        self.pipe = _Pipeline(store, model, opts, summary, log)
+        self.ray, self.model, self.opts, self.ropts = ray, model, options, ray_options
+        self.log = log
+        self.model_s = 0.0
+        self.decode_wait_s = 0.0
 
-    def run(self, entries: list[CorpusEntry]) -> None:
-        todo = self.pipe._select(entries)
+    def run(
+        self, todo: Sequence[FileTask], known: KnownContent = nothing_known
+    ) -> Iterator[EmbeddedFile]:
         if not todo:
             return
-        pending = [_Pending(_Slot(e, seq)) for seq, e in enumerate(todo)]
-        jobs = [
-            {
-                "seq": p.slot.seq,
-                "path": str(p.slot.entry.path),
-                "modality": p.slot.entry.modality.value,
-            }
-            for p in pending
-            if p.slot.entry.error is None and p.slot.entry.modality is not None
-        ]
-        show = sys.stderr.isatty() if self.opts.progress is None else self.opts.progress
-        bar = tqdm(
-            total=len(todo),
-            unit="file",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=not show,
-            smoothing=0.1,
-        )
-        head = 0
+        pending = {t.seq: _Pending() for t in todo}
+        jobs = [{"seq": t.seq, "path": t.path, "modality": t.modality.value} for t in todo]
         try:
-            if jobs:
-                for table in self._results(jobs, todo):
-                    self._take(pending, table)
-                    head = self._drain(pending, head, bar)
-            head = self._drain(pending, head, bar)
-            if head != len(pending):
-                raise IndexStoreError(
-                    f"internal: Ray returned no complete result for {pending[head].slot.entry.path}"
-                )
-            self.pipe._commit()
-        finally:
-            bar.close()
+            for table in self._results(jobs, todo):
+                yield from self._take(pending, table)
+        except self.ray.exceptions.RayError as e:
+            # Ray's text is a remote traceback: keep its last line, the actual error.
+            last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1:] or [repr(e)]
+            raise IndexStoreError(f"the Ray build failed: {last[0].strip()}") from e
+        if pending:
+            path = next(t.path for t in todo if t.seq in pending)
+            raise IndexStoreError(f"internal: Ray returned no complete result for {path}")
 
-    def _results(self, jobs: list[dict[str, Any]], todo: list[CorpusEntry]) -> Iterator[Any]:
+    def _results(self, jobs: list[dict[str, Any]], todo: Sequence[FileTask]) -> Iterator[Any]:
         with _session(self.ray, self.ropts.address):  # only when there is work for the cluster
             yield from self._run_dataset(jobs, todo)
 
-    def _run_dataset(self, jobs: list[dict[str, Any]], todo: list[CorpusEntry]) -> Iterator[Any]:
+    def _run_dataset(self, jobs: list[dict[str, Any]], todo: Sequence[FileTask]) -> Iterator[Any]:
         ray = self.ray
         resources = ray.cluster_resources()
         cpus = max(1, int(resources.get("CPU", 1)))
@@ -420,7 +385,7 @@ class _RayBuild:
             actors = self.ropts.num_actors or max(1, cpus // 2)
             device = self.model.device
             per_actor = {"num_cpus": 1}
-        needed = sorted(self._needed(todo))
+        needed = sorted(needed_modalities(todo, self.opts.soundtrack))
         if self.log is not None:
             self.log(
                 f"ray: {len(jobs)} files, {actors} embedding actors on "
@@ -448,9 +413,10 @@ class _RayBuild:
         )
         ds = ds.map_batches(
             Embedder,
-            batch_size=self.opts.batch_size,
+            # Room for text's length buckets; the Batcher cuts model batches of batch_size.
+            batch_size=self.opts.batch_size * TEXT_BUCKET_BATCHES,
             batch_format="pyarrow",
-            fn_constructor_args=(self._shippable_model(), needed, device, 1),
+            fn_constructor_args=(self._shippable_model(), needed, device, 1, self.opts.batch_size),
             # Ray Data's actors restart (and their tasks are retried) when a worker dies.
             compute=ray.data.ActorPoolStrategy(size=actors),
             **per_actor,
@@ -463,67 +429,61 @@ class _RayBuild:
         try:
             wait = time.perf_counter()
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                self.summary.decode_wait_s += time.perf_counter() - wait
+                self.decode_wait_s += time.perf_counter() - wait
                 yield table
                 wait = time.perf_counter()
         finally:
             ctx.enable_progress_bars = old
             logger.setLevel(level)
 
-    def _needed(self, todo: list[CorpusEntry]) -> set[Modality]:
-        needed: set[Modality] = set()
-        for e in todo:
-            if e.modality is not None:
-                needed.add(e.modality)
-                if e.modality is Modality.VIDEO and self.opts.soundtrack:
-                    needed.add(Modality.AUDIO)
-        return needed
-
     def _shippable_model(self) -> ModelSource:
         # Resolve the identity here (hashing the checkpoint once), not in every actor.
         _ = self.model.identity
         return self.model
 
-    def _take(self, pending: list[_Pending], table: Any) -> None:
+    def _take(self, pending: dict[int, _Pending], table: Any) -> Iterator[EmbeddedFile]:
+        """The rows of one output block; every file they complete, as an ``EmbeddedFile``."""
         for r in table.to_pylist():
-            p = pending[int(r["seq"])]
-            self.summary.model_s += float(r["model_s"])
+            seq = int(r["seq"])
+            self.model_s += float(r["model_s"])
+            p = pending.get(seq)
+            if p is None:
+                continue  # a retried task's copy of a file already handed on
             if r["header"]:
                 p.header = r
-                continue
-            key = (str(r["modality"]), int(r["rank_a"]), float(r["rank_b"]))
-            # A retried task may deliver an item again: the first copy stands.
-            if key not in p.items:
-                d = DecodedItem(
-                    key[0],
-                    np.empty(0),
-                    _none(r["start_s"]),
-                    _none(r["end_s"]),
-                    _none(r["duration_s"]),
-                    (key[1], key[2]),
-                )
-                vec = np.frombuffer(r["vector"], dtype=np.float32).copy()
-                p.items[key] = _Item(d, vec)
+            else:
+                key = (str(r["modality"]), int(r["rank_a"]), float(r["rank_b"]))
+                # A retried task may deliver an item again: the first copy stands.
+                if key not in p.items:
+                    d = DecodedItem(
+                        key[0],
+                        np.empty(0),
+                        _none(r["start_s"]),
+                        _none(r["end_s"]),
+                        _none(r["duration_s"]),
+                        (key[1], key[2]),
+                    )
+                    vec = np.frombuffer(r["vector"], dtype=np.float32).copy()
+                    p.items[key] = EmbeddedItem(d, vec)
+            if p.complete:
+                del pending[seq]
+                yield _embedded_file(seq, p)
 
-    def _drain(self, pending: list[_Pending], head: int, bar: Any) -> int:
-        """Hand every complete file at the front, in scan order, to the local commit code."""
-        while head < len(pending) and pending[head].complete:
-            p = pending[head]
-            slot, h = p.slot, p.header
-            if h is not None and h["error"]:
-                slot.error = str(h["error"])
-            elif h is not None:
-                slot.sha256 = h["sha256"] or None
-                slot.size, slot.mtime_ns = int(h["size"]), int(h["mtime_ns"])
-                slot.note = h["note"] or None
-                # The same choice as the local build, made in the same (scan) order.
-                if slot.sha256 is None or not self.pipe._deduplicate(slot, slot.sha256):
-                    slot.items = list(p.items.values())
-            self.pipe._finish(slot)  # commits a chunk once enough items are ready
-            pending[head] = _Pending(slot)  # let the vectors go once committed
-            head += 1
-            bar.update(1)
-        return head
+
+def _embedded_file(seq: int, p: _Pending) -> EmbeddedFile:
+    h = p.header
+    if h is None:
+        raise IndexStoreError(f"internal: file #{seq} has no header row")
+    if h["error"]:
+        return EmbeddedFile(seq, error=str(h["error"]))
+    return EmbeddedFile(
+        seq,
+        sha256=h["sha256"] or None,
+        size=int(h["size"]),
+        mtime_ns=int(h["mtime_ns"]),
+        items=list(p.items.values()),
+        note=h["note"] or None,
+    )
 
 
 def _data_context() -> Any:

@@ -179,11 +179,7 @@ class TorchEmbedder:
     def embed(self, modality: Modality, batch: Sequence[Sample]) -> np.ndarray:
         import torch
 
-        from encoders.transforms.text import trim_to_longest
-
-        x = torch.stack(list(batch))
-        if modality is Modality.TEXT:
-            x = trim_to_longest(x)  # exact: positions after the last end-of-text never matter
+        x = torch.stack(list(batch))  # text: Encoder.embed trims it to the longest row (exact)
         out: np.ndarray = self.encoder.embed(modality, x)
         return out
 

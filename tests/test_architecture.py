@@ -38,26 +38,6 @@ ALLOWED: dict[str, frozenset[str]] = {
     "bindsearch": frozenset(PACKAGES) - {"bindsearch"},
 }
 
-# Private names used across modules today, each owned by the issue #16 build-engine work (the Ray
-# engine borrows the local build's private classes; the index's video reader borrows the video
-# transform's helpers). They are removed there; after that merge this set must be emptied.
-# (importer, module the name comes from, name)
-KNOWN_VIOLATIONS: frozenset[tuple[str, str, str]] = frozenset(
-    {
-        ("index.ray_engine", "index.pipeline", "_Item"),
-        ("index.ray_engine", "index.pipeline", "_Pipeline"),
-        ("index.ray_engine", "index.pipeline", "_Slot"),
-        ("index.ray_engine", "index.pipeline", "_start_build"),
-        ("index._video", "encoders.transforms._clips", "clip_spans"),
-        ("index._video", "encoders.transforms.video", "_decode_frames"),
-        ("index._video", "encoders.transforms.video", "_open"),
-        ("index._video", "encoders.transforms.video", "_probe"),
-        ("index._video", "encoders.transforms.video", "_transform_clip"),
-        ("index._video", "encoders.transforms.video", "_video_stream"),
-    }
-)
-
-
 @dataclass(frozen=True)
 class Import:
     importer: str
@@ -279,10 +259,7 @@ def test_no_private_name_crosses_a_module(
     project: tuple[dict[str, Path], list[Import]],
 ) -> None:
     modules, imports = project
-    found = private_uses(modules, imports)
-    assert sorted(found - KNOWN_VIOLATIONS) == []
-    # the allowlist only shrinks: an entry that no longer occurs is taken out
-    assert sorted(KNOWN_VIOLATIONS - found) == []
+    assert sorted(private_uses(modules, imports)) == []
 
 
 # ---- the checker itself, on a made-up tree ---------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 from encoders import Encoder, Modality, load_encoder
 from encoders.transforms.text import tokenize, trim_to_longest
-from index import BuildOptions, ModelSource, build_index, pipeline
+from index import BuildOptions, ModelSource, build_index, engine
 
 TEXTS = [
     "a dog",
@@ -43,14 +43,14 @@ def test_trimming_is_exact_on_the_tiny_model(encoder: Encoder) -> None:
 
 
 class _Recorder:
-    """An encoder that records the width of every text batch it is given."""
+    """An encoder that records the width of every text batch it embeds (after its trimming)."""
 
     def __init__(self, enc: Encoder) -> None:
         self.enc = enc
         self.widths: list[int] = []
 
     def embed(self, modality: Modality | str, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        self.widths.append(int(torch.as_tensor(x).shape[1]))
+        self.widths.append(int(trim_to_longest(torch.as_tensor(x)).shape[1]))
         return self.enc.embed(modality, x)
 
 
@@ -79,7 +79,7 @@ def test_length_bucketing_keeps_ids_and_vectors(
     built = {}
     widths = {}
     for bucket in (1, 4):
-        monkeypatch.setattr(pipeline, "TEXT_BUCKET_BATCHES", bucket)
+        monkeypatch.setattr(engine, "TEXT_BUCKET_BATCHES", bucket)
         rec = _Recorder(encoder)
         source = ModelSource(encoder.config, None, encoder=rec)  # type: ignore[arg-type]
         build_index(corpus, tmp_path / f"idx{bucket}", source, BuildOptions(batch_size=2))

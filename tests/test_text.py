@@ -111,3 +111,38 @@ def test_trimmed_tokens_give_the_same_embeddings(parity_dir: Path, texts: list[s
     trim_out = enc.forward({"text": trimmed})["text"]
     torch.testing.assert_close(trim_out, full_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(enc.embed("text", trimmed), enc.embed("text", tokens), atol=1e-5)
+
+
+def test_embed_trims_text_itself(
+    parity_dir: Path, texts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller passing full-context tokens gets the trimmed (exact) vectors: the model sees
+    only the batch's longest row, and a row alone gives the vector it has in any batch."""
+    enc = load_encoder(
+        parity_dir / "checkpoint.pth",
+        config=parity_dir / "config.json",
+        modalities=["text"],
+        dtype=torch.float32,
+    )
+    short = [t for t in texts if len(t) < 80]
+    tokens = tokenize(short, CFG)  # (N, 77): padded to the full context
+    longest = trim_to_longest(tokens).shape[1]
+    assert longest < tokens.shape[1]
+    seen: list[int] = []
+    inner = enc.model.embed_one
+
+    def spy(m: object, x: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        seen.append(x.shape[1])
+        return inner(m, x, scaled=scaled)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(enc.model, "embed_one", spy)
+    got = enc.embed("text", tokens)
+    assert seen == [longest]
+    full = torch.nn.functional.normalize(enc.forward({"text": tokens})["text"], dim=-1)
+    np.testing.assert_allclose(got, full.numpy(), atol=1e-5)  # forward: never trimmed
+    for i in range(len(short)):
+        np.testing.assert_allclose(enc.embed("text", tokens[i : i + 1])[0], got[i], atol=1e-5)
+    assert seen[-1] == trim_to_longest(tokens[-1:]).shape[1]
+    np.testing.assert_allclose(enc.embed("text", tokens.numpy()), got, atol=1e-6)  # numpy in
+    with pytest.raises(ValueError, match="text input must have 2 dims"):
+        enc.embed("text", tokens[0])

@@ -41,6 +41,7 @@ import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import IO
 
@@ -56,7 +57,14 @@ from ..formats import HEAD_BYTES, video_demuxer
 from ._clips import clip_spans
 from .errors import InvalidInput
 
-__all__ = ["MAX_PIXELS", "VideoInfo", "extract_audio", "load_video", "probe_video"]
+__all__ = [
+    "MAX_PIXELS",
+    "VideoInfo",
+    "extract_audio",
+    "iter_video_segments",
+    "load_video",
+    "probe_video",
+]
 
 Source = str | Path | bytes
 
@@ -109,30 +117,66 @@ def load_video(source: Source, cfg: PreprocessConfig, official: bool = False) ->
     with _open(source) as container:
         stream = _video_stream(container)
         info, index = _probe(container, stream)
-        n, fps = info.frames, info.fps
-        # Frame indices of every clip: (clips, T), chosen before anything is decoded.
-        picks: list[list[int]] = []
-        for span in clip_spans(info.duration, cfg.video_clip_duration, cfg.video_clips):
-            # float * Fraction is a float product in Python: the rounding decord's caller has.
-            first = math.ceil(fps * span.start)
-            stop = min(math.ceil(fps * span.end), n)
-            if stop <= first:
-                if official:
-                    raise InvalidInput(
-                        f"clip [{float(span.start):.3f}, {float(span.end):.3f}) s holds no frame "
-                        f"({n} frames at {fps:g} fps); the official loader cannot read it"
-                    )
-                first, stop = min(first, n - 1), min(first, n - 1) + 1
-            # UniformTemporalSubsample: float32 linspace over the clip, truncated.
-            t = torch.linspace(0, stop - first - 1, cfg.video_frames).clamp(0, stop - first - 1)
-            picks.append([first + int(i) for i in t.long().tolist()])
-        wanted = sorted({i for clip in picks for i in clip})
-        frames = _decode_frames(container, stream, wanted, index)
+        picks = _pick_frames(info, cfg, 0.0, info.duration, official)
+        return _load_clips(container, stream, index, picks, cfg)
+
+
+def iter_video_segments(
+    source: Source, cfg: PreprocessConfig, spans: Sequence[tuple[float, float]]
+) -> Iterator[torch.Tensor]:
+    """``load_video`` of each segment [start, end) seconds of one file, in order.
+
+    Each segment is sampled as a short video of its own (``load_video``'s clips over the
+    segment); the file is opened and probed once for all of them. The segment
+    [0, duration) gives exactly ``load_video``'s output. Yields (clips * 3, 3, T, S, S) float32.
+    """
+    with _open(source) as container:
+        stream = _video_stream(container)
+        info, index = _probe(container, stream)
+        for start, end in spans:
+            picks = _pick_frames(info, cfg, start, end - start, official=False)
+            yield _load_clips(container, stream, index, picks, cfg)
+
+
+def _pick_frames(
+    info: VideoInfo, cfg: PreprocessConfig, start: float, duration: float, official: bool
+) -> list[list[int]]:
+    """Frame indices of every clip of [start, start + duration) s: (clips, T), before decoding."""
+    n, fps = info.frames, info.fps
+    offset = Fraction(start) if start else 0
+    picks: list[list[int]] = []
+    for span in clip_spans(duration, cfg.video_clip_duration, cfg.video_clips):
+        # float * Fraction is a float product in Python: the rounding decord's caller has.
+        first = math.ceil(fps * (offset + span.start))
+        stop = min(math.ceil(fps * (offset + span.end)), n)
+        if stop <= first:
+            if official:
+                raise InvalidInput(
+                    f"clip [{float(span.start):.3f}, {float(span.end):.3f}) s holds no frame "
+                    f"({n} frames at {fps:g} fps); the official loader cannot read it"
+                )
+            first, stop = min(first, n - 1), min(first, n - 1) + 1  # the nearest frame
+        # UniformTemporalSubsample: float32 linspace over the clip, truncated.
+        t = torch.linspace(0, stop - first - 1, cfg.video_frames).clamp(0, stop - first - 1)
+        picks.append([first + int(i) for i in t.long().tolist()])
+    return picks
+
+
+def _load_clips(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    index: _Index,
+    picks: list[list[int]],
+    cfg: PreprocessConfig,
+) -> torch.Tensor:
+    """Decode the picked frames and transform them clip by clip: (clips * 3, 3, T, S, S)."""
+    wanted = sorted({i for clip in picks for i in clip})
+    frames = _decode_frames(container, stream, wanted, index)
     out = []
     for clip in picks:
         rgb = np.stack([frames[i] for i in clip])  # (T, H, W, 3) uint8
         out.append(_transform_clip(rgb, cfg))
-    return torch.cat(out)  # (clips * 3, 3, T, S, S)
+    return torch.cat(out)
 
 
 def extract_audio(

@@ -1,0 +1,231 @@
+"""The build's engine contract (``index.engine``): engines return files in any order and one
+writer gives the same index; text batches are length-bucketed on both engines (the local one
+and the Ray actor's code, run here without Ray); the Ray engine imports no private name."""
+
+from __future__ import annotations
+
+import ast
+import io
+import random
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from encoders import Encoder, Modality, load_encoder
+from encoders.config import resolve_config
+from index import BuildOptions, ModelSource, build_index, engine
+from index.engine import (
+    DecodedItem,
+    EmbeddedFile,
+    EmbeddedItem,
+    FileTask,
+    KnownContent,
+    nothing_known,
+)
+from index.pipeline import LocalEngine, run_build
+from index.ray_engine import Embedder, decode_files
+
+from .test_index_media import mixed_corpus
+
+CONFIG = resolve_config("imagebind_test")
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "a dog",
+    "a red ring moving left far in the snow under a grey sky while a bird flies over the hill",
+    "cat",
+    "two people playing guitar on a street corner at night in the rain",
+    "sunset",
+    "an old man walking his small dog along the beach at dawn",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    return load_encoder(config=CONFIG, dtype=torch.float32)
+
+
+class LengthRecorder:
+    """An encoder that records, per text batch, each row's length (its end-of-text position)."""
+
+    def __init__(self, enc: Encoder) -> None:
+        self.enc = enc
+        self.batches: list[list[int]] = []
+
+    def embed(self, modality: Modality | str, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        if Modality.parse(modality) is Modality.TEXT:
+            self.batches.append(torch.as_tensor(x).argmax(dim=-1).tolist())
+        return self.enc.embed(modality, x)
+
+
+def text_corpus(root: Path) -> Path:
+    root.mkdir()
+    for i, text in enumerate(TEXTS * 2):  # long and short captions alternate
+        (root / f"t{i:02d}.txt").write_text(f"{text} {i}", encoding="utf-8")
+    return root
+
+
+def assert_bucketed(batches: list[list[int]], batch_size: int, n_texts: int) -> None:
+    """Batches of ``batch_size``; within each window of TEXT_BUCKET_BATCHES, sorted by length."""
+    assert sum(map(len, batches)) == n_texts
+    assert all(len(b) == batch_size for b in batches[:-1])
+    window = engine.TEXT_BUCKET_BATCHES
+    for start in range(0, len(batches), window):
+        lengths = [n for b in batches[start : start + window] for n in b]
+        assert lengths == sorted(lengths), lengths
+
+
+def test_local_engine_buckets_text_batches(encoder: Encoder, tmp_path: Path) -> None:
+    corpus = text_corpus(tmp_path / "corpus")
+    rec = LengthRecorder(encoder)
+    source = ModelSource(CONFIG, None, encoder=rec)  # type: ignore[arg-type]
+    build_index(corpus, tmp_path / "idx", source, BuildOptions(batch_size=2))
+    assert len(rec.batches) == 6
+    assert_bucketed(rec.batches, 2, len(TEXTS) * 2)
+    # The first window took the first 8 files in scan order, sorted: short ones first.
+    assert rec.batches[0][0] < rec.batches[3][-1]
+
+
+def test_ray_embedding_actor_buckets_text_batches(encoder: Encoder, tmp_path: Path) -> None:
+    """The actor Ray Data runs, on the rows its decode tasks give (no cluster needed)."""
+    corpus = text_corpus(tmp_path / "corpus")
+    jobs = pa.Table.from_pylist(
+        [
+            {"seq": i, "path": str(p), "modality": "text"}
+            for i, p in enumerate(sorted(corpus.iterdir()))
+        ]
+    )
+    rows = pa.concat_tables(list(decode_files(jobs, CONFIG.preprocess, 10.0, True)))
+    rec = LengthRecorder(encoder)
+    source = ModelSource(CONFIG, None, encoder=rec)  # type: ignore[arg-type]
+    actor = Embedder(source, ["text"], "cpu", 1, batch_size=2)
+    # One actor call holds up to batch_size * TEXT_BUCKET_BATCHES item rows (plus headers).
+    first = rows.filter(pc.invert(rows.column("header"))).slice(0, 8)
+    arrival = [int(np.load(io.BytesIO(b)).argmax()) for b in first.column("data").to_pylist()]
+    assert arrival != sorted(arrival)  # long and short captions alternate
+    out = actor(first)
+    assert_bucketed(rec.batches, 2, 8)
+    assert sorted(n for b in rec.batches for n in b) == sorted(arrival)
+    # Each row leaves with its own text's vector, whatever batch it was embedded in.
+    texts = [Path(str(p)).read_text(encoding="utf-8") for p in sorted(corpus.iterdir())][:8]
+    want = encoder.embed_items("text", texts)
+    got = np.stack([np.frombuffer(v, np.float32) for v in out.column("vector").to_pylist()])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# --- any order, one writer ---------------------------------------------------------------------
+
+
+class Shuffled:
+    """An engine that returns the local engine's files in a random order, all at the end."""
+
+    def __init__(self, inner: LocalEngine, seed: int) -> None:
+        self.inner, self.seed = inner, seed
+
+    @property
+    def model_s(self) -> float:
+        return self.inner.model_s
+
+    @property
+    def decode_wait_s(self) -> float:
+        return self.inner.decode_wait_s
+
+    def run(
+        self, todo: Sequence[FileTask], known: KnownContent = nothing_known
+    ) -> Iterator[EmbeddedFile]:
+        files = list(self.inner.run(todo))  # nothing skipped early: the writer deduplicates
+        random.Random(self.seed).shuffle(files)
+        yield from files
+
+
+def rows(idx: Path) -> list[tuple[object, ...]]:
+    with sqlite3.connect(idx / "meta.sqlite") as db:
+        items = db.execute("SELECT id, path, modality, start_s, chunk FROM items ORDER BY id")
+        files = db.execute("SELECT path, status, duplicate_of, error FROM files ORDER BY path")
+        return [*items.fetchall(), *files.fetchall()]
+
+
+def test_files_in_any_order_give_the_same_index(encoder: Encoder, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    mixed_corpus(corpus)
+    model = ModelSource(CONFIG, None, encoder=encoder)
+    opts = {"chunk_items": 3, "batch_size": 2}
+    ref = build_index(corpus, tmp_path / "ref", model, BuildOptions(**opts))
+    o = BuildOptions(**opts)
+    got = run_build(corpus, tmp_path / "any", model, Shuffled(LocalEngine(model, o), 1), o)
+    assert rows(tmp_path / "any") == rows(tmp_path / "ref")
+    assert (got.embedded_items, got.duplicates, got.chunks) == (
+        ref.embedded_items,
+        ref.duplicates,
+        ref.chunks,
+    )
+    assert got.duplicates >= 1 and got.rejected == ref.rejected
+
+
+def test_an_engine_that_loses_a_file_is_an_error(encoder: Encoder, tmp_path: Path) -> None:
+    class Loses(Shuffled):
+        def run(
+            self, todo: Sequence[FileTask], known: KnownContent = nothing_known
+        ) -> Iterator[EmbeddedFile]:
+            yield from list(self.inner.run(todo))[1:]
+
+    corpus = text_corpus(tmp_path / "corpus")
+    model = ModelSource(CONFIG, None, encoder=encoder)
+    o = BuildOptions()
+    with pytest.raises(Exception, match=r"no result for .*t00\.txt"):
+        run_build(corpus, tmp_path / "idx", model, Loses(LocalEngine(model, o), 0), o)
+
+
+def test_the_local_engine_skips_known_content(encoder: Encoder, tmp_path: Path) -> None:
+    corpus = text_corpus(tmp_path / "corpus")
+    (corpus / "copy.txt").write_bytes((corpus / "t03.txt").read_bytes())
+    rec = LengthRecorder(encoder)
+    model = ModelSource(CONFIG, None, encoder=rec)  # type: ignore[arg-type]
+    opts = BuildOptions(batch_size=64)
+    todo = [FileTask(i, str(p), Modality.TEXT) for i, p in enumerate(sorted(corpus.glob("*.txt")))]
+    files = list(LocalEngine(model, opts).run(todo))
+    skipped = [todo[f.seq].path for f in files if f.skipped]
+    assert skipped == [str(corpus / "t03.txt")]  # the later copy in scan order (copy < t03)
+    assert sum(map(len, rec.batches)) == len(todo) - 1
+    files = list(LocalEngine(model, opts).run(todo, known=lambda sha: True))
+    assert all(f.skipped and not f.items for f in files)
+
+
+def test_embedded_file_is_embedded_when_its_live_items_have_vectors() -> None:
+    live = EmbeddedItem(DecodedItem("text", np.zeros(3)))
+    dead = EmbeddedItem(DecodedItem("text", np.zeros(3)), dead=True)
+    f = EmbeddedFile(0, items=[live, dead])
+    assert not f.embedded
+    live.vector = np.ones(4, np.float32)
+    assert f.embedded
+
+
+# --- the Ray engine uses only public names ------------------------------------------------------
+
+
+def test_the_ray_engine_imports_no_private_name() -> None:
+    tree = ast.parse((REPO / "index" / "ray_engine.py").read_text(encoding="utf-8"))
+    imported = [
+        (node.module or "", alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    ]
+    assert ("pipeline", "run_build") in imported  # the walk sees the relative imports
+    private = [(m, n) for m, n in imported if n.startswith("_")]
+    assert private == []
+    # Nor does it reach into another module's private attributes (pipe._select and the like).
+    attrs = [
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+        and not node.attr.startswith("__")
+    ]
+    assert attrs == []
