@@ -18,10 +18,10 @@ import torch
 
 from encoders import InvalidInput, Modality, PreprocessConfig
 from encoders.inputs import DEFAULT_LIMITS, preprocess
+from encoders.transforms.text import read_text_file
 
 VIDEO_SEGMENTS_PER_PART = 4  # video segments per worker result (about 18 MB each at 224 px)
 MAX_SEGMENTS = 100_000  # per file and modality: a 10 s window covers 11 days
-MAX_TEXT_BYTES = 1 << 20  # a text item is a caption-sized string; the model reads 77 tokens
 
 
 @dataclass(frozen=True)
@@ -136,17 +136,8 @@ def _decode_items(task: DecodeTask, out: Decoded) -> None:
         wave, rate = read_audio(task.path)
         out.items += _audio_items(wave, rate, cfg, task.segment_seconds)
     elif m is Modality.TEXT:
-        with open(task.path, "rb") as f:
-            raw = f.read(MAX_TEXT_BYTES + 1)
-        if len(raw) > MAX_TEXT_BYTES:
-            raise InvalidInput(f"text file over {MAX_TEXT_BYTES} bytes")
-        try:
-            text = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise InvalidInput("not UTF-8 text") from None
-        if not text:
-            raise InvalidInput("the text file holds no text")
-        text = text[: DEFAULT_LIMITS.max_text_chars]
+        # The same reading as `bindsearch embed` and an upload (the vectors agree).
+        text = read_text_file(task.path, DEFAULT_LIMITS.max_text_chars)
         out.items.append(DecodedItem(m.value, preprocess(m, [text], cfg)[0].numpy()))
     else:
         x = preprocess(m, [task.path], cfg)[0].numpy()
