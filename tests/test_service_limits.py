@@ -347,6 +347,7 @@ def test_byte_budget_refuses_instead_of_buffering() -> None:
         assert (await a)[0] == 200 and (await b)[0] == 200
         assert budget.used == 0  # given back when the requests ended
         assert (await request(20, None))[0] == 200
+        assert (await request(150, None))[0] == 413  # could never fit: no point retrying
 
     asyncio.run(main())
 
@@ -496,10 +497,16 @@ class _Healthz:
 
 def test_live_term_flood_is_refused_and_healthz_answers(live: tuple[str, _Proc]) -> None:
     url, _ = live
+    floods = {  # under the byte caps (7.5 and 5 MB), so the value count must refuse them
+        "/v1/search": json.dumps({"terms": [{"text": "a"}] * 500_000}).encode(),
+        "/v1/embeddings": json.dumps({"input": ["a"] * 10**6, "model": "m"}).encode(),
+    }
     with _Healthz(url), httpx.Client(timeout=60) as c:
-        for route in ("/v1/search", "/v1/generate"):
-            r = c.post(url + route, content=FLOOD, headers={"content-type": "application/json"})
+        for route, flood in floods.items():
+            assert len(flood) < UPLOAD_CAP * 4 // 3
+            r = c.post(url + route, content=flood, headers={"content-type": "application/json"})
             assert r.status_code == 413, r.text
+            assert "values" in r.json()["error"]["message"]
         assert c.post(url + "/v1/search", json={"text": "a"}).status_code == 200
 
 
