@@ -112,6 +112,12 @@ def test_json_shape_counts_only_outside_strings() -> None:
         for i in range(0, len(body), size):
             shape.feed(body[i : i + size])
         assert shape.values == 6  # { [ { , { ,  -> the objects, the list, the separators
+    long = json.dumps({"text": '\\"' * 100_000 + "]", "k": 1}).encode()  # escapes past 64 KiB
+    for size in (65_537, len(long)):
+        shape = JsonShape(limit=10)
+        for i in range(0, len(long), size):
+            shape.feed(long[i : i + size])
+        assert shape.values == 2
     with pytest.raises(ServiceError, match="more than 10 values"):
         JsonShape(limit=10).feed(json.dumps(list(range(20))).encode())
 

@@ -75,6 +75,7 @@ class JsonShape:
 
     _IN_STRING = re.compile(rb'(?:[^"\\]+|\\.)*', re.DOTALL)  # up to a quote or a lone "\"
     _OUTSIDE = re.compile(rb'["\[{,]')
+    _WINDOW = 1 << 16  # bytes of a string matched at once (sre keeps state per escape)
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -91,11 +92,12 @@ class JsonShape:
                     self._escape = False
                     i += 1
                     continue
-                m = self._IN_STRING.match(chunk, i)
+                end = min(n, i + self._WINDOW)
+                m = self._IN_STRING.match(chunk, i, end)
                 assert m is not None  # the pattern matches the empty string
                 i = m.end()
-                if i == n:
-                    break
+                if i == end:
+                    continue
                 if chunk[i] == 0x5C:  # a backslash whose escaped byte is in the next chunk
                     self._escape = True
                 else:  # the closing quote
