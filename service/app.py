@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
 
 from encoders import InvalidInput
 from generate import ImageGenerator
@@ -25,17 +25,18 @@ from .batcher import Batcher, BatchSettings
 from .deps import AppState
 from .embedders import Embedder
 from .errors import (
+    ClientGone,
     InvalidContent,
     MalformedRequest,
-    PayloadTooLarge,
     ServiceError,
     status_of,
 )
 from .generators import GeneratorSlot
+from .limits import ByteBudget, RequestLimits
 from .metrics import Metrics, MetricsMiddleware
 from .pipeline import Pipeline
 from .routes import embed, generate, items, ops, search
-from .schemas import EmbedRequest, GenerateRequest, SearchRequest
+from .schemas import EmbedRequest, GenerateRequest, OpenAIEmbeddingsRequest, SearchRequest
 from .searchers import Searcher
 from .security import SecurityHeaders
 from .settings import ServiceSettings
@@ -116,8 +117,15 @@ def create_app(
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=ops.WEB_DIR), name="static")  # the web page
     _register_errors(app)
-    # Added last = outermost: metrics see every answer, including the body limit's 413.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    # Added last = outermost: metrics see every answer, including the request limits' refusals.
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_request_bytes,
+        max_headers=settings.max_headers,
+        budget=ByteBudget(settings.max_inflight_bytes, metrics.inflight_bytes),
+        retry_after_s=settings.retry_after_s,
+        respond=error_response,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -187,6 +195,11 @@ def _register_errors(app: FastAPI) -> None:
             headers=dict(exc.headers or {}),
         )
 
+    async def on_disconnect(request: Request, exc: Exception) -> JSONResponse:
+        # Not an error of the server's: one line, and a 499 that only /metrics will see.
+        log.info("client went away during %s %s", request.method, request.url.path)
+        return error_response(ClientGone("the client disconnected before its request was read"))
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(
@@ -198,45 +211,8 @@ def _register_errors(app: FastAPI) -> None:
     app.add_exception_handler(InvalidInput, on_invalid_input)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
     app.add_exception_handler(Exception, on_unexpected)
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` (413): by Content-Length, or while reading."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = PayloadTooLarge(f"the request body is over the limit of {self.max_bytes} bytes")
-        for key, value in scope.get("headers", []):
-            if key == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    await error_response(MalformedRequest("bad Content-Length"))(
-                        scope, receive, send
-                    )
-                    return
-                if length > self.max_bytes:
-                    await error_response(too_large)(scope, receive, send)
-                    return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise too_large
-            return message
-
-        await self.app(scope, limited, send)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -250,7 +226,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         routes=app.routes,
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (SearchRequest, EmbedRequest, GenerateRequest):
+    for model in (SearchRequest, EmbedRequest, GenerateRequest, OpenAIEmbeddingsRequest):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in js.pop("$defs", {}).items():
             components.setdefault(name, sub)

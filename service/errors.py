@@ -12,8 +12,11 @@ request validation -> 400, unknown routes -> 404.
     ├── Gone                  410  a media file changed since it was indexed
     ├── PayloadTooLarge       413  over a byte, pixel, duration, text or count cap
     ├── UnsupportedMedia      415  modality the format registry cannot tell, or not in this model
+    ├── TooManyHeaders        431  more request headers than the server takes
     ├── InvalidContent        422  well-formed request, content that cannot be used
-    ├── Overloaded            429  a queue is full (Retry-After)
+    ├── Overloaded            429  a queue or the in-flight byte budget is full (Retry-After)
+    ├── ClientGone            499  the client went away before its request was read (nobody
+    │                              reads this answer; it labels the request in /metrics)
     └── Unavailable           503  not ready, no index loaded, or the model failed
 """
 
@@ -62,8 +65,16 @@ class UnsupportedMedia(ServiceError):
     type = "unsupported_media"
 
 
+class TooManyHeaders(ServiceError):
+    type = "too_many_headers"
+
+
 class InvalidContent(ServiceError):
     type = "invalid_content"
+
+
+class ClientGone(ServiceError):
+    type = "client_disconnected"
 
 
 class Overloaded(ServiceError):
@@ -100,8 +111,10 @@ STATUS: dict[type[ServiceError], int] = {
     Gone: 410,
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,
+    TooManyHeaders: 431,
     InvalidContent: 422,
     Overloaded: 429,
+    ClientGone: 499,
     Unavailable: 503,
 }
 

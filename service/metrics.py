@@ -53,6 +53,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.inflight_bytes = Gauge(
+            "bindsearch_inflight_request_bytes",
+            "Request body bytes held by the requests in flight (capped by max_inflight_bytes).",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -77,6 +77,7 @@ def serve(
 
     from .app import create_app
     from .embedders import load_torch_embedder
+    from .limits import server_options
     from .searchers import check_index_model, load_searcher
     from .settings import ServiceSettings
 
@@ -118,7 +119,8 @@ def serve(
         return load_torch_embedder(device=settings.device, modalities=settings.modalities, ref=ref)
 
     app = create_app(settings, load, searcher)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on")
+    limits = server_options(settings.max_header_bytes)  # request heads are capped as read
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on", **limits)
 
 
 def uses_demo_defaults(settings: ServiceSettings) -> bool:

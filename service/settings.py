@@ -7,6 +7,10 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Values a JSON body may hold per allowed input (a term has at most 6 members; tags and
+# targets are lists too): generous for any legal request, tiny next to a flood of terms.
+JSON_VALUES_PER_INPUT = 64
+
 
 class ServiceSettings(BaseSettings):
     """Everything the service reads from its environment (``BINDSEARCH_API_KEY`` and so on).
@@ -55,6 +59,16 @@ class ServiceSettings(BaseSettings):
     max_text_chars: int = Field(2000, ge=1)
     max_inputs: int = Field(32, ge=1)  # files, terms or strings in one request
 
+    # What one request may cost, checked before work (README.md, "Limits").
+    # JSON bodies carry files as base64 (4/3 of their bytes): by default one upload at the cap,
+    # or several smaller ones, plus 1 MiB for the rest; more or bigger files go as multipart,
+    # which streams to disk. A text-only JSON body cannot hold more than this either.
+    max_json_bytes: int | None = Field(None, ge=1)  # None: max_upload_bytes * 4/3 + 1 MiB
+    # Request bodies held at once by all requests together; beyond it: 429 with Retry-After.
+    max_inflight_bytes: int = Field(512 << 20, ge=1)
+    max_header_bytes: int = Field(64 << 10, ge=1024)  # request line + headers (``serve``)
+    max_headers: int = Field(100, ge=1)  # header fields in one request; beyond it: 431
+
     # Generation (POST /v1/generate). ``generator``: "demo" (the decoder shipped with the demo
     # weights), a demo-decoder .safetensors, "unclip" (Stable unCLIP, the `generate` extra), a
     # Stable unCLIP directory or hub id, or "none"; unset: "demo" when serving the demo model.
@@ -62,3 +76,20 @@ class ServiceSettings(BaseSettings):
     generator_device: str | None = None  # default: ``device``
     max_generate_steps: int = Field(100, ge=1)
     max_generate_queue: int = Field(4, ge=1)  # waiting generations; beyond it: 429
+
+    @property
+    def json_body_limit(self) -> int:
+        """The byte cap of a JSON body: ``max_json_bytes``, or its default from the upload cap."""
+        if self.max_json_bytes is not None:
+            return self.max_json_bytes
+        return self.max_upload_bytes * 4 // 3 + (1 << 20)
+
+    @property
+    def json_values_limit(self) -> int:
+        """The most values (objects, array items, members) a JSON body may hold.
+
+        Counted as the body streams in, before it is parsed: a legal request holds at most
+        ``max_inputs`` terms of a few members each, and 10**6 tiny terms are refused after
+        their first few kilobytes instead of being parsed for seconds.
+        """
+        return JSON_VALUES_PER_INPUT * self.max_inputs + 64

@@ -21,7 +21,7 @@ from ..schemas import (
     OpenAIUsage,
 )
 from . import body_ref, error_responses
-from ._body import content_kind, read_form, read_json, split_list
+from ._body import content_kind, read_form, read_json, require_json, split_list
 
 router = APIRouter(prefix="/v1", tags=["embed"], dependencies=[Depends(require_api_key)])
 
@@ -51,7 +51,7 @@ async def embed(
     """L2-normalised vectors of files (multipart) or texts / base64 data (JSON), in order."""
     inputs: list[Input] = []
     if content_kind(request) == "json":
-        body = await read_json(request, EmbedRequest)
+        body = await read_json(request, EmbedRequest, settings)
         if body.text is not None:
             texts = [body.text] if isinstance(body.text, str) else body.text
             inputs = [TextInput(t, f"text[{i}]") for i, t in enumerate(texts)]
@@ -64,7 +64,7 @@ async def embed(
                 data = decode_base64(inp.data or "", name)
                 inputs.append(BlobInput(data, m, name, inp.filename))
     else:
-        files, fields = await read_form(request, settings.max_inputs, settings.max_text_chars * 4)
+        files, fields = await read_form(request, settings)
         unknown = set(fields) - {"modality", "text"}
         if unknown:
             raise MalformedRequest(
@@ -96,15 +96,18 @@ async def embed(
     "/embeddings",
     response_model=OpenAIEmbeddingsResponse,
     responses=error_responses(400, 401, 413, 415, 422, 429, 503),
+    openapi_extra=body_ref("OpenAIEmbeddingsRequest", None),
 )
 async def embeddings(
-    body: OpenAIEmbeddingsRequest, pipeline: PipelineDep, model: ModelDep
+    request: Request, pipeline: PipelineDep, model: ModelDep, settings: SettingsDep
 ) -> OpenAIEmbeddingsResponse:
     """OpenAI-compatible embeddings: ``input`` strings are texts, data URIs are files.
 
     Works with the official ``openai`` client (``base_url=http://host:port/v1``). ``model``
     may be any name; ``usage`` reports 0 tokens (not metered).
     """
+    require_json(request)
+    body = await read_json(request, OpenAIEmbeddingsRequest, settings)
     raw = body.input
     items = [raw] if isinstance(raw, str) else list(raw)
     if not items:

@@ -73,11 +73,11 @@ async def generate(
     slot = get_slot(state)
     slot.require()  # 503 before any work when there is no generator
     if content_kind(request) == "json":
-        body = await read_json(request, GenerateRequest)
+        body = await read_json(request, GenerateRequest, settings)
         terms = from_json(body.as_search()).terms
         seed, steps = body.seed, body.steps
     else:
-        files, fields = await read_form(request, settings.max_inputs, settings.max_text_chars * 4)
+        files, fields = await read_form(request, settings)
         extra = [k for k in _SEARCH_ONLY if k in fields]
         if extra:
             raise MalformedRequest(

@@ -106,7 +106,7 @@ async def search(
     """
     t0 = time.perf_counter()
     if content_kind(request) == "json":
-        q = from_json(await read_json(request, SearchRequest))
+        q = from_json(await read_json(request, SearchRequest, settings))
     else:
         q = await _from_form(request, settings)
     k = min(q.k or settings.default_k, settings.max_k)
@@ -160,7 +160,7 @@ def from_json(body: SearchRequest) -> Query:
 
 
 async def _from_form(request: Request, settings: ServiceSettings) -> Query:
-    files, fields = await read_form(request, settings.max_inputs, settings.max_text_chars * 4)
+    files, fields = await read_form(request, settings)
     return form_query(files, fields)
 
 
