@@ -21,8 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
+import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -340,6 +344,9 @@ class IndexStore:
         self.root = root
         self.conn = conn
         self._mmaps: OrderedDict[int, np.ndarray] = OrderedDict()
+        # A snapshot reads chunks whole (no mmap): a chunk truncated under a mapping is SIGBUS.
+        self._map_chunks = True
+        self._private: Path | None = None  # a snapshot's own copy of the database
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -410,9 +417,53 @@ class IndexStore:
             raise IndexNotFound(f"no index at {root} (no {META})")
         return cls(root, connect(root / META, readonly=True))
 
+    @classmethod
+    def open_snapshot(cls, root: Path) -> IndexStore:
+        """A consistent, private, read-only copy of the index's database (what a server serves).
+
+        The copy is taken in one read transaction (SQLite's backup) into a temporary file that
+        nothing else writes, so later ``sync``/``add``/``remove``, a rebuild renamed into place or
+        an ``rm -rf`` never change what this store answers, nor can its reads disturb them.
+        Chunk files are read from ``root`` (they never change once committed). Raises
+        ``IndexCorrupt`` (one line) when the database cannot be read.
+        """
+        root = Path(root)
+        meta = root / META
+        if not meta.is_file():
+            raise IndexNotFound(f"no index at {root} (no {META})")
+        private = Path(tempfile.mkdtemp(prefix="bindsearch-snapshot-"))
+        copy = private / META
+        try:
+            uri = "file:" + urllib.parse.quote(str(meta.resolve())) + "?mode=ro"
+            src = sqlite3.connect(uri, uri=True, timeout=30)
+            try:
+                dst = sqlite3.connect(copy)
+                try:
+                    src.backup(dst)
+                finally:
+                    dst.close()
+            finally:
+                src.close()
+            store = cls(root, connect(copy, readonly=True))
+            if store.get_meta("fingerprint") is None:
+                store.close()
+                raise IndexCorrupt(f"{meta} has no model fingerprint")
+        except sqlite3.Error:
+            shutil.rmtree(private, ignore_errors=True)
+            raise _damaged(meta, "cannot be read", root) from None
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+        store._map_chunks = False
+        store._private = private
+        return store
+
     def close(self) -> None:
         self._mmaps.clear()
         self.conn.close()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
 
     def __enter__(self) -> IndexStore:
         return self
@@ -711,6 +762,15 @@ class IndexStore:
         vectors = self.chunk_vectors(int(row[0]))
         return np.array(vectors[int(item_id) - int(row[1])], dtype=np.float32)
 
+    def check_files(self, manifest: IndexManifest) -> None:
+        """Check every chunk file against its recorded sha256 (cached by size and mtime).
+
+        Raises ``IndexCorrupt`` naming the first damaged file. FAISS files are checked as
+        they are read (``read_faiss``).
+        """
+        for chunk, _first, _count, digest in self.chunk_rows():
+            _check_sha256(self.chunk_path(chunk), digest, self.root)
+
     def chunk_rows(self) -> list[tuple[int, int, int, str]]:
         """(chunk, first id, count, sha256) of every committed chunk, by chunk number."""
         rows = self.conn.execute("SELECT chunk, first_id, count, sha256 FROM chunks ORDER BY 1")
@@ -740,15 +800,36 @@ class IndexStore:
         return arr[:, 0], arr[:, 1], arr[:, 2]
 
     def chunk_vectors(self, chunk: int) -> np.ndarray:
-        """A chunk's (count, dim) float32 vectors, memory-mapped (a few kept open)."""
+        """A chunk's (count, dim) float32 vectors, memory-mapped (a few kept open).
+
+        Raises ``IndexCorrupt`` naming the file when it is missing, unreadable (truncated, a
+        pickle) or not the (count, dim) float32 array its row says.
+        """
         arr = self._mmaps.get(chunk)
         if arr is None:
-            arr = np.load(self.chunk_path(chunk), mmap_mode="r", allow_pickle=False)
+            arr = self._load_chunk(chunk)
             self._mmaps[chunk] = arr
             if len(self._mmaps) > 32:
                 self._mmaps.popitem(last=False)
         else:
             self._mmaps.move_to_end(chunk)
+        return arr
+
+    def _load_chunk(self, chunk: int) -> np.ndarray:
+        path = self.chunk_path(chunk)
+        row = self.conn.execute("SELECT count FROM chunks WHERE chunk = ?", (chunk,)).fetchone()
+        count = None if row is None else int(row[0])
+        try:
+            arr = np.load(path, mmap_mode="r" if self._map_chunks else None, allow_pickle=False)
+        except FileNotFoundError:
+            raise _damaged(path, "is missing", self.root) from None
+        except (OSError, ValueError, EOFError) as e:
+            raise _damaged(path, f"cannot be read ({_reason(e)})", self.root) from None
+        if not isinstance(arr, np.ndarray):  # an .npz archive
+            raise _damaged(path, "is not a .npy array", self.root)
+        if arr.dtype != np.float32 or arr.shape != (count, self.dim):
+            what = f"holds {arr.shape} {arr.dtype}, not ({count}, {self.dim}) float32"
+            raise _damaged(path, what, self.root)
         return arr
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
@@ -914,6 +995,69 @@ class IndexStore:
             index_options=self.get_meta("index_options") or {},
             checkpoint_path=self.get_meta("checkpoint_path"),
         )
+
+
+def read_faiss(path: Path, sha256: str, root: Path) -> faiss.Index:
+    """A FAISS file, checked against its manifest sha256 as it is read (one read of the bytes).
+
+    Raises ``IndexCorrupt`` (one line naming the file) when it is missing, does not match, or
+    FAISS cannot read it.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise _damaged(path, "is missing", root) from None
+    except OSError as e:
+        raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise _damaged(path, "does not match its sha256 in the manifest", root)
+    try:
+        index: faiss.Index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError:
+        raise _damaged(path, "is not a FAISS index FAISS can read", root) from None
+    return index
+
+
+# (path, size, mtime_ns, inode) -> sha256 of the files checked by this process.
+_CHECKED: dict[tuple[str, int, int, int], str] = {}
+_CHECKED_LOCK = threading.Lock()
+
+
+def _check_sha256(path: Path, digest: str, root: Path) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _damaged(path, "is missing", root) from None
+    except OSError as e:
+        raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _CHECKED_LOCK:
+        known = _CHECKED.get(key)
+    if known is None:
+        try:
+            known = sha256_path(path)
+        except OSError as e:
+            raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
+        with _CHECKED_LOCK:
+            if len(_CHECKED) > 1_000_000:
+                _CHECKED.clear()
+            _CHECKED[key] = known
+    if known != digest:
+        raise _damaged(path, "does not match its recorded sha256", root)
+
+
+def _damaged(path: Path, what: str, root: Path) -> IndexCorrupt:
+    name = os.path.relpath(path, root)
+    return IndexCorrupt(
+        f"the index at {root} is damaged: {name} {what}; "
+        f"run `bindsearch index verify {root}`, then rebuild it"
+    )
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).split("\n")[0] or type(e).__name__
 
 
 def storable_id(item_id: int) -> bool:

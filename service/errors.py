@@ -13,7 +13,8 @@ request validation -> 400, unknown routes -> 404.
     ├── UnsupportedMedia      415  modality the format registry cannot tell, or not in this model
     ├── InvalidContent        422  well-formed request, content that cannot be used
     ├── Overloaded            429  a queue is full (Retry-After)
-    └── Unavailable           503  not ready, no index loaded, or the model failed
+    └── Unavailable           503  not ready, no index loaded, the model failed, or a file
+                                   of the served index is damaged (``index_damaged``)
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class NoIndex(Unavailable):
 
 class ModelFailed(Unavailable):
     type = "model_failed"
+
+
+class IndexDamaged(Unavailable):
+    type = "index_damaged"
 
 
 STATUS: dict[type[ServiceError], int] = {
