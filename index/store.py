@@ -19,6 +19,7 @@ them in line with the database, so rerunning any interrupted command repairs the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -434,16 +435,7 @@ class IndexStore:
         private = Path(tempfile.mkdtemp(prefix="bindsearch-snapshot-"))
         copy = private / META
         try:
-            uri = "file:" + urllib.parse.quote(str(meta.resolve())) + "?mode=ro"
-            src = sqlite3.connect(uri, uri=True, timeout=30)
-            try:
-                dst = sqlite3.connect(copy)
-                try:
-                    src.backup(dst)
-                finally:
-                    dst.close()
-            finally:
-                src.close()
+            _backup(meta, copy)
             store = cls(root, connect(copy, readonly=True))
             if store.get_meta("fingerprint") is None:
                 store.close()
@@ -817,10 +809,18 @@ class IndexStore:
 
     def _load_chunk(self, chunk: int) -> np.ndarray:
         path = self.chunk_path(chunk)
-        row = self.conn.execute("SELECT count FROM chunks WHERE chunk = ?", (chunk,)).fetchone()
+        row = self.conn.execute(
+            "SELECT count, sha256 FROM chunks WHERE chunk = ?", (chunk,)
+        ).fetchone()
         count = None if row is None else int(row[0])
         try:
-            arr = np.load(path, mmap_mode="r" if self._map_chunks else None, allow_pickle=False)
+            if self._map_chunks:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:  # a snapshot: read whole, and only the bytes it was opened with
+                data = path.read_bytes()
+                if row is not None and hashlib.sha256(data).hexdigest() != row[1]:
+                    raise _damaged(path, "does not match its recorded sha256", self.root)
+                arr = np.load(io.BytesIO(data), allow_pickle=False)
         except FileNotFoundError:
             raise _damaged(path, "is missing", self.root) from None
         except (OSError, ValueError, EOFError) as e:
@@ -995,6 +995,68 @@ class IndexStore:
             index_options=self.get_meta("index_options") or {},
             checkpoint_path=self.get_meta("checkpoint_path"),
         )
+
+
+def _backup(src: Path, dst: Path) -> None:
+    """Copy the database ``src`` to ``dst`` in one read transaction (SQLite's backup)."""
+    uri = "file:" + urllib.parse.quote(str(Path(src).resolve())) + "?mode=ro"
+    source = sqlite3.connect(uri, uri=True, timeout=30)
+    try:
+        target = sqlite3.connect(dst)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+
+
+def replacement_dir(out: Path) -> Path:
+    """Where ``index build -o OUT`` writes: ``OUT`` itself, or a sibling it is renamed from.
+
+    A complete index at ``OUT`` (a server may have its files open) is never written into: it is
+    copied beside it, into ``.<name>.building`` (chunks hard-linked, the database copied), the
+    build updates the copy and ``move_into_place`` renames it over ``OUT``. An interrupted
+    replacement resumes from that directory. A new ``OUT``, or a build of ``OUT`` that never
+    finished, is written in place as before.
+    """
+    out = Path(out)
+    work = out.parent / f".{out.name}.building"
+    if work.is_dir() and (work / META).is_file():
+        return work  # an interrupted replacement: resume it
+    try:
+        read_manifest(out)
+    except IndexStoreError:
+        return out  # nothing complete to protect
+    shutil.rmtree(work, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.seeding"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / CHUNKS).mkdir(parents=True)
+    _backup(out / META, tmp / META)
+    for chunk in (out / CHUNKS).glob("c*.npy"):
+        try:
+            os.link(chunk, tmp / CHUNKS / chunk.name)  # never written again once committed
+        except OSError:
+            shutil.copy2(chunk, tmp / CHUNKS / chunk.name)
+    for f in [*out.glob("*.faiss"), out / MANIFEST]:
+        shutil.copy2(f, tmp / f.name)  # replaced by rename when refreshed, but copied anyway
+    os.replace(tmp, work)
+    _fsync_dir(out.parent)
+    return work
+
+
+def move_into_place(work: Path, out: Path) -> None:
+    """Rename a finished replacement ``work`` over ``out`` (the old index is then removed)."""
+    work, out = Path(work), Path(out)
+    if work == out:
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    _fsync_dir(out.parent)
+    for stale in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_faiss(path: Path, sha256: str, root: Path) -> faiss.Index:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from index.search import IndexSearcher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "Hit",
@@ -306,25 +307,16 @@ class IndexSnapshots:
         targets: Sequence[Modality] | None = None,
         tags: Sequence[str] | None = None,
     ) -> list[list[Hit]]:
-        from index.errors import IndexCorrupt
-
-        try:
-            return self._current.search(vectors, k, targets, tags)
-        except IndexCorrupt as e:
-            raise IndexDamaged(f"the index is damaged ({_one_line(e)})") from None
+        return self._reading(lambda s: s.search(vectors, k, targets, tags), "the index is damaged")
 
     def get_item(self, item_id: int) -> Item | None:
         return self._current.get_item(item_id)
 
     def item_vector(self, item_id: int) -> np.ndarray | None:
-        from index.errors import IndexCorrupt
-
-        try:
-            return self._current.item_vector(item_id)
-        except IndexCorrupt as e:
-            raise IndexDamaged(
-                f"the stored vector of item {item_id} cannot be read: {_one_line(e)}"
-            ) from None
+        return self._reading(
+            lambda s: s.item_vector(item_id),
+            f"the stored vector of item {item_id} cannot be read",
+        )
 
     def item_media_path(self, item_id: int) -> Path | None:
         return self._current.item_media_path(item_id)
@@ -333,6 +325,23 @@ class IndexSnapshots:
         return self._current.info()
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _reading(self, read: Callable[[IndexSearcher], T], what: str) -> T:
+        """``read`` on the current snapshot; a chunk file that is damaged or gone (the index was
+        replaced under it) first swaps in the index now on disk, if sound, and reads again."""
+        from index.errors import IndexCorrupt
+
+        current = self._current
+        try:
+            return read(current)
+        except IndexCorrupt as e:
+            error = e
+        if self._current is not current or self.refresh():
+            try:
+                return read(self._current)
+            except IndexCorrupt as e:
+                error = e
+        raise IndexDamaged(f"{what}: {_one_line(error)}") from None
 
     def _load(self) -> IndexSearcher:
         new = self._open(self.root)

@@ -8,6 +8,8 @@ index is refused on open by ``index query`` and ``serve`` in one line, checksums
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 import shutil
 import sqlite3
@@ -24,16 +26,36 @@ import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from encoders import Encoder, load_encoder
 from encoders.config import resolve_config
-from index import IndexCorrupt, model_fingerprint, open_index
+from index import (
+    BuildOptions,
+    IndexCorrupt,
+    ModelMismatch,
+    ModelSource,
+    build_index,
+    model_fingerprint,
+    open_index,
+    verify_index,
+)
 from index.cli import index_app
-from index.store import FileRecord, IndexStore, ItemRecord, chunk_file
+from index.store import (
+    FileRecord,
+    IndexStore,
+    ItemRecord,
+    chunk_file,
+    read_manifest,
+    replacement_dir,
+)
 from service import FakeEmbedder, ServiceSettings, create_app, load_searcher
 from service.searchers import IndexSnapshots
 from service.serve_cli import serve as serve_command
 
-FP = model_fingerprint(resolve_config("imagebind_test"), "random:0")
-DIM = resolve_config("imagebind_test").embed_dim
+from .test_index_media import image, write_test_checkpoint
+
+CONFIG = resolve_config("imagebind_test")
+FP = model_fingerprint(CONFIG, "random:0")
+DIM = CONFIG.embed_dim
 WAIT_S = 30.0  # generous bound for what the poll must show (it runs every 0.05 s here)
 
 
@@ -299,3 +321,60 @@ def test_checksums_are_cached_by_size_and_mtime(
     assert hashed == []  # reopening an unchanged index hashes no chunk again
     with sqlite3.connect(root / "meta.sqlite") as conn:  # the database is untouched by opening
         assert conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 12
+
+
+# --- build -o EXISTING replaces by building beside and renaming (defect 6) ------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_checkpoint(tmp_path_factory.mktemp("model") / "test.safetensors")
+
+
+@pytest.fixture(scope="module")
+def encoder(checkpoint: Path) -> Encoder:
+    return load_encoder(checkpoint, config=CONFIG)
+
+
+def model(checkpoint: Path, encoder: Encoder) -> ModelSource:
+    return ModelSource(CONFIG, checkpoint, encoder=encoder)
+
+
+def test_a_rebuild_over_a_served_index_never_writes_into_its_files(
+    tmp_path: Path, checkpoint: Path, encoder: Encoder
+) -> None:
+    corpus, idx = tmp_path / "corpus", tmp_path / "idx"
+    corpus.mkdir()
+    for i in range(4):
+        image(corpus / f"a{i}.png", seed=i)
+    opts = BuildOptions(chunk_items=2, batch_size=4)
+    build_index(corpus, idx, model(checkpoint, encoder), opts)
+    snapshots = IndexSnapshots(idx)
+    fd = os.open(idx / "meta.sqlite", os.O_RDONLY)  # as a server holds it
+    try:
+        before = hashlib.sha256(os.pread(fd, 1 << 24, 0)).hexdigest()
+        for i in range(3):
+            image(corpus / f"b{i}.png", seed=10 + i)
+        again = build_index(corpus, idx, model(checkpoint, encoder), opts)
+        assert again.already == 4 and again.embedded_files == 3  # still incremental
+        assert hashlib.sha256(os.pread(fd, 1 << 24, 0)).hexdigest() == before
+        assert os.fstat(fd).st_ino != os.stat(idx / "meta.sqlite").st_ino  # renamed in
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "idx"]  # nothing left
+        assert verify_index(idx).ok
+        assert snapshots.refresh() and sum(i.count for i in snapshots.info()) == 7
+    finally:
+        os.close(fd)
+        snapshots.close()
+    # An interrupted replacement (its copy beside the index) resumes on rerun.
+    work = replacement_dir(idx)
+    assert work.name == ".idx.building" and (work / "meta.sqlite").is_file()
+    image(corpus / "c.png", seed=30)
+    assert replacement_dir(idx) == work  # a second look resumes it, it does not start over
+    done = build_index(corpus, idx, model(checkpoint, encoder), opts)
+    assert done.already == 7 and done.embedded_files == 1 and not work.exists()
+    assert verify_index(idx).ok and read_manifest(idx).counts["items"] == 8
+    # A replacement refused (another model) leaves nothing behind to resume.
+    other = load_encoder(config="imagebind_test")
+    with pytest.raises(ModelMismatch):
+        build_index(corpus, idx, ModelSource(CONFIG, None, encoder=other), opts)
+    assert not work.exists() and verify_index(idx).ok
