@@ -1021,7 +1021,7 @@ def replacement_dir(out: Path) -> Path:
     finished, is written in place as before.
     """
     out = Path(out)
-    work = out.parent / f".{out.name}.building"
+    work = _work_dir(out)
     if work.is_dir() and (work / META).is_file():
         return work  # an interrupted replacement: resume it
     try:
@@ -1029,7 +1029,7 @@ def replacement_dir(out: Path) -> Path:
     except IndexStoreError:
         return out  # nothing complete to protect
     shutil.rmtree(work, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.seeding"
+    tmp = work.with_name(work.name.replace(".building", ".seeding"))
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / CHUNKS).mkdir(parents=True)
     _backup(out / META, tmp / META)
@@ -1041,14 +1041,30 @@ def replacement_dir(out: Path) -> Path:
     for f in [*out.glob("*.faiss"), out / MANIFEST]:
         shutil.copy2(f, tmp / f.name)  # replaced by rename when refreshed, but copied anyway
     os.replace(tmp, work)
-    _fsync_dir(out.parent)
+    _fsync_dir(work.parent)
     return work
 
 
+def _work_dir(out: Path) -> Path:
+    # A mount point (a Docker volume) cannot be renamed: the copy lives inside it instead.
+    if os.path.ismount(out):
+        return out / ".building"
+    return out.parent / f".{out.name}.building"
+
+
 def move_into_place(work: Path, out: Path) -> None:
-    """Rename a finished replacement ``work`` over ``out`` (the old index is then removed)."""
+    """Rename a finished replacement ``work`` over ``out`` (the old index is then removed).
+
+    ``work`` beside ``out``: two directory renames. ``work`` inside ``out`` (a mount point):
+    file by file, each one linked and renamed over its old self, chunks first and the manifest
+    last, so a crash leaves ``work`` whole and a rerun finishes the swap; readers refuse the
+    mix meanwhile (the manifest's generation and checksums do not match).
+    """
     work, out = Path(work), Path(out)
     if work == out:
+        return
+    if work.parent == out:
+        _swap_files(work, out)
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
@@ -1057,6 +1073,27 @@ def move_into_place(work: Path, out: Path) -> None:
     _fsync_dir(out.parent)
     for stale in out.parent.glob(f".{out.name}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _swap_files(work: Path, out: Path) -> None:
+    (out / CHUNKS).mkdir(exist_ok=True)
+    names = [f"{CHUNKS}/{p.name}" for p in sorted((work / CHUNKS).glob("c*.npy"))]
+    names += [p.name for p in sorted(work.glob("*.faiss"))] + [META, MANIFEST]
+    for name in names:
+        src, dst = work / name, out / name
+        if dst.exists() and os.path.samefile(src, dst):
+            continue
+        tmp = dst.with_name(dst.name + ".swap")
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    keep = set(names)
+    for p in out.glob("*.faiss"):
+        if p.name not in keep:
+            p.unlink()
+    _fsync_dir(out / CHUNKS)
+    _fsync_dir(out)
+    shutil.rmtree(work)
 
 
 def read_faiss(path: Path, sha256: str, root: Path) -> faiss.Index:

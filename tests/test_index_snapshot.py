@@ -378,3 +378,31 @@ def test_a_rebuild_over_a_served_index_never_writes_into_its_files(
     with pytest.raises(ModelMismatch):
         build_index(corpus, idx, ModelSource(CONFIG, None, encoder=other), opts)
     assert not work.exists() and verify_index(idx).ok
+
+
+def test_a_rebuild_over_a_mount_point_swaps_file_by_file(
+    tmp_path: Path, checkpoint: Path, encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus, idx = tmp_path / "corpus", tmp_path / "idx"
+    corpus.mkdir()
+    for i in range(3):
+        image(corpus / f"a{i}.png", seed=i)
+    opts = BuildOptions(chunk_items=2, batch_size=4)
+    build_index(corpus, idx, model(checkpoint, encoder), opts)
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == idx or real(p))
+    snapshots = IndexSnapshots(idx)
+    fd = os.open(idx / "meta.sqlite", os.O_RDONLY)
+    try:
+        before = hashlib.sha256(os.pread(fd, 1 << 24, 0)).hexdigest()
+        idx_inode = os.stat(idx).st_ino
+        image(corpus / "b.png", seed=20)
+        again = build_index(corpus, idx, model(checkpoint, encoder), opts)
+        assert again.already == 3 and again.embedded_files == 1
+        assert os.stat(idx).st_ino == idx_inode  # the mount point itself stays
+        assert hashlib.sha256(os.pread(fd, 1 << 24, 0)).hexdigest() == before
+        assert not (idx / ".building").exists() and verify_index(idx).ok
+        assert snapshots.refresh() and sum(i.count for i in snapshots.info()) == 4
+    finally:
+        os.close(fd)
+        snapshots.close()
