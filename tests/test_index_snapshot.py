@@ -36,6 +36,7 @@ from index import (
     build_index,
     model_fingerprint,
     open_index,
+    sync_index,
     verify_index,
 )
 from index.cli import index_app
@@ -406,3 +407,44 @@ def test_a_rebuild_over_a_mount_point_swaps_file_by_file(
     finally:
         os.close(fd)
         snapshots.close()
+
+
+def test_sync_then_a_rebuild_under_search_load_are_served_without_5xx(
+    tmp_path: Path, checkpoint: Path, encoder: Encoder
+) -> None:
+    corpus, idx = tmp_path / "corpus", tmp_path / "idx"
+    corpus.mkdir()
+    for i in range(4):
+        image(corpus / f"a{i}.png", seed=i)
+    opts = BuildOptions(chunk_items=2, batch_size=4)
+    build_index(corpus, idx, model(checkpoint, encoder), opts)
+    statuses: list[int] = []
+    stop = threading.Event()
+    with served(idx) as (client, _):
+
+        def load() -> None:
+            while not stop.is_set() and len(statuses) < 20000:
+                for r in (
+                    client.post("/v1/search", json={"text": "a red ring", "k": 3}),
+                    client.post("/v1/search", json={"item_id": 0, "k": 3}),
+                ):
+                    statuses.append(r.status_code)
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        try:
+            image(corpus / "new.png", seed=40)
+            image(corpus / "a1.png", seed=41)  # a changed file
+            sync_index(idx, corpus, model(checkpoint, encoder), opts)
+            wait_until(lambda: count(client) == 5, "sync's new item served")
+            r = client.post("/v1/search", json={"text": "x", "k": 5})
+            by_path = {Path(h["path"]).name: h["id"] for h in r.json()["results"]}
+            assert sorted(by_path) == ["a0.png", "a1.png", "a2.png", "a3.png", "new.png"]
+            assert by_path["a1.png"] > by_path["a3.png"]  # the changed file's new item
+            image(corpus / "b.png", seed=50)
+            build_index(corpus, idx, model(checkpoint, encoder), opts)  # over the served index
+            wait_until(lambda: count(client) == 6, "the rebuilt index served")
+        finally:
+            stop.set()
+            worker.join()
+    assert statuses and all(s < 500 for s in statuses), sorted(set(statuses))
