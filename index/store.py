@@ -347,7 +347,6 @@ class IndexStore:
         self._mmaps: OrderedDict[int, np.ndarray] = OrderedDict()
         # A snapshot reads chunks whole (no mmap): a chunk truncated under a mapping is SIGBUS.
         self._map_chunks = True
-        self._private: Path | None = None  # a snapshot's own copy of the database
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -423,10 +422,11 @@ class IndexStore:
         """A consistent, private, read-only copy of the index's database (what a server serves).
 
         The copy is taken in one read transaction (SQLite's backup) into a temporary file that
-        nothing else writes, so later ``sync``/``add``/``remove``, a rebuild renamed into place or
-        an ``rm -rf`` never change what this store answers, nor can its reads disturb them.
-        Chunk files are read from ``root`` (they never change once committed). Raises
-        ``IndexCorrupt`` (one line) when the database cannot be read.
+        nothing else writes (unlinked once open), so later ``sync``/``add``/``remove``, a
+        rebuild renamed into place or an ``rm -rf`` never change what this store answers, nor
+        can its reads disturb them. Chunk files are read from ``root`` whole, each checked
+        against its recorded sha256 (a chunk replaced under the snapshot is an error, never
+        another vector). Raises ``IndexCorrupt`` (one line) when the database cannot be read.
         """
         root = Path(root)
         meta = root / META
@@ -447,15 +447,14 @@ class IndexStore:
             shutil.rmtree(private, ignore_errors=True)
             raise
         store._map_chunks = False
-        store._private = private
+        # The open connection keeps reading the unlinked copy: nothing is left behind, even
+        # when the process is killed.
+        shutil.rmtree(private, ignore_errors=True)
         return store
 
     def close(self) -> None:
         self._mmaps.clear()
         self.conn.close()
-        if self._private is not None:
-            shutil.rmtree(self._private, ignore_errors=True)
-            self._private = None
 
     def __enter__(self) -> IndexStore:
         return self
