@@ -209,9 +209,9 @@ class IndexSnapshots:
     """An index directory served as consistent snapshots that follow it (a ``Searcher``).
 
     ``refresh()`` (the service calls it every ``index_poll_seconds``, off the event loop) looks
-    at the manifest and database on disk; when they changed, it opens a new snapshot and swaps
-    it in. A snapshot that cannot be opened (no index, an update or rebuild in progress, damaged
-    files, another model) leaves the current one in service and says why in ``stale``.
+    at the manifest on disk; when it changed, it opens a new snapshot and swaps it in. A
+    snapshot that cannot be opened (no index, an update or rebuild in progress, damaged files,
+    another model) leaves the current one in service and says why in ``stale``.
     """
 
     RETIRE_S = 60.0  # a replaced snapshot is closed this long after the swap (requests in flight)
@@ -357,16 +357,19 @@ class IndexSnapshots:
             raise
         return new
 
-    def _probe(self) -> tuple[tuple[int, int, int], ...] | None:
-        """(inode, size, mtime) of the manifest and the database; None when either is absent."""
-        out = []
-        for name in ("manifest.json", "meta.sqlite"):
-            try:
-                st = os.stat(self.root / name)
-            except OSError:
-                return None
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(out)
+    def _probe(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the manifest; None when there is no index.
+
+        Every committed change (build, add, remove, sync, a replacement) ends by writing the
+        manifest, so the database's own commits in between are not looked at (a long sync
+        does not cost a snapshot attempt per poll).
+        """
+        try:
+            st = os.stat(self.root / "manifest.json")
+            os.stat(self.root / "meta.sqlite")
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _close_retired(self) -> None:
         now = time.monotonic()
