@@ -58,11 +58,9 @@ async def healthz() -> Status:
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": Status}})
 async def readyz(state: StateDep) -> Response:
-    """Readiness: 200 once the model is loaded and warmed up, 503 until then.
-
-    While the index on disk cannot be served (removed, being rebuilt, damaged) the last good
-    snapshot is, and the detail says so.
-    """
+    """Readiness: 200 once the model is loaded and warmed up, 503 until then."""
+    # While the index on disk cannot be served (removed, being rebuilt, damaged), the last
+    # good snapshot is, and the detail says so.
     if state.ready:
         stale = state.searcher.stale if isinstance(state.searcher, IndexSnapshots) else None
         return JSONResponse(Status(status="ready", detail=stale).model_dump())
