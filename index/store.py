@@ -1062,6 +1062,9 @@ def move_into_place(work: Path, out: Path) -> None:
     work, out = Path(work), Path(out)
     if work == out:
         return
+    if _same_index(work, out):  # a rerun that changed nothing: the served files stay as they are
+        shutil.rmtree(work)
+        return
     if work.parent == out:
         _swap_files(work, out)
         return
@@ -1072,6 +1075,18 @@ def move_into_place(work: Path, out: Path) -> None:
     _fsync_dir(out.parent)
     for stale in out.parent.glob(f".{out.name}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _same_index(a: Path, b: Path) -> bool:
+    """Whether two complete indexes hold the same items, files, chunks and FAISS files."""
+    try:
+        one, two = read_manifest(a).to_dict(), read_manifest(b).to_dict()
+    except IndexStoreError:
+        return False
+    for d in (one, two):
+        d.pop("updated", None)
+        d.pop("generation", None)
+    return one == two
 
 
 def _swap_files(work: Path, out: Path) -> None:

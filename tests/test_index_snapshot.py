@@ -350,6 +350,10 @@ def test_a_rebuild_over_a_served_index_never_writes_into_its_files(
         image(corpus / f"a{i}.png", seed=i)
     opts = BuildOptions(chunk_items=2, batch_size=4)
     build_index(corpus, idx, model(checkpoint, encoder), opts)
+    inode = os.stat(idx / "meta.sqlite").st_ino
+    same = build_index(corpus, idx, model(checkpoint, encoder), opts)
+    assert same.already == 4 and os.stat(idx / "meta.sqlite").st_ino == inode  # nothing to swap
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "idx"]
     snapshots = IndexSnapshots(idx)
     fd = os.open(idx / "meta.sqlite", os.O_RDONLY)  # as a server holds it
     try:
