@@ -312,6 +312,10 @@ class IndexSnapshots:
     def get_item(self, item_id: int) -> Item | None:
         return self._current.get_item(item_id)
 
+    def get(self, ids: Sequence[int], cols: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Stored metadata rows by id (``index.MetadataStore``: sizes and hashes for media)."""
+        return self._current.get(ids, cols)
+
     def item_vector(self, item_id: int) -> np.ndarray | None:
         return self._reading(
             lambda s: s.item_vector(item_id),

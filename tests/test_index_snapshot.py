@@ -160,6 +160,9 @@ def test_refresh_is_a_no_op_when_nothing_changed(tmp_path: Path) -> None:
             store.refresh()
         assert snapshots.refresh() is True and snapshots.current is not first
         assert snapshots.generation == IndexStore.open_readonly(root).generation
+        # Stored rows (sizes and hashes: the media route checks files against them) follow too.
+        [row] = snapshots.get([5], ["path", "sha256", "size"])
+        assert row["path"] == "/c/x.png" and row["size"] == 1 and len(row["sha256"]) == 64
     finally:
         snapshots.close()
 
