@@ -37,6 +37,7 @@ from .pipeline import Pipeline
 from .routes import embed, generate, items, ops, search
 from .schemas import EmbedRequest, GenerateRequest, SearchRequest
 from .searchers import IndexSnapshots, Searcher
+from .security import SecurityHeaders
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(SecurityHeaders)  # on every answer, the limits' and CORS's too
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

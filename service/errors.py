@@ -9,6 +9,7 @@ request validation -> 400, unknown routes -> 404.
     ├── MalformedRequest      400  the request does not parse or fit the schema
     ├── Unauthorized          401  API key missing or wrong
     ├── NotFound              404  unknown item, route, or a media file not on disk
+    ├── Gone                  410  a media file changed since it was indexed
     ├── PayloadTooLarge       413  over a byte, pixel, duration, text or count cap
     ├── UnsupportedMedia      415  modality the format registry cannot tell, or not in this model
     ├── InvalidContent        422  well-formed request, content that cannot be used
@@ -48,6 +49,10 @@ class Unauthorized(ServiceError):
 
 class NotFound(ServiceError):
     type = "not_found"
+
+
+class Gone(ServiceError):
+    type = "gone"
 
 
 class PayloadTooLarge(ServiceError):
@@ -97,6 +102,7 @@ STATUS: dict[type[ServiceError], int] = {
     MalformedRequest: 400,
     Unauthorized: 401,
     NotFound: 404,
+    Gone: 410,
     PayloadTooLarge: 413,
     UnsupportedMedia: 415,
     InvalidContent: 422,

@@ -10,6 +10,7 @@ _DESCRIPTIONS = {
     400: "Malformed request (bad JSON, a field of the wrong type, base64 that is not).",
     401: "API key missing or wrong.",
     404: "Unknown item, or no media file for it.",
+    410: "The item's media file changed since it was indexed (re-index it).",
     413: "Over a cap: request bytes, upload bytes, pixels, audio duration, text, inputs.",
     415: "Unsupported media: modality not recognised from content, or not in this model.",
     422: "Well-formed, but the content cannot be used (undecodable file, empty text...).",

@@ -1,19 +1,19 @@
 """Stored items: metadata, and the media file of an item that is in the index.
 
 The media route never builds a path from the request: the id (an integer) picks a row, and
-the row's stored path is the only file it can serve.
+the row's stored path is the only file it can serve, after ``service.media``'s checks (no
+symlink, still the indexed bytes, a type sniffed from the content, a sandboxing CSP).
 """
 
 from __future__ import annotations
-
-import mimetypes
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import SearcherDep, require_api_key
+from ..deps import SearcherDep, StateDep, require_api_key
 from ..errors import NotFound
+from ..media import MEDIA_CSP, MediaGuard, MediaResponse
 from ..schemas import ItemOut
 from ..searchers import Item
 from . import error_responses
@@ -52,26 +52,19 @@ async def get_item(item_id: int, searcher: SearcherDep) -> ItemOut:
     response_class=FileResponse,
     responses={
         200: {
-            "description": "The item's file, with its content type.",
+            "description": "The item's file. Its type comes from its content and modality, never "
+            "its name; what a browser could render as a document is an octet-stream attachment.",
             "content": {"application/octet-stream": {"schema": _BINARY}},
         },
-        **error_responses(400, 401, 404, 503),
+        **error_responses(400, 401, 404, 410, 503),
     },
 )
-async def get_media(item_id: int, searcher: SearcherDep) -> FileResponse:
-    """The file an indexed item came from (only files recorded in the index are served)."""
-    path = await run_in_threadpool(searcher.item_media_path, item_id)
-    if path is None:
-        if await run_in_threadpool(searcher.get_item, item_id) is None:
-            raise NotFound(f"item {item_id} is not in the index")
-        raise NotFound(f"item {item_id} has no media file")
-    if not await run_in_threadpool(path.is_file):
-        raise NotFound(f"the media file of item {item_id} is no longer on disk")
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(
-        path,
-        media_type=media_type,
-        headers={"X-Content-Type-Options": "nosniff"},
-        content_disposition_type="inline",
-        filename=path.name,
-    )
+async def get_media(item_id: int, searcher: SearcherDep, state: StateDep) -> MediaResponse:
+    """The file an indexed item came from: only that file, unchanged since it was indexed."""
+    guard = state.extra.get("media_guard")
+    if not isinstance(guard, MediaGuard):  # one per app: it caches verified hashes
+        guard = MediaGuard()
+        state.extra["media_guard"] = guard
+    media = await run_in_threadpool(guard.open, searcher, item_id)
+    headers = {"Content-Security-Policy": MEDIA_CSP, "X-Content-Type-Options": "nosniff"}
+    return MediaResponse(media, headers)
