@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections import Counter, deque
@@ -48,7 +49,15 @@ from .engine import (
 from .errors import IndexStoreError
 from .fingerprint import checkpoint_identity, model_fingerprint
 from .spec import DEFAULT_MEMORY_BUDGET, TARGET_RECALL
-from .store import FileRecord, IndexManifest, IndexStore, ItemRecord, read_manifest
+from .store import (
+    FileRecord,
+    IndexManifest,
+    IndexStore,
+    ItemRecord,
+    move_into_place,
+    read_manifest,
+    replacement_dir,
+)
 
 Log = Callable[[str], None]
 
@@ -208,13 +217,20 @@ def run_build(
     """
     options.check()
     t0 = time.perf_counter()
-    store, entries = _start_build(corpus, out, model, options)
+    work = replacement_dir(Path(out))  # a complete index is rebuilt beside, then renamed
+    try:
+        store, entries = _start_build(corpus, work, model, options, exclude=Path(out))
+    except IndexStoreError:
+        if work != Path(out):  # e.g. another model: nothing of this replacement to resume
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     with store:
         summary = BuildSummary(scanned=len(entries))
         IndexWriter(store, options, summary, log).write(entries, engine)
         summary.manifest = store.refresh(
             options.factory, options.memory_budget, options.target_recall, log=log
         )
+    move_into_place(work, Path(out))
     summary.wall_s = time.perf_counter() - t0
     return summary
 
@@ -316,11 +332,15 @@ def _open_for_update(
 
 
 def _start_build(
-    corpus: str | Path, out: str | Path, model: ModelSource, opts: BuildOptions
+    corpus: str | Path,
+    out: str | Path,
+    model: ModelSource,
+    opts: BuildOptions,
+    exclude: Path | None = None,
 ) -> tuple[IndexStore, list[CorpusEntry]]:
     """Scan the corpus and open (or create) the index a build writes."""
     out = Path(out)
-    entries = scan_corpus(corpus, exclude=[out])
+    entries = scan_corpus(corpus, exclude=[out] + ([exclude] if exclude is not None else []))
     store = IndexStore.create(out, model.fingerprint(), model.config.embed_dim, opts.settings())
     try:
         _record_corpus(store, corpus)

@@ -8,6 +8,7 @@ ids carrying the tags come from SQLite and restrict the search itself (see ``sea
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .spec import (
     search_parameters,
     to_gpu,
 )
-from .store import META, IndexManifest, IndexStore, read_manifest
+from .store import META, IndexManifest, IndexStore, read_faiss, read_manifest
 
 
 class MetadataStore(Protocol):
@@ -372,8 +373,13 @@ def open_index(
     *,
     checkpoint: str | Path | None = None,
     gpu: bool | None = None,
+    snapshot: bool = False,
 ) -> IndexSearcher:
-    """Load an index for searching; checks that vector ids and metadata rows agree.
+    """Load an index for searching; checks its files and that vector ids and metadata agree.
+
+    Every chunk and FAISS file is checked against the sha256 the index recorded (chunk hashes
+    are cached by size and mtime, so reopening is fast): a damaged index is refused with one
+    line (``IndexCorrupt``) naming the file.
 
     Args:
         encoder: the ``encoders.Encoder`` queries will come from: refused (``ModelMismatch``)
@@ -381,15 +387,27 @@ def open_index(
         checkpoint: the encoder's weights identity when it does not record its sha256 (a
             file, ``sha256:<hex>`` or ``random:<seed>``); see ``encoder_fingerprint``.
         gpu: search on the GPU (faiss-gpu); default: when one is available.
+        snapshot: search a private copy of the database (``IndexStore.open_snapshot``), so
+            that later changes to the index on disk never reach this searcher (the service).
     """
     root = Path(path)
     manifest = read_manifest(root)
     if encoder is not None:
         check_fingerprint(dict(manifest.model), encoder_fingerprint(encoder, checkpoint), str(root))
-    store = IndexStore.open_readonly(root)
+    unreadable = IndexCorrupt(
+        f"the index at {root} is damaged: {META} cannot be read; "
+        f"run `bindsearch index verify {root}`, then rebuild it"
+    )
+    try:
+        store = IndexStore.open_snapshot(root) if snapshot else IndexStore.open_readonly(root)
+    except sqlite3.Error:
+        raise unreadable from None
     try:
         indexes = _load_indexes(root, manifest, store, gpu_available() if gpu is None else gpu)
-    except Exception:
+    except sqlite3.Error:
+        store.close()
+        raise unreadable from None
+    except BaseException:
         store.close()
         raise
     return IndexSearcher(root, manifest, store, indexes)
@@ -403,14 +421,13 @@ def _load_indexes(
             f"the index at {root} changed after its manifest was written (an update was "
             "interrupted): rerun the command that was interrupted (build, add, remove or sync)"
         )
+    store.check_files(manifest)
     dim = manifest.dim
     out: dict[Modality, _ModalityIndex] = {}
     for name, entry in manifest.modalities.items():
         m = Modality.parse(name)
         file = root / entry.file
-        if not file.is_file():
-            raise IndexCorrupt(f"{file} is missing")
-        index = faiss.read_index(str(file))
+        index = read_faiss(file, entry.sha256, root)
         if index.d != dim:
             raise IndexCorrupt(f"{file} holds {index.d}-d vectors; the manifest says {dim}")
         present = index_ids(index)

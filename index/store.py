@@ -19,10 +19,15 @@ them in line with the database, so rerunning any interrupted command repairs the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
+import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -340,6 +345,8 @@ class IndexStore:
         self.root = root
         self.conn = conn
         self._mmaps: OrderedDict[int, np.ndarray] = OrderedDict()
+        # A snapshot reads chunks whole (no mmap): a chunk truncated under a mapping is SIGBUS.
+        self._map_chunks = True
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -409,6 +416,41 @@ class IndexStore:
         if not (root / META).is_file():
             raise IndexNotFound(f"no index at {root} (no {META})")
         return cls(root, connect(root / META, readonly=True))
+
+    @classmethod
+    def open_snapshot(cls, root: Path) -> IndexStore:
+        """A consistent, private, read-only copy of the index's database (what a server serves).
+
+        The copy is taken in one read transaction (SQLite's backup) into a temporary file that
+        nothing else writes (unlinked once open), so later ``sync``/``add``/``remove``, a
+        rebuild renamed into place or an ``rm -rf`` never change what this store answers, nor
+        can its reads disturb them. Chunk files are read from ``root`` whole, each checked
+        against its recorded sha256 (a chunk replaced under the snapshot is an error, never
+        another vector). Raises ``IndexCorrupt`` (one line) when the database cannot be read.
+        """
+        root = Path(root)
+        meta = root / META
+        if not meta.is_file():
+            raise IndexNotFound(f"no index at {root} (no {META})")
+        private = Path(tempfile.mkdtemp(prefix="bindsearch-snapshot-"))
+        copy = private / META
+        try:
+            _backup(meta, copy)
+            store = cls(root, connect(copy, readonly=True))
+            if store.get_meta("fingerprint") is None:
+                store.close()
+                raise IndexCorrupt(f"{meta} has no model fingerprint")
+        except sqlite3.Error:
+            shutil.rmtree(private, ignore_errors=True)
+            raise _damaged(meta, "cannot be read", root) from None
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+        store._map_chunks = False
+        # The open connection keeps reading the unlinked copy: nothing is left behind, even
+        # when the process is killed.
+        shutil.rmtree(private, ignore_errors=True)
+        return store
 
     def close(self) -> None:
         self._mmaps.clear()
@@ -711,6 +753,15 @@ class IndexStore:
         vectors = self.chunk_vectors(int(row[0]))
         return np.array(vectors[int(item_id) - int(row[1])], dtype=np.float32)
 
+    def check_files(self, manifest: IndexManifest) -> None:
+        """Check every chunk file against its recorded sha256 (cached by size and mtime).
+
+        Raises ``IndexCorrupt`` naming the first damaged file. FAISS files are checked as
+        they are read (``read_faiss``).
+        """
+        for chunk, _first, _count, digest in self.chunk_rows():
+            _check_sha256(self.chunk_path(chunk), digest, self.root)
+
     def chunk_rows(self) -> list[tuple[int, int, int, str]]:
         """(chunk, first id, count, sha256) of every committed chunk, by chunk number."""
         rows = self.conn.execute("SELECT chunk, first_id, count, sha256 FROM chunks ORDER BY 1")
@@ -740,15 +791,44 @@ class IndexStore:
         return arr[:, 0], arr[:, 1], arr[:, 2]
 
     def chunk_vectors(self, chunk: int) -> np.ndarray:
-        """A chunk's (count, dim) float32 vectors, memory-mapped (a few kept open)."""
+        """A chunk's (count, dim) float32 vectors, memory-mapped (a few kept open).
+
+        Raises ``IndexCorrupt`` naming the file when it is missing, unreadable (truncated, a
+        pickle) or not the (count, dim) float32 array its row says.
+        """
         arr = self._mmaps.get(chunk)
         if arr is None:
-            arr = np.load(self.chunk_path(chunk), mmap_mode="r", allow_pickle=False)
+            arr = self._load_chunk(chunk)
             self._mmaps[chunk] = arr
             if len(self._mmaps) > 32:
                 self._mmaps.popitem(last=False)
         else:
             self._mmaps.move_to_end(chunk)
+        return arr
+
+    def _load_chunk(self, chunk: int) -> np.ndarray:
+        path = self.chunk_path(chunk)
+        row = self.conn.execute(
+            "SELECT count, sha256 FROM chunks WHERE chunk = ?", (chunk,)
+        ).fetchone()
+        count = None if row is None else int(row[0])
+        try:
+            if self._map_chunks:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:  # a snapshot: read whole, and only the bytes it was opened with
+                data = path.read_bytes()
+                if row is not None and hashlib.sha256(data).hexdigest() != row[1]:
+                    raise _damaged(path, "does not match its recorded sha256", self.root)
+                arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except FileNotFoundError:
+            raise _damaged(path, "is missing", self.root) from None
+        except (OSError, ValueError, EOFError) as e:
+            raise _damaged(path, f"cannot be read ({_reason(e)})", self.root) from None
+        if not isinstance(arr, np.ndarray):  # an .npz archive
+            raise _damaged(path, "is not a .npy array", self.root)
+        if arr.dtype != np.float32 or arr.shape != (count, self.dim):
+            what = f"holds {arr.shape} {arr.dtype}, not ({count}, {self.dim}) float32"
+            raise _damaged(path, what, self.root)
         return arr
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
@@ -914,6 +994,183 @@ class IndexStore:
             index_options=self.get_meta("index_options") or {},
             checkpoint_path=self.get_meta("checkpoint_path"),
         )
+
+
+def _backup(src: Path, dst: Path) -> None:
+    """Copy the database ``src`` to ``dst`` in one read transaction (SQLite's backup)."""
+    uri = "file:" + urllib.parse.quote(str(Path(src).resolve())) + "?mode=ro"
+    source = sqlite3.connect(uri, uri=True, timeout=30)
+    try:
+        target = sqlite3.connect(dst)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+
+
+def replacement_dir(out: Path) -> Path:
+    """Where ``index build -o OUT`` writes: ``OUT`` itself, or a sibling it is renamed from.
+
+    A complete index at ``OUT`` (a server may have its files open) is never written into: it is
+    copied beside it, into ``.<name>.building`` (chunks hard-linked, the database copied), the
+    build updates the copy and ``move_into_place`` renames it over ``OUT``. An interrupted
+    replacement resumes from that directory. A new ``OUT``, or a build of ``OUT`` that never
+    finished, is written in place as before.
+    """
+    out = Path(out)
+    work = _work_dir(out)
+    if work.is_dir() and (work / META).is_file():
+        return work  # an interrupted replacement: resume it
+    try:
+        read_manifest(out)
+    except IndexStoreError:
+        return out  # nothing complete to protect
+    shutil.rmtree(work, ignore_errors=True)
+    tmp = work.with_name(work.name.replace(".building", ".seeding"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / CHUNKS).mkdir(parents=True)
+    _backup(out / META, tmp / META)
+    for chunk in (out / CHUNKS).glob("c*.npy"):
+        try:
+            os.link(chunk, tmp / CHUNKS / chunk.name)  # never written again once committed
+        except OSError:
+            shutil.copy2(chunk, tmp / CHUNKS / chunk.name)
+    for f in [*out.glob("*.faiss"), out / MANIFEST]:
+        shutil.copy2(f, tmp / f.name)  # replaced by rename when refreshed, but copied anyway
+    os.replace(tmp, work)
+    _fsync_dir(work.parent)
+    return work
+
+
+def _work_dir(out: Path) -> Path:
+    # A mount point (a Docker volume) cannot be renamed: the copy lives inside it instead.
+    if os.path.ismount(out):
+        return out / ".building"
+    return out.parent / f".{out.name}.building"
+
+
+def move_into_place(work: Path, out: Path) -> None:
+    """Rename a finished replacement ``work`` over ``out`` (the old index is then removed).
+
+    ``work`` beside ``out``: two directory renames. ``work`` inside ``out`` (a mount point):
+    file by file, each one linked and renamed over its old self, chunks first and the manifest
+    last, so a crash leaves ``work`` whole and a rerun finishes the swap; readers refuse the
+    mix meanwhile (the manifest's generation and checksums do not match).
+    """
+    work, out = Path(work), Path(out)
+    if work == out:
+        return
+    if _same_index(work, out):  # a rerun that changed nothing: the served files stay as they are
+        shutil.rmtree(work)
+        return
+    if work.parent == out:
+        _swap_files(work, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    _fsync_dir(out.parent)
+    for stale in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _same_index(a: Path, b: Path) -> bool:
+    """Whether two complete indexes hold the same items, files, chunks and FAISS files."""
+    try:
+        one, two = read_manifest(a).to_dict(), read_manifest(b).to_dict()
+    except IndexStoreError:
+        return False
+    for d in (one, two):
+        d.pop("updated", None)
+        d.pop("generation", None)
+    return one == two
+
+
+def _swap_files(work: Path, out: Path) -> None:
+    (out / CHUNKS).mkdir(exist_ok=True)
+    names = [f"{CHUNKS}/{p.name}" for p in sorted((work / CHUNKS).glob("c*.npy"))]
+    names += [p.name for p in sorted(work.glob("*.faiss"))] + [META, MANIFEST]
+    for name in names:
+        src, dst = work / name, out / name
+        if dst.exists() and os.path.samefile(src, dst):
+            continue
+        tmp = dst.with_name(dst.name + ".swap")
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    keep = set(names)
+    for p in out.glob("*.faiss"):
+        if p.name not in keep:
+            p.unlink()
+    _fsync_dir(out / CHUNKS)
+    _fsync_dir(out)
+    shutil.rmtree(work)
+
+
+def read_faiss(path: Path, sha256: str, root: Path) -> faiss.Index:
+    """A FAISS file, checked against its manifest sha256 as it is read (one read of the bytes).
+
+    Raises ``IndexCorrupt`` (one line naming the file) when it is missing, does not match, or
+    FAISS cannot read it.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise _damaged(path, "is missing", root) from None
+    except OSError as e:
+        raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise _damaged(path, "does not match its sha256 in the manifest", root)
+    try:
+        index: faiss.Index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError:
+        raise _damaged(path, "is not a FAISS index FAISS can read", root) from None
+    return index
+
+
+# (path, size, mtime_ns, inode) -> sha256 of the files checked by this process.
+_CHECKED: dict[tuple[str, int, int, int], str] = {}
+_CHECKED_LOCK = threading.Lock()
+
+
+def _check_sha256(path: Path, digest: str, root: Path) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _damaged(path, "is missing", root) from None
+    except OSError as e:
+        raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _CHECKED_LOCK:
+        known = _CHECKED.get(key)
+    if known is None:
+        try:
+            known = sha256_path(path)
+        except OSError as e:
+            raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
+        with _CHECKED_LOCK:
+            if len(_CHECKED) > 1_000_000:
+                _CHECKED.clear()
+            _CHECKED[key] = known
+    if known != digest:
+        raise _damaged(path, "does not match its recorded sha256", root)
+
+
+def _damaged(path: Path, what: str, root: Path) -> IndexCorrupt:
+    name = os.path.relpath(path, root)
+    return IndexCorrupt(
+        f"the index at {root} is damaged: {name} {what}; "
+        f"run `bindsearch index verify {root}`, then rebuild it"
+    )
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).split("\n")[0] or type(e).__name__
 
 
 def storable_id(item_id: int) -> bool:

@@ -37,7 +37,7 @@ from .metrics import Metrics, MetricsMiddleware
 from .pipeline import Pipeline
 from .routes import embed, generate, items, ops, search
 from .schemas import EmbedRequest, GenerateRequest, OpenAIEmbeddingsRequest, SearchRequest
-from .searchers import Searcher
+from .searchers import IndexSnapshots, Searcher
 from .security import SecurityHeaders
 from .settings import ServiceSettings
 
@@ -93,6 +93,7 @@ def create_app(
         state.model = info
         state.not_ready_reason = "the model is warming up"
         warm = asyncio.create_task(_warm_up(state, emb, batcher))
+        follow = asyncio.create_task(_follow_index(searcher, settings.index_poll_seconds))
         gen_load = asyncio.create_task(slot.start(generator, info))  # search does not wait
         try:
             yield
@@ -100,6 +101,7 @@ def create_app(
             state.ready = False
             state.not_ready_reason = "shutting down"
             warm.cancel()
+            follow.cancel()
             gen_load.cancel()
             slot.close()
             await batcher.close()
@@ -151,6 +153,20 @@ async def _warm_up(state: AppState, emb: Embedder, batcher: Batcher) -> None:
         return
     state.ready = True
     log.info("ready: %s, %d-d", emb.info.name, emb.info.dim)
+
+
+async def _follow_index(searcher: Searcher | None, every_s: float) -> None:
+    """Swap in the index's new snapshot after each committed change (``IndexSnapshots``)."""
+    if not isinstance(searcher, IndexSnapshots) or every_s <= 0:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(searcher.refresh)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # refresh keeps the last good snapshot; never end the loop
+            log.exception("refreshing the index snapshot failed")
 
 
 def error_response(err: ServiceError) -> JSONResponse:

@@ -17,7 +17,8 @@ request validation -> 400, unknown routes -> 404.
     ├── Overloaded            429  a queue or the in-flight byte budget is full (Retry-After)
     ├── ClientGone            499  the client went away before its request was read (nobody
     │                              reads this answer; it labels the request in /metrics)
-    └── Unavailable           503  not ready, no index loaded, or the model failed
+    └── Unavailable           503  not ready, no index loaded, the model failed, or a file
+                                   of the served index is damaged (``index_damaged``)
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ class NoIndex(Unavailable):
 
 class ModelFailed(Unavailable):
     type = "model_failed"
+
+
+class IndexDamaged(Unavailable):
+    type = "index_damaged"
 
 
 STATUS: dict[type[ServiceError], int] = {

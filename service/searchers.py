@@ -12,14 +12,25 @@ index directory built by the ``index`` package (``index.IndexSearcher`` is a ``S
 results are the ``Hit``/``Item`` types the service returns, tag filters applied inside it).
 
 Tag filters keep the items that carry every given tag.
+
+An index directory is served through ``IndexSnapshots``: a consistent, read-only snapshot of
+the index (a private copy of its database, its FAISS files, its chunks) that ``refresh`` swaps
+for a new one atomically once the index's committed generation changes on disk (``index
+sync/add/remove``, a rebuild renamed into place). Requests in flight finish on the snapshot they
+started on. While no sound index is on disk (removed, being rebuilt, damaged), the last good
+snapshot stays in service and ``stale`` says why (``/readyz`` shows it).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -27,10 +38,18 @@ from encoders import Modality, ModelRef
 from index.results import Hit, IndexInfo, Item
 
 from .embedders import unit
+from .errors import IndexDamaged
+
+if TYPE_CHECKING:
+    from index.search import IndexSearcher
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "Hit",
     "IndexInfo",
+    "IndexSnapshots",
     "Item",
     "MemorySearcher",
     "Searcher",
@@ -186,11 +205,206 @@ def _media_path(item: Item | None, root: Path | None) -> Path | None:
     return p if p.is_absolute() or root is None else root / p
 
 
-def load_searcher(path: str | Path) -> Searcher:
+class IndexSnapshots:
+    """An index directory served as consistent snapshots that follow it (a ``Searcher``).
+
+    ``refresh()`` (the service calls it every ``index_poll_seconds``, off the event loop) looks
+    at the manifest on disk; when it changed, it opens a new snapshot and swaps it in. A
+    snapshot that cannot be opened (no index, an update or rebuild in progress, damaged files,
+    another model) leaves the current one in service and says why in ``stale``.
+    """
+
+    RETIRE_S = 60.0  # a replaced snapshot is closed this long after the swap (requests in flight)
+
+    def __init__(
+        self,
+        root: str | Path,
+        check: Callable[[IndexSearcher], None] | None = None,
+        opener: Callable[[Path], IndexSearcher] | None = None,
+    ) -> None:
+        """Open the first snapshot; raises ``index.IndexStoreError`` (one line) if it cannot.
+
+        Args:
+            check: run on every new snapshot before it is served (e.g. the model check);
+                an exception refuses the snapshot.
+            opener: how a snapshot is opened (default: ``index.open_index(root, snapshot=True)``).
+        """
+        self.root = Path(root)
+        self._check = check
+        self._open = opener or _open_snapshot
+        self._lock = threading.Lock()  # one refresh at a time
+        self._retired: list[tuple[float, IndexSearcher]] = []
+        self._seen = self._probe()
+        self._current = self._load()
+        self.stale: str | None = None  # why the snapshot served is not what is on disk
+
+    @property
+    def current(self) -> IndexSearcher:
+        return self._current
+
+    @property
+    def generation(self) -> int:
+        """The committed generation of the snapshot being served."""
+        return self._current.manifest.generation
+
+    @property
+    def dim(self) -> int:
+        return self._current.dim
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self._current.fingerprint
+
+    def refresh(self) -> bool:
+        """Swap in a new snapshot if the index on disk changed; True when one was swapped in."""
+        with self._lock:
+            self._close_retired()
+            seen = self._probe()
+            if seen is None:
+                self.stale = (
+                    f"no index at {self.root} (removed, or being rebuilt): serving the last good "
+                    f"snapshot (generation {self.generation})"
+                )
+                self._seen = None
+                return False
+            if seen == self._seen:
+                return False
+            try:
+                new = self._load()
+            except Exception as e:
+                self.stale = (
+                    f"the index at {self.root} cannot be opened ({_one_line(e)}): serving the "
+                    f"last good snapshot (generation {self.generation})"
+                )
+                log.warning("%s", self.stale)
+                # Retry when the files change again (an update still running commits more).
+                self._seen = seen if self._probe() == seen else None
+                return False
+            old, self._current = self._current, new
+            self._retired.append((time.monotonic(), old))
+            self._seen, self.stale = seen, None
+            log.info(
+                "index %s: now serving generation %d (%s)",
+                self.root,
+                new.manifest.generation,
+                ", ".join(f"{m.value} {n}" for m, n in sorted(new.counts().items())),
+            )
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            for _, s in self._retired:
+                s.close()
+            self._retired.clear()
+            self._current.close()
+
+    # --- the Searcher protocol, on the snapshot current when the call starts ---------------
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        targets: Sequence[Modality] | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> list[list[Hit]]:
+        return self._reading(lambda s: s.search(vectors, k, targets, tags), "the index is damaged")
+
+    def get_item(self, item_id: int) -> Item | None:
+        return self._current.get_item(item_id)
+
+    def get(self, ids: Sequence[int], cols: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Stored metadata rows by id (``index.MetadataStore``: sizes and hashes for media)."""
+        return self._current.get(ids, cols)
+
+    def item_vector(self, item_id: int) -> np.ndarray | None:
+        return self._reading(
+            lambda s: s.item_vector(item_id),
+            f"the stored vector of item {item_id} cannot be read",
+        )
+
+    def item_media_path(self, item_id: int) -> Path | None:
+        return self._current.item_media_path(item_id)
+
+    def info(self) -> list[IndexInfo]:
+        return self._current.info()
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _reading(self, read: Callable[[IndexSearcher], T], what: str) -> T:
+        """``read`` on the current snapshot; a chunk file that is damaged or gone (the index was
+        replaced under it) first swaps in the index now on disk, if sound, and reads again."""
+        from index.errors import IndexCorrupt
+
+        current = self._current
+        try:
+            return read(current)
+        except IndexCorrupt as e:
+            error = e
+        if self._current is not current or self.refresh():
+            try:
+                return read(self._current)
+            except IndexCorrupt as e:
+                error = e
+        raise IndexDamaged(f"{what}: {_one_line(error)}") from None
+
+    def _load(self) -> IndexSearcher:
+        new = self._open(self.root)
+        try:
+            if getattr(self, "_current", None) is not None and new.dim != self.dim:
+                raise ValueError(
+                    f"it now holds {new.dim}-d vectors, the served model makes {self.dim}-d ones"
+                )
+            if self._check is not None:
+                self._check(new)
+        except BaseException:
+            new.close()
+            raise
+        return new
+
+    def _probe(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the manifest; None when there is no index.
+
+        Every committed change (build, add, remove, sync, a replacement) ends by writing the
+        manifest, so the database's own commits in between are not looked at (a long sync
+        does not cost a snapshot attempt per poll).
+        """
+        try:
+            st = os.stat(self.root / "manifest.json")
+            os.stat(self.root / "meta.sqlite")
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _close_retired(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for t, s in self._retired:
+            if now - t >= self.RETIRE_S:
+                s.close()
+            else:
+                keep.append((t, s))
+        self._retired = keep
+
+
+def _open_snapshot(root: Path) -> IndexSearcher:
+    from index.search import open_index
+
+    return open_index(root, snapshot=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].strip("'\"")
+
+
+def load_searcher(
+    path: str | Path, check: Callable[[IndexSearcher], None] | None = None
+) -> Searcher:
     """Open what ``--index`` names: a ``.jsonl`` of items with vectors, or an index directory.
 
-    Raises ValueError with one line when it cannot (missing file, FAISS not installed), and
-    ``index.IndexStoreError`` (one line) for an index directory that is not a sound index.
+    An index directory is served as ``IndexSnapshots`` (it follows the index on disk; ``check``
+    runs on every snapshot before it is served). Raises ValueError with one line when it cannot
+    (missing file, FAISS not installed), and ``index.IndexStoreError`` (one line) for an index
+    directory that is not a sound index.
     """
     path = Path(path)
     if not path.exists():
@@ -198,7 +412,7 @@ def load_searcher(path: str | Path) -> Searcher:
     if path.suffix == ".jsonl":
         return MemorySearcher.from_jsonl(path)
     try:
-        from index.search import open_index
+        import index.search  # noqa: F401
     except ImportError as e:
         if "faiss" not in str(e):
             raise
@@ -206,14 +420,14 @@ def load_searcher(path: str | Path) -> Searcher:
             f"serving the index directory {path} needs FAISS: install bindsearch with the 'cpu' "
             "extra (faiss-cpu), or 'gpu' on a CUDA machine (faiss-gpu); never both"
         ) from None
-    return open_index(path)
+    return IndexSnapshots(path, check)
 
 
-def check_index_model(searcher: Searcher, ref: ModelRef) -> None:
+def check_index_model(searcher: Searcher | IndexSearcher, ref: ModelRef) -> None:
     """Refuse (one line) an index built with another model than the one being served."""
     from index.search import IndexSearcher
 
-    if not isinstance(searcher, IndexSearcher):
+    if not isinstance(searcher, IndexSearcher | IndexSnapshots):
         return  # a .jsonl of vectors carries no model fingerprint
     from index.fingerprint import check_fingerprint, ref_fingerprint
 

@@ -105,7 +105,12 @@ def serve(
             from .demo import ensure_demo_index
 
             settings = settings.model_copy(update={"index": ensure_demo_index(ref=ref)})
-        searcher = None if settings.index is None else load_searcher(settings.index)
+        searcher = (
+            None
+            if settings.index is None
+            # every snapshot the server swaps in must be of the served model
+            else load_searcher(settings.index, check=lambda s: check_index_model(s, ref))
+        )
         if searcher is not None:
             check_index_model(searcher, ref)
     except (EncoderError, IndexStoreError, ValueError, OSError) as e:

@@ -48,6 +48,9 @@ class ServiceSettings(BaseSettings):
     decode_workers: int = Field(4, ge=1)
 
     # Search.
+    # Seconds between looks at the served index directory: a change committed by
+    # ``index sync/add/remove`` or a rebuild is served within about this long (0: never).
+    index_poll_seconds: float = Field(2.0, ge=0)
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
 

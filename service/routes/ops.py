@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..deps import AppState, ModelDep, StateDep, require_api_key
 from ..generators import GeneratorSlot
 from ..schemas import GeneratorOut, IndexOut, InfoResponse, ModelOut, Status
+from ..searchers import IndexSnapshots
 from . import error_responses
 
 # The web page: plain files, no build step; ``create_app`` mounts this directory at /static.
@@ -58,8 +59,11 @@ async def healthz() -> Status:
 @router.get("/readyz", response_model=Status, responses={503: {"model": Status}})
 async def readyz(state: StateDep) -> Response:
     """Readiness: 200 once the model is loaded and warmed up, 503 until then."""
+    # While the index on disk cannot be served (removed, being rebuilt, damaged), the last
+    # good snapshot is, and the detail says so.
     if state.ready:
-        return JSONResponse(Status(status="ready").model_dump())
+        stale = state.searcher.stale if isinstance(state.searcher, IndexSnapshots) else None
+        return JSONResponse(Status(status="ready", detail=stale).model_dump())
     body = Status(status="not_ready", detail=state.not_ready_reason)
     return JSONResponse(body.model_dump(), status_code=503)
 
