@@ -38,6 +38,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "bindsearch": frozenset(PACKAGES) - {"bindsearch"},
 }
 
+
 @dataclass(frozen=True)
 class Import:
     importer: str
