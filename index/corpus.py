@@ -93,7 +93,8 @@ def recorded_path(path: str | PurePath) -> str:
     """The path as the index stores it: itself, or escaped when it cannot be stored.
 
     Only a rejected file can have an escaped path (``name_problem`` rejects it at the scan),
-    so an indexed path always opens the file it names.
+    so an indexed path always opens the file it names. Other text for the store (a caption,
+    a tag, an error message) goes through it too.
     """
     return str(path) if name_problem(path) is None else escape_path(path)
 
@@ -230,8 +231,9 @@ def _manifest_entry(
     p = Path(raw.strip())
     given = p if p.is_absolute() else base / p
     caption = row.get("caption")
-    caption = str(caption).strip() if caption not in (None, "") else None
-    tags = _tags(row.get("tags"))
+    # JSON may hold lone surrogates ("\\ud800"), which SQLite text cannot: stored escaped.
+    caption = recorded_path(str(caption).strip()) if caption not in (None, "") else None
+    tags = tuple(recorded_path(t) for t in _tags(row.get("tags")))
     problem = name_problem(given)
     if problem is not None:
         return CorpusEntry(given, None, caption, tags, f"{where}: {problem}")

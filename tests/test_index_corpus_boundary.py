@@ -245,10 +245,12 @@ def test_sync_and_add_reject_bad_names_and_links_and_go_on(tmp_path: Path) -> No
     (extra / "q.txt").symlink_to("/etc/hostname")
     man = tmp_path / "more" / "m.jsonl"
     text(tmp_path / "more" / "e.txt", "an eagle in the sky")
-    man.write_text(
-        "\n".join(json.dumps({"path": p}) for p in ["e.txt", "bad\x00.txt", "../extra/d.txt"]),
-        encoding="utf-8",
-    )
+    rows = [
+        {"path": "e.txt", "caption": "a lone \ud800", "tags": ["ok", "\udcff"]},
+        {"path": "bad\x00.txt"},
+        {"path": "../extra/d.txt"},
+    ]
+    man.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     out = cli("index", "add", str(idx), str(extra), str(man))
     assert indexed(idx) == {"a.txt", "c.txt", "d.txt", "e.txt"}
     why = rejected(idx)
@@ -256,6 +258,11 @@ def test_sync_and_add_reject_bad_names_and_links_and_go_on(tmp_path: Path) -> No
     assert why["x\\xe9.txt"].startswith("the name is not valid UTF-8")
     assert why["bad\\x00.txt"].startswith("m.jsonl:2: the name holds a NUL byte")
     assert "x\\xe9.txt" in out
+    with sqlite3.connect(idx / "meta.sqlite") as conn:  # text SQLite cannot hold, escaped
+        caption, tags = conn.execute(
+            "SELECT caption, tags FROM items WHERE path = ?", (str(man.parent.resolve() / "e.txt"),)
+        ).fetchone()
+    assert (caption, json.loads(tags)) == ("a lone \\ud800", ["ok", "\\xff"])
 
 
 def test_add_follow_symlinks_inside_the_folder(tmp_path: Path) -> None:
