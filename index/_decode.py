@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,7 +105,10 @@ def decode(task: DecodeTask) -> Decoded:
     out = Decoded(task.seq, task.part)
     try:
         if task.part == 0:
-            st = os.stat(task.path)
+            # The scan took a regular file, never a link: one now was swapped in since.
+            st = os.stat(task.path, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidInput("no longer a regular file (replaced since the scan)")
             out.size, out.mtime_ns = st.st_size, st.st_mtime_ns
             if out.size == 0:
                 raise InvalidInput("the file is empty (0 bytes)")
@@ -185,7 +189,8 @@ def _decode_video(task: DecodeTask, out: Decoded) -> None:
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()

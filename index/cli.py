@@ -23,6 +23,7 @@ from encoders import DEFAULT_MODEL, EncoderError, InvalidInput, Modality
 from encoders.cli import fail as _fail
 from encoders.formats import RULE
 
+from .corpus import escape_path
 from .errors import IndexStoreError
 
 index_app = typer.Typer(
@@ -51,6 +52,21 @@ ChunkSize = Annotated[
 ]
 Progress = Annotated[
     bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a tty).")
+]
+FollowSymlinks = Annotated[
+    bool,
+    typer.Option(
+        "--follow-symlinks",
+        help="Follow symlinks in a folder to files and folders inside it (links leaving it are "
+        "rejected). Default: every symlink is rejected.",
+    ),
+]
+AllowOutside = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outside",
+        help="Let a manifest name files outside its own folder (default: such rows are rejected).",
+    ),
 ]
 
 
@@ -97,6 +113,8 @@ def build(
         bool, typer.Option(help="Also embed a video's soundtrack as audio items.")
     ] = True,
     progress: Progress = None,
+    follow_symlinks: FollowSymlinks = False,
+    allow_outside: AllowOutside = False,
     engine: Annotated[
         Engine, typer.Option(help="local: this machine; ray: Ray Data (bindsearch[ray]).")
     ] = Engine.LOCAL,
@@ -139,6 +157,8 @@ def build(
             soundtrack=soundtrack,
             modalities=_modalities(modalities),
             progress=progress,
+            follow_symlinks=follow_symlinks,
+            allow_outside=allow_outside,
         )
         model = _model(checkpoint, config, device)
         if factory != "auto":  # a bad factory string fails now, not after embedding
@@ -166,12 +186,20 @@ def add(
     batch_size: BatchSize = 16,
     device: Device = "cpu",
     progress: Progress = None,
+    follow_symlinks: FollowSymlinks = False,
+    allow_outside: AllowOutside = False,
 ) -> None:
     """Add files (new or changed) to an index without rebuilding it."""
     from .pipeline import BuildOptions, add_to_index
 
     def run() -> Any:
-        opts = BuildOptions(workers=workers, batch_size=batch_size, progress=progress)
+        opts = BuildOptions(
+            workers=workers,
+            batch_size=batch_size,
+            progress=progress,
+            follow_symlinks=follow_symlinks,
+            allow_outside=allow_outside,
+        )
         return add_to_index(
             index, paths, _model_for(index, checkpoint, config, device), opts, log=_log
         )
@@ -190,12 +218,20 @@ def sync(
     batch_size: BatchSize = 16,
     device: Device = "cpu",
     progress: Progress = None,
+    follow_symlinks: FollowSymlinks = False,
+    allow_outside: AllowOutside = False,
 ) -> None:
     """Add new files, re-embed changed ones and remove deleted ones."""
     from .pipeline import BuildOptions, sync_index
 
     def run() -> Any:
-        opts = BuildOptions(workers=workers, batch_size=batch_size, progress=progress)
+        opts = BuildOptions(
+            workers=workers,
+            batch_size=batch_size,
+            progress=progress,
+            follow_symlinks=follow_symlinks,
+            allow_outside=allow_outside,
+        )
         return sync_index(
             index, corpus, _model_for(index, checkpoint, config, device), opts, log=_log
         )
@@ -250,8 +286,8 @@ def info(
         typer.echo(f"  {m:8s} {e['count']:>9d} items  {e['spec']['factory']}{p}{r}")
     if data["rejected"]:
         typer.echo("rejected files:")
-        for r in data["rejected"]:
-            typer.echo(f"  {r['path']}: {r['error']}")
+        for r in data["rejected"]:  # escaped: a name may hold bytes a terminal obeys
+            typer.echo(f"  {escape_path(r['path'])}: {escape_path(r['error'] or '')}")
 
 
 def index_info(index: Path) -> dict[str, Any]:

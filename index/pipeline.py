@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import stat
 import sys
 import time
 from collections import Counter, deque
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from encoders import Encoder, Modality, ModelConfig, ModelRef, load_encoder
 
 from ._decode import Decoded, DecodeTask, decode, init_worker
-from .corpus import CorpusEntry, scan_corpus, scan_paths
+from .corpus import CorpusEntry, escape_path, recorded_path, scan_corpus, scan_paths
 from .engine import (
     Batcher,
     EmbeddedFile,
@@ -76,6 +77,8 @@ class BuildOptions:
     soundtrack: bool = True  # embed a video's soundtrack as audio items of the same file
     modalities: tuple[Modality, ...] | None = None  # only these item modalities
     progress: bool | None = None  # progress bar; None: when stderr is a terminal
+    follow_symlinks: bool = False  # a folder's links to targets inside it (docs/corpus.md)
+    allow_outside: bool = False  # a manifest's paths outside its folder
 
     def settings(self) -> dict[str, Any]:
         return {"segment_seconds": float(self.segment_seconds), "soundtrack": self.soundtrack}
@@ -123,7 +126,7 @@ class BuildSummary:
             f"skipped {self.duplicates} duplicates, {self.already} already indexed",
             f"rejected {len(self.rejected)} files" + (":" if self.rejected else ""),
         ]
-        out += [f"  {path}: {why}" for path, why in self.rejected[:20]]
+        out += [f"  {escape_path(path)}: {escape_path(why)}" for path, why in self.rejected[:20]]
         if len(self.rejected) > 20:
             out.append(f"  ... and {len(self.rejected) - 20} more (bindsearch index info)")
         if self.replaced_files or self.removed_files or self.removed_items:
@@ -246,7 +249,7 @@ def add_to_index(
     t0 = time.perf_counter()
     store, opts = _open_for_update(index, model, options)
     with store:
-        entries = scan_paths(paths, exclude=[Path(index)])
+        entries = scan_paths(paths, [Path(index)], opts.follow_symlinks, opts.allow_outside)
         summary = BuildSummary(scanned=len(entries))
         IndexWriter(store, opts, summary, log).write(entries, LocalEngine(model, opts))
         summary.manifest = store.refresh(log=log)
@@ -269,9 +272,9 @@ def sync_index(
     t0 = time.perf_counter()
     store, opts = _open_for_update(index, model, options)
     with store:
-        entries = scan_corpus(corpus, exclude=[Path(index)])
+        entries = scan_corpus(corpus, [Path(index)], opts.follow_symlinks, opts.allow_outside)
         summary = BuildSummary(scanned=len(entries))
-        present = {str(e.path) for e in entries}
+        present = {e.key for e in entries}
         root = Path(corpus).resolve()
         scope = root if root.is_dir() else None
         gone = [
@@ -340,7 +343,8 @@ def _start_build(
 ) -> tuple[IndexStore, list[CorpusEntry]]:
     """Scan the corpus and open (or create) the index a build writes."""
     out = Path(out)
-    entries = scan_corpus(corpus, exclude=[out] + ([exclude] if exclude is not None else []))
+    exclude_dirs = [out] + ([exclude] if exclude is not None else [])
+    entries = scan_corpus(corpus, exclude_dirs, opts.follow_symlinks, opts.allow_outside)
     store = IndexStore.create(out, model.fingerprint(), model.config.embed_dim, opts.settings())
     try:
         _record_corpus(store, corpus)
@@ -457,7 +461,7 @@ class IndexWriter:
             if wanted and e.modality is not None and e.modality not in wanted:
                 self.summary.filtered += 1
                 continue
-            row = self.store.file_row(str(e.path))
+            row = self.store.file_row(e.key)
             if row is not None and _unchanged(row, e.path):
                 self.summary.already += 1
                 continue
@@ -489,7 +493,7 @@ class IndexWriter:
     def _take(self, entry: CorpusEntry, f: EmbeddedFile) -> None:
         done = _Done(entry, f)
         if f.error is None and f.sha256 is not None:
-            path = str(entry.path)
+            path = entry.key
             other = self._pending_sha.get(f.sha256) or self.store.indexed_path_with_sha(f.sha256)
             if other == path:
                 done.touched = True
@@ -520,7 +524,7 @@ class IndexWriter:
         s = self.summary
         for done in self._ready:
             e, f = done.entry, done.file
-            path = str(e.path)
+            path = e.key
             size, mtime = f.size, f.mtime_ns
             if size is None:
                 size, mtime = _stat(e.path)
@@ -536,8 +540,9 @@ class IndexWriter:
                 touched.append(FileRecord(path, "indexed", **common))
                 s.already += 1
             elif f.error is not None:
-                files.append(FileRecord(path, "rejected", error=f.error, **common))
-                s.rejected.append((path, f.error))
+                error = recorded_path(f.error)  # a decoder's message may quote a bad name
+                files.append(FileRecord(path, "rejected", error=error, **common))
+                s.rejected.append((path, error))
             elif done.duplicate_of is not None:
                 files.append(
                     FileRecord(path, "duplicate", duplicate_of=done.duplicate_of, **common)
@@ -579,16 +584,17 @@ class IndexWriter:
 
 def _unchanged(row: Any, path: Path) -> bool:
     try:
-        st = os.stat(path)
-    except OSError:
+        st = os.stat(path, follow_symlinks=False)  # a file swapped for a link has changed
+    except (OSError, ValueError):
         return False
-    return bool(row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns)
+    same = row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns
+    return bool(same and stat.S_ISREG(st.st_mode))
 
 
 def _stat(path: Path) -> tuple[int | None, int | None]:
     try:
-        st = os.stat(path)
-    except OSError:
+        st = os.stat(path, follow_symlinks=False)
+    except (OSError, ValueError):  # gone, a name too long, a NUL byte
         return None, None
     return st.st_size, st.st_mtime_ns
 
