@@ -112,6 +112,9 @@ def create_app(
         summary="Any-to-any search in one ImageBind embedding space.",
         version="0.1.0",
         lifespan=lifespan,
+        # Starlette's trailing-slash redirect writes the request's Host header into Location
+        # (an open redirect for anyone who can set Host): a route is its one path, else 404.
+        redirect_slashes=False,
     )
     app.state.bindsearch = state
     routers = (ops.router, ops.info_router, search.router, embed.router, items.router)

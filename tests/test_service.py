@@ -384,6 +384,18 @@ def test_unknown_route_and_method(client: TestClient) -> None:
     assert error_of(client.get("/v1/search"), 405) == "method_not_allowed"
 
 
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/info/"), ("POST", "/v1/search/")])
+def test_trailing_slash_is_not_redirected_to_the_host_header(
+    client: TestClient, method: str, path: str
+) -> None:
+    # Starlette's redirect_slashes answered 307 with Location: http://<Host header>/v1/info.
+    r = client.request(
+        method, path, headers={"host": "evil.example"}, json={"text": "a"}, follow_redirects=False
+    )
+    assert "location" not in r.headers
+    assert error_of(r, 404) == "not_found"
+
+
 # ----------------------------------------------------------------------------- embed
 
 
