@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -115,12 +115,17 @@ def create_app(
         # Starlette's trailing-slash redirect writes the request's Host header into Location
         # (an open redirect for anyone who can set Host): a route is its one path, else 404.
         redirect_slashes=False,
+        # /docs and /redoc are served from installed files (_mount_docs), never from a CDN:
+        # they work offline and run no third-party script.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.bindsearch = state
     routers = (ops.router, ops.info_router, search.router, embed.router, items.router)
     for router in (*routers, generate.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=ops.WEB_DIR), name="static")  # the web page
+    _mount_docs(app)
     _register_errors(app)
     # Added last = outermost: metrics see every answer, including the request limits' refusals.
     app.add_middleware(
@@ -178,6 +183,46 @@ def error_response(err: ServiceError) -> JSONResponse:
         status_code=status_of(err),
         headers=err.headers(),
     )
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI at ``/docs`` and ReDoc at ``/redoc`` from the ``fastapi-offline`` files."""
+    from importlib.resources import files
+
+    from fastapi.openapi.docs import (
+        get_redoc_html,
+        get_swagger_ui_html,
+        get_swagger_ui_oauth2_redirect_html,
+    )
+
+    assets = "/docs/assets"
+    app.mount(assets, StaticFiles(directory=str(files("fastapi_offline") / "static")), "docs")
+    spec = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=spec,
+            title=f"{app.title} - API",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon.png",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=spec,
+            title=f"{app.title} - API",
+            redoc_js_url=f"{assets}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def _register_errors(app: FastAPI) -> None:

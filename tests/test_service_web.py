@@ -287,3 +287,29 @@ def test_web_page_generate_panel(gen_server: tuple[str, object], tmp_path: Path)
         finally:
             browser.close()
     assert not errors, errors
+
+
+def test_docs_render_offline_under_their_csp(server: str, tmp_path: Path) -> None:
+    # Swagger UI from installed files: this browser reaches no CDN (closed network) and the page's
+    # CSP allows only this server, so operations show only if nothing had to come from outside.
+    errors: list[str] = []
+    outside: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=BROWSER_ARGS,
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: outside.append(r.url) if r.url[:5] == "https" else None)
+            page.goto(server + "/docs")
+            page.wait_for_selector(".opblock-summary-path")
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+            assert any("/v1/search" in p for p in paths), paths
+        finally:
+            browser.close()
+    assert errors == [] and outside == []
