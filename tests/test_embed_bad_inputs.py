@@ -76,6 +76,8 @@ def _assert_one_line_error(result: object, name: str) -> None:
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1, out
     assert lines[0].startswith("error: ") and name in lines[0], lines[0]
+    assert lines[0].count(name) == 1, lines[0]  # named once (the decoders do not repeat it)
+    assert "<_io." not in lines[0] and "'<none>'" not in lines[0]  # no internals
 
 
 @pytest.mark.parametrize("modality", MODALITIES)

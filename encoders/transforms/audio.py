@@ -171,19 +171,19 @@ def read_audio(source: AudioSource) -> tuple[Tensor, int]:
     if isinstance(source, tuple):
         return _from_array(source)
     if isinstance(source, bytes | bytearray | memoryview):
-        data, name = bytes(source), "<bytes>"
-        wave, sr = _decode(lambda: io.BytesIO(data), name)
+        data = bytes(source)
+        wave, sr = _decode(lambda: io.BytesIO(data))
     elif isinstance(source, str | Path):
-        path, name = Path(source), str(source)
+        path = Path(source)
         if not path.is_file():  # a missing file is the caller's error, not bad input
             raise FileNotFoundError(f"no such audio file: {path}")
-        wave, sr = _decode(lambda: str(path), name)
+        wave, sr = _decode(lambda: str(path))
     else:
         raise TypeError(
             "audio source must be a path, bytes or a (samples, sample_rate) tuple, "
             f"got {type(source).__name__}"
         )
-    return _checked(wave, sr, name)
+    return _checked(wave, sr)
 
 
 def _window_size(sr: int) -> int:
@@ -233,7 +233,7 @@ def _mel(freq: float) -> float:
 # --- decoding -------------------------------------------------------------------------------
 
 
-def _decode(opener: Callable[[], Any], name: str) -> tuple[np.ndarray, int]:
+def _decode(opener: Callable[[], Any]) -> tuple[np.ndarray, int]:
     """soundfile first (exact for PCM formats), then PyAV for what libsndfile cannot read."""
     import soundfile as sf
 
@@ -245,7 +245,8 @@ def _decode(opener: Callable[[], Any], name: str) -> tuple[np.ndarray, int]:
     try:
         return _decode_av(opener())
     except InvalidInput as e:
-        raise InvalidInput(f"cannot decode audio {name}: {e}; {_ACCEPTED_TEXT}") from None
+        # The caller names the file (embed, the index, an upload): the path is not repeated here.
+        raise InvalidInput(f"cannot decode audio: {e}; {_ACCEPTED_TEXT}") from None
 
 
 # PyAV sample formats -> the divisor that maps integer PCM to [-1, 1) and the zero offset.
@@ -320,16 +321,19 @@ def _from_array(source: tuple[Any, ...]) -> tuple[Tensor, int]:
         raise InvalidInput(f"samples must be float, int16 or int32, got {arr.dtype}")
     # Always a private copy: official mode mutates the waveform in place, and the caller's
     # array must not change.
-    return _checked(np.array(arr, dtype=np.float32, copy=True), int(sr), name="<samples>")
+    return _checked(np.array(arr, dtype=np.float32, copy=True), int(sr))
 
 
-def _checked(arr: np.ndarray, sr: int, name: str) -> tuple[Tensor, int]:
-    """Validate decoded samples and hand them over as a float32 (C, N) tensor."""
+def _checked(arr: np.ndarray, sr: int) -> tuple[Tensor, int]:
+    """Validate decoded samples and hand them over as a float32 (C, N) tensor.
+
+    Messages do not name the source: the caller does (embed, the index, an upload).
+    """
     if sr <= 0:
-        raise InvalidInput(f"{name}: sample rate must be positive, got {sr}")
+        raise InvalidInput(f"the sample rate must be positive, got {sr}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise InvalidInput(f"{name}: audio has no samples (shape {arr.shape})")
+        raise InvalidInput(f"the audio has no samples (shape {arr.shape})")
     wave = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not torch.isfinite(wave).all():
-        raise InvalidInput(f"{name}: audio has NaN or infinite samples")
+        raise InvalidInput("the audio has NaN or infinite samples")
     return wave, sr

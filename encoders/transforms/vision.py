@@ -33,7 +33,7 @@ from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import PreprocessConfig
 from .errors import InvalidInput
@@ -64,10 +64,10 @@ def load_image(
     if isinstance(source, Image.Image):
         rgb = _to_rgb(source, official)
     elif isinstance(source, bytes | bytearray | memoryview):
-        rgb = _decode(io.BytesIO(bytes(source)), official, name="<bytes>")
+        rgb = _decode(io.BytesIO(bytes(source)), official)
     elif isinstance(source, str | Path):
         with open(source, "rb") as f:  # a missing file is FileNotFoundError, not bad input
-            rgb = _decode(f, official, name=str(source))
+            rgb = _decode(f, official)
     else:
         raise TypeError(
             f"image source must be a path, bytes or a PIL image, got {type(source).__name__}"
@@ -75,31 +75,37 @@ def load_image(
     return _normalise(_resize_crop(rgb, cfg.image_size), cfg)
 
 
-def _decode(fp: IO[bytes], official: bool, name: str) -> Image.Image:
+def _decode(fp: IO[bytes], official: bool) -> Image.Image:
     """Decode fully (so truncation shows up here) and convert to RGB inside the open file."""
     try:
         with Image.open(fp, formats=ACCEPTED_FORMATS) as im:
-            _check_pixels(im, name)
+            _check_pixels(im)
             im.load()
             return _to_rgb(im, official)
     except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # The warning arrives as an exception only under an "error" warnings filter.
-        raise InvalidInput(f"image {name} is too large: {e}") from None
+        raise InvalidInput(f"the image is too large: {e}") from None
+    except UnidentifiedImageError:
+        # Pillow's text names its file object (``<_io.BufferedReader name=...>``): say it plainly.
+        raise InvalidInput(
+            f"cannot decode image: not an accepted format; {_ACCEPTED_TEXT}"
+        ) from None
     except Exception as e:
         # Pillow's plugins report malformed data with many exception types (OSError,
         # SyntaxError, ValueError, struct.error, ...); all of them mean "not a usable image".
-        raise InvalidInput(f"cannot decode image {name}: {e}; {_ACCEPTED_TEXT}") from None
+        # The caller names the file (embed, the index, an upload): it is not repeated here.
+        raise InvalidInput(f"cannot decode image: {e}; {_ACCEPTED_TEXT}") from None
 
 
-def _check_pixels(im: Image.Image, name: str) -> None:
+def _check_pixels(im: Image.Image) -> None:
     # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse the whole range.
     limit = Image.MAX_IMAGE_PIXELS
     w, h = im.size
     if limit is not None and w * h > limit:
         raise InvalidInput(
-            f"image {name} has {w}x{h} = {w * h} pixels, over the limit of {limit} "
+            f"the image has {w}x{h} = {w * h} pixels, over the limit of {limit} "
             "(PIL.Image.MAX_IMAGE_PIXELS)"
         )
 
