@@ -44,6 +44,31 @@ def _sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     return h.hexdigest()
 
 
+def save_safetensors(
+    tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` to ``path`` atomically, with the mode the umask gives new files.
+
+    safetensors itself writes 0600, so weights a user trains or downloads into a shared folder
+    would be readable by that user alone.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder: os.replace is atomic only within a filesystem.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.touch()
+        mode = tmp.stat().st_mode
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata or {}))
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def read_state_dict(path: str | Path, sha256: str | None = None) -> dict[str, Tensor]:
     """Read a ``.pth``/``.pt`` (never unpickling code) or ``.safetensors`` state dict.
 

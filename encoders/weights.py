@@ -25,7 +25,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from .checkpoint import read_state_dict, sha256_file
+from .checkpoint import read_state_dict, save_safetensors, sha256_file
 from .errors import DownloadError, EncoderError, UnknownWeights
 
 CACHE_ENV = "BINDSEARCH_CACHE"
@@ -437,23 +437,11 @@ def _read_source_meta(path: Path) -> dict[str, str] | None:
 
 def _convert(pth: Path, target: Path, metadata: dict[str, str]) -> None:
     """Write the tensors of ``pth`` to ``target`` as safetensors, atomically."""
-    from safetensors.torch import save_file
-
     sd = read_state_dict(pth)  # weights_only: never unpickles code
     tensors = _unshared(sd)
     del sd
-    # Same folder: os.replace is atomic only within a filesystem.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        # safetensors writes its files 0600; give ours the mode the umask gives new files,
-        # or a cache shared between users would hold weights only one of them can read.
-        tmp.touch()
-        mode = tmp.stat().st_mode
-        save_file(tensors, str(tmp), metadata={**metadata, "format": "pt"})
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Readable as the umask says: a cache shared between users serves them all.
+    save_safetensors(tensors, target, {**metadata, "format": "pt"})
 
 
 def _unshared(sd: dict[str, Tensor]) -> dict[str, Tensor]:

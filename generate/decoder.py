@@ -190,14 +190,11 @@ def save_decoder(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write fp16 safetensors with the config and the encoder's sha256 in the metadata."""
-    from safetensors.torch import save_file
+    from encoders.checkpoint import save_safetensors
 
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     meta = {META_CONFIG: model.cfg.to_json(), META_TRAINED_FOR: trained_for, **(metadata or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=meta)
-    return path
+    return save_safetensors(sd, path, meta)
 
 
 def load_demo_decoder(

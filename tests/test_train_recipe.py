@@ -273,3 +273,24 @@ def test_info_nce_extra_candidates() -> None:
     assert base.item() < far.item() < base.item() + 0.05
     assert near.item() > base.item() + 0.1
     assert marked.item() < near.item()
+
+
+def test_exported_weights_are_readable_as_the_umask_says(tmp_path: Path) -> None:
+    # safetensors writes 0600: trained weights in a shared folder were readable by one user only.
+    import os
+
+    from encoders.model import ImageBind, init_weights
+    from generate.decoder import DecoderConfig, ImageDecoder, save_decoder
+
+    model = ImageBind(resolve_config("imagebind_test"))
+    init_weights(model, seed=0)
+    old = os.umask(0o022)
+    try:
+        weights = export_weights(model, tmp_path / "w" / "model.safetensors")
+        decoder = save_decoder(ImageDecoder(DecoderConfig(dim=16)), tmp_path / "d.st", "sha")
+    finally:
+        os.umask(old)
+    for path in (weights, decoder):
+        assert path.stat().st_mode & 0o777 == 0o644, oct(path.stat().st_mode)
+    assert [p.name for p in tmp_path.rglob(".*")] == []  # no temporary file left
+    assert load_encoder(weights, config="imagebind_test").dim == 16

@@ -684,11 +684,8 @@ def export_weights(
 
     fp16 halves the file; the text tower's 49408-token embedding is most of it.
     """
-    from safetensors.torch import save_file
+    from encoders.checkpoint import save_safetensors
 
     sd = {k: v.detach().cpu().to(dtype).contiguous() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(model.cfg.to_dict()), **(metadata or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=meta)
-    return path
+    return save_safetensors(sd, path, meta)
