@@ -24,19 +24,20 @@ _KEY = re.compile(r"^modality_(preprocessors|trunks|heads|postprocessors)\.([a-z
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed; memoised per (file, size, mtime) within the process.
+    """Hex sha256 of a file, streamed; memoised per (file, size, mtime, inode) in the process.
 
     One start of ``serve`` or ``index build`` fingerprints the same weights file several times
     (the demo index's name, the build's model identity, the served index's model check): a
-    4.5 GB checkpoint is read once, not three times.
+    4.5 GB checkpoint is read once, not three times. An index's integrity check on open
+    (``index.store``) hashes each chunk file once per process the same way.
     """
     st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, chunk)
 
 
-@functools.lru_cache(maxsize=32)
-def _sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
-    del size, mtime_ns  # part of the cache key only: a rewritten file is hashed again
+@functools.lru_cache(maxsize=1 << 16)  # weights files and an index's chunk files
+def _sha256(path: str, size: int, mtime_ns: int, inode: int, chunk: int) -> str:
+    del size, mtime_ns, inode  # part of the cache key only: a rewritten file is hashed again
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -25,7 +25,6 @@ import os
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -37,7 +36,7 @@ from typing import Any, NoReturn
 import faiss
 import numpy as np
 
-from encoders import Modality
+from encoders import Modality, sha256_file
 
 from .errors import IndexCorrupt, IndexIncomplete, IndexNotFound, IndexStoreError, SettingsMismatch
 from .fingerprint import check_fingerprint
@@ -1131,30 +1130,13 @@ def read_faiss(path: Path, sha256: str, root: Path) -> faiss.Index:
     return index
 
 
-# (path, size, mtime_ns, inode) -> sha256 of the files checked by this process.
-_CHECKED: dict[tuple[str, int, int, int], str] = {}
-_CHECKED_LOCK = threading.Lock()
-
-
 def _check_sha256(path: Path, digest: str, root: Path) -> None:
     try:
-        st = os.stat(path)
+        known = sha256_file(path)  # memoised per (file, size, mtime, inode)
     except FileNotFoundError:
         raise _damaged(path, "is missing", root) from None
     except OSError as e:
         raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    with _CHECKED_LOCK:
-        known = _CHECKED.get(key)
-    if known is None:
-        try:
-            known = sha256_path(path)
-        except OSError as e:
-            raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
-        with _CHECKED_LOCK:
-            if len(_CHECKED) > 1_000_000:
-                _CHECKED.clear()
-            _CHECKED[key] = known
     if known != digest:
         raise _damaged(path, "does not match its recorded sha256", root)
 
