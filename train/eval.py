@@ -18,7 +18,6 @@ caption with that value, over all values of the other factors the caption names.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +26,13 @@ import numpy as np
 import torch
 
 from encoders.model import ImageBind
+from evaluation import LabelSet, retrieval_metrics, zero_shot_accuracy
+from evaluation import prompt_classifiers as prompt_classifiers_from
 from world.world import (
     FACTORS,
     HELD_OUT,
     PERCEIVES,
     World,
-    caption,
     generate,
     to_model_inputs,
 )
@@ -95,25 +95,32 @@ def _embed_texts(model: ImageBind, texts: Sequence[str], batch: int = 512) -> np
     return torch.cat(parts).numpy()
 
 
+# The caption templates of ``world.caption`` (stills; clips name the motion): a factor's
+# prompt is this template with every value of the other factors it names (an ensemble).
+CAPTION_TEMPLATE = "a {colour} {class} {distance} in the {scene}"
+VIDEO_CAPTION_TEMPLATE = "a {colour} {class} {motion} {distance} in the {scene}"
+
+
 def prompt_classifiers(model: ImageBind, motion: bool) -> dict[str, np.ndarray]:
     """Per factor, (values, D) unit text classifiers from caption ensembles."""
     named = ["class", "colour", "scene", "distance"] + (["motion"] if motion else [])
-    combos = list(itertools.product(*(range(len(FACTORS[k])) for k in named)))
-    texts = [caption(dict(zip(named, c, strict=True)), motion=motion) for c in combos]
-    emb = _embed_texts(model, texts)
-    arr = np.array(combos)
-    out = {}
-    for j, k in enumerate(named):
-        cls = np.stack([emb[arr[:, j] == v].mean(0) for v in range(len(FACTORS[k]))])
-        out[k] = cls / np.linalg.norm(cls, axis=1, keepdims=True)
-    return out
+    template = VIDEO_CAPTION_TEMPLATE if motion else CAPTION_TEMPLATE
+    return prompt_classifiers_from(
+        lambda texts: _embed_texts(model, texts), [template], {k: FACTORS[k] for k in named}
+    )
 
 
-def _nearest(q: np.ndarray, g: np.ndarray, exclude_self: bool = False) -> np.ndarray:
-    sims = q @ g.T
-    if exclude_self:
-        np.fill_diagonal(sims, -np.inf)
-    return np.asarray(sims.argmax(1))
+def _labels(f: dict[str, np.ndarray], keys: Sequence[str]) -> LabelSet:
+    return LabelSet.from_codes({k: f[k] for k in keys}, {k: FACTORS[k] for k in keys})
+
+
+def _top1_by_factor(
+    q: np.ndarray, g: np.ndarray, f: dict[str, np.ndarray], keys: Sequence[str]
+) -> dict[str, float]:
+    """Per factor, how often the nearest gallery item shares the query's value (recall@1)."""
+    labels = _labels(f, keys)
+    got = retrieval_metrics(q, g, labels, labels, ks=(1,), keys=keys)
+    return {k: got.by_key[k][1].value for k in keys}
 
 
 def evaluate(
@@ -138,22 +145,19 @@ def evaluate(
         if m not in E:
             continue
         clf = zs_vid if m in ("video", "imu") else zs_img
-        zero_shot[m] = {k: float(np.mean((E[m] @ clf[k].T).argmax(1) == f[k])) for k in factors}
+        truth = _labels(f, factors)
+        zero_shot[m] = {k: zero_shot_accuracy(E[m], clf[k], truth.member[k]).value for k in factors}
     report["zero_shot"] = zero_shot
 
     # -- image <-> caption retrieval (in domain): top-1 has the same factors
     if "vision" in E and "text" in E:
         img_f = ("class", "colour", "scene", "distance")
-        i2t = _nearest(E["vision"], E["text"])
-        t2i = _nearest(E["text"], E["vision"])
-        report["image_text_retrieval"] = {
-            "image->text all factors": float(
-                np.mean([all(f[k][i2t[i]] == f[k][i] for k in img_f) for i in range(n)])
-            ),
-            "text->image all factors": float(
-                np.mean([all(f[k][t2i[i]] == f[k][i] for k in img_f) for i in range(n)])
-            ),
+        labels = _labels(f, img_f)
+        both = {
+            "image->text all factors": retrieval_metrics(E["vision"], E["text"], labels, labels),
+            "text->image all factors": retrieval_metrics(E["text"], E["vision"], labels, labels),
         }
+        report["image_text_retrieval"] = {name: m.recall[1].value for name, m in both.items()}
 
     # -- each modality -> image: factors of the nearest image
     to_image: dict[str, dict[str, float]] = {}
@@ -161,8 +165,7 @@ def evaluate(
         g = GALLERY[m]
         if m not in E or g not in E:
             continue
-        nn_ = _nearest(E[m], E[g])
-        to_image[m] = {k: float(np.mean(f[k][nn_] == f[k])) for k in PERCEIVES[m]}
+        to_image[m] = _top1_by_factor(E[m], E[g], f, PERCEIVES[m])
     report["to_image"] = to_image
 
     # -- emergent modality -> modality, on shared factors
@@ -171,8 +174,7 @@ def evaluate(
         if a not in E or b not in E:
             continue
         shared = [k for k in PERCEIVES[a] if k in PERCEIVES[b]]
-        nn_ = _nearest(E[a], E[b], exclude_self=False)
-        cross[f"{a}->{b}"] = {k: float(np.mean(f[k][nn_] == f[k])) for k in shared}
+        cross[f"{a}->{b}"] = _top1_by_factor(E[a], E[b], f, shared)
     report["cross_modal"] = cross
 
     # -- held-out (class, scene) combinations against seen ones
