@@ -10,6 +10,7 @@ import typer
 
 from encoders.cli import weights_app
 from encoders.embed_cli import embed
+from evaluation.cli import eval_cmd
 from generate.cli import generate
 from service.serve_cli import NO_FAISS, serve
 from train.cli import demo_app, train
@@ -45,6 +46,7 @@ else:
 
 
 app.command("embed")(embed)
+app.command("eval")(eval_cmd)
 app.command("serve")(serve)
 app.command("generate")(generate)
 app.add_typer(demo_app, name="demo")

@@ -1,0 +1,172 @@
+"""``bindsearch eval`` on a labelled manifest of demo-world files reproduces ``demo eval``.
+
+The world is the one the service's first start writes (``service.demo``: the same files and
+the same ``key:value`` tags from the factors), at a small size; ``demo eval`` measures the same
+world (same seed, same split) from its in-memory embeddings. Each figure ``bindsearch eval``
+prints must lie within twice the standard error it states (plus one item: the two differ only
+by what file coding changes, e.g. MP4 video frames).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bindsearch.cli import app
+from encoders.encoder import load_encoder
+from service.demo import DEMO_SEED, _ensure_world
+from train.cli import demo_weights_path
+from train.eval import CAPTION_TEMPLATE, GALLERY, VIDEO_CAPTION_TEMPLATE, evaluate
+
+N = 48  # samples (x 6 files): the build takes about half a minute on 2 cores
+
+
+def _eval(*args: str) -> dict[str, Any]:
+    res = CliRunner().invoke(app, ["eval", *args, "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report: dict[str, Any] = json.loads(res.stdout)
+    return report
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("eval")
+    corpus = _ensure_world(tmp / "world", N, progress=False)
+    plot = tmp / "pairs.png"
+    # The stills' caption template, then (on the index just built) the clips' one, as demo eval.
+    # No soundtrack items: demo eval's audio is the WAV files alone.
+    common = ["--no-soundtrack", "--cache-dir", str(tmp / "cache")]
+    still = _eval(
+        str(corpus), *common, "-k", "1", "--prompt", CAPTION_TEMPLATE, "--plot", str(plot)
+    )
+    clip = _eval(
+        str(corpus), "--index", still["index"], "-k", "1", "--prompt", VIDEO_CAPTION_TEMPLATE
+    )
+    enc = load_encoder(demo_weights_path(), config="imagebind_demo")
+    demo = evaluate(enc.model, n=N, seed=DEMO_SEED, arith_queries=20)
+    return {"still": still, "clip": clip, "demo": demo, "plot": plot, "corpus": corpus}
+
+
+def _close(got: dict[str, Any], want: float, what: str) -> None:
+    bound = 2 * got["stderr"] + 1 / got["n"]
+    assert abs(got["value"] - want) <= bound, (what, got, want)
+
+
+def _pair(report: dict[str, Any], query: str, target: str) -> dict[str, Any]:
+    found = [p for p in report["pairs"] if (p["query"], p["target"]) == (query, target)]
+    assert len(found) == 1, (query, target)
+    return found[0]
+
+
+def test_items_and_labels_are_the_worlds(runs: dict[str, Any]) -> None:
+    still = runs["still"]
+    for m in ("vision", "video", "audio", "depth", "thermal", "imu"):
+        assert still["items"][m] == N, still["items"]
+    # each sample's still and clip captions; samples of equal factors share theirs
+    assert N < still["items"]["text"] <= 2 * N
+    assert set(still["labels"]) == {"class", "colour", "scene", "distance", "motion"}
+
+
+def test_zero_shot_reproduces_demo_eval(runs: dict[str, Any]) -> None:
+    compared = 0
+    for m, per_key in runs["demo"]["zero_shot"].items():
+        report = runs["clip"] if m in ("video", "imu") else runs["still"]
+        for key, want in per_key.items():
+            got = report["zero_shot"][m][key]
+            assert got["n"] == N
+            _close(got, want, f"zero-shot {m} {key}")
+            compared += 1
+    assert compared >= 15
+
+
+def test_retrieval_reproduces_demo_eval(runs: dict[str, Any]) -> None:
+    demo, still = runs["demo"], runs["still"]
+    compared = 0
+    for m, per_key in demo["to_image"].items():
+        pair = _pair(still, m, GALLERY[m])
+        for key, want in per_key.items():
+            _close(pair["by_key"][key]["recall@1"], want, f"{m}->{GALLERY[m]} {key}")
+            compared += 1
+    for name, per_key in demo["cross_modal"].items():
+        a, b = name.split("->")
+        for key, want in per_key.items():
+            _close(_pair(still, a, b)["by_key"][key]["recall@1"], want, f"{name} {key}")
+            compared += 1
+    assert compared >= 15
+
+
+def test_report_has_every_section(runs: dict[str, Any]) -> None:
+    still = runs["still"]
+    queries = {p["query"] for p in still["pairs"]}
+    assert queries == {"vision", "video", "audio", "depth", "thermal", "imu", "text"}
+    for p in still["pairs"]:
+        for name in ("recall@1", "ndcg@1"):
+            e = p[name]
+            if e["n"]:
+                assert 0.0 <= e["value"] <= 1.0 and e["stderr"] >= 0.0
+    a2a = still["any_to_any"]
+    assert a2a["merge"] == "raw" and a2a["k"] == 1
+    text = a2a["by_query"]["text"]
+    assert text["modalities_in_top_k"]["value"] == 1.0  # one result, one modality
+    # A caption's first result over every modality fully matches its labels less often than
+    # its best single modality alone (the modality gap, issue #18); both are measured.
+    alone = max(_pair(still, "text", t)["recall@1"]["value"] for t in ("vision", "video"))
+    assert text["recall@1"]["value"] <= alone + 2 * text["recall@1"]["stderr"]
+
+
+def test_plot_is_a_png(runs: dict[str, Any]) -> None:
+    with Image.open(runs["plot"]) as im:
+        assert im.format == "PNG"
+        assert im.width > 200 and im.height > 200
+        px = np.asarray(im.convert("RGB"))
+    assert len(np.unique(px.reshape(-1, 3), axis=0)) > 20  # a drawn figure, not a blank page
+
+
+def test_table_on_stdout(runs: dict[str, Any]) -> None:
+    res = CliRunner().invoke(
+        app, ["eval", str(runs["corpus"]), "--index", runs["still"]["index"], "-k", "5"]
+    )
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "recall@5" in out and "ndcg@5" in out and "zero-shot" in out and "any-to-any" in out
+    assert "±" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--merge", "best"], "error: unknown --merge 'best'; accepted: raw"),
+        (["--label-key", "size"], "error: --label-key 'size' is no label of the manifest"),
+        (["--prompt", "a {size} {}"], "error: prompt 'a {size} {}' names 'size'"),
+        (["--plot", "/nonexistent/dir/p.png"], "error: --plot /nonexistent/dir/p.png"),
+    ],
+)
+def test_bad_options_are_one_line_errors(
+    runs: dict[str, Any], args: list[str], message: str
+) -> None:
+    res = CliRunner().invoke(
+        app, ["eval", str(runs["corpus"]), "--index", runs["still"]["index"], *args]
+    )
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith(message), res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_bad_manifests_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    unlabelled = tmp_path / "m.jsonl"
+    unlabelled.write_text('{"path": "a.png", "modality": "vision", "tags": ["pets"]}\n')
+    for target, message in [
+        (unlabelled, "has a label: give each row tags of the form key:value"),
+        (tmp_path, "is not a manifest"),
+        (tmp_path / "missing.jsonl", "is not a manifest"),
+    ]:
+        res = CliRunner().invoke(app, ["eval", str(target), "--cache-dir", str(tmp_path)])
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith("error: ") and message in res.output, res.output
