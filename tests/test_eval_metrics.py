@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +121,45 @@ def test_demo_caption_templates_are_the_world_captions() -> None:
     named = {k: FACTORS[k][v] for k, v in f.items()}
     assert CAPTION_TEMPLATE.format(**named) == caption(f, motion=False)
     assert VIDEO_CAPTION_TEMPLATE.format(**named) == caption(f, motion=True)
+
+
+def test_evaluation_exports() -> None:
+    import evaluation
+
+    assert sorted(evaluation.__all__) == sorted(
+        [
+            "MERGES",
+            "Estimate",
+            "EvalOptions",
+            "LabelSet",
+            "RetrievalMetrics",
+            "format_report",
+            "mean_estimate",
+            "merged_search",
+            "prompt_classifiers",
+            "proportion",
+            "relevance",
+            "retrieval_metrics",
+            "run_eval",
+            "split_label",
+            "write_plot",
+            "zero_shot_accuracy",
+        ]
+    )
+    for name in evaluation.__all__:
+        assert hasattr(evaluation, name), name
+    assert evaluation.MERGES == ("raw",)
+
+
+def test_plot_without_matplotlib_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evaluation import write_plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    report = {"k": [1], "pairs": [{"query": "text", "target": "vision", "recall@1": None}]}
+    with pytest.raises(
+        ValueError, match=r"--plot needs matplotlib: pip install 'bindsearch\[bench\]'"
+    ):
+        write_plot(report, tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()
