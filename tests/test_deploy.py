@@ -200,6 +200,7 @@ def test_dockerignore_sends_the_sources_and_nothing_else() -> None:
         "train",
         "generate",
         "world",
+        "evaluation",
         "bindsearch",
     }
     sent = [
