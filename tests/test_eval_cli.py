@@ -170,3 +170,48 @@ def test_bad_manifests_are_one_line_errors(tmp_path: Path) -> None:
         res = CliRunner().invoke(app, ["eval", str(target), "--cache-dir", str(tmp_path)])
         assert res.exit_code == 1, res.output
         assert res.output.startswith("error: ") and message in res.output, res.output
+
+
+def test_merged_search_agrees_with_the_pair_when_one_modality(tmp_path: Path) -> None:
+    """With one item modality, the any-to-any section (through the index's own search) and
+    the vision pair (ranked by the metric functions) measure the same lists: equal figures."""
+    from encoders import resolve_model
+    from evaluation import EvalOptions, run_eval
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230)}
+    rows = []
+    for i in range(12):
+        name = list(colours)[i % 3]
+        px = np.clip(np.array(colours[name]) + rng.normal(0, 40, (32, 32, 3)), 0, 255)
+        Image.fromarray(px.astype(np.uint8)).save(tmp_path / f"{i}.png")
+        tags = [f"colour:{name}", f"size:{'big' if i % 2 else 'small'}", "unlabelled-tag"]
+        rows.append({"path": f"{i}.png", "caption": f"a {name} square", "tags": tags})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ref = resolve_model()  # the demo model: random weights score every pair ~1.0 (ties)
+    opts = EvalOptions(k=(1, 3), prompts=("a {} square", "{}"), progress=False)
+    report = run_eval(manifest, ref, options=opts, cache_dir=tmp_path / "cache")
+    assert report["items"] == {"vision": 12, "text": 6}  # distinct (caption, labels)
+    assert report["labels"] == {"colour": ["blue", "green", "red"], "size": ["big", "small"]}
+    for query in ("vision", "text"):
+        pair = _pair(report, query, "vision")
+        merged = report["any_to_any"]["by_query"][query]
+        for name in ("recall@1", "recall@3", "ndcg@3"):
+            assert merged[name]["n"] == pair[name]["n"]
+            if pair[name]["n"]:
+                assert merged[name]["value"] == pytest.approx(pair[name]["value"]), (query, name)
+        assert merged["modalities_in_top_k"]["value"] == 1.0
+    zs = report["zero_shot"]["vision"]
+    assert set(zs) == {"colour", "size"} and zs["colour"]["chance"] == pytest.approx(1 / 3)
+    assert zs["colour"]["n"] == 12
+    # binary relevance on one key: only that key is measured
+    one = run_eval(
+        manifest,
+        ref,
+        index=report["index"],
+        options=EvalOptions(k=(1,), label_key="colour", progress=False),
+    )
+    assert one["relevance"] == "binary on colour"
+    assert set(_pair(one, "vision", "vision")["by_key"]) == {"colour"}
+    assert set(one["zero_shot"]["vision"]) == {"colour"}
