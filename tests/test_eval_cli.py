@@ -215,3 +215,18 @@ def test_merged_search_agrees_with_the_pair_when_one_modality(tmp_path: Path) ->
     assert one["relevance"] == "binary on colour"
     assert set(_pair(one, "vision", "vision")["by_key"]) == {"colour"}
     assert set(one["zero_shot"]["vision"]) == {"colour"}
+
+
+def test_an_index_of_another_model_is_refused(runs: dict[str, Any]) -> None:
+    res = CliRunner().invoke(
+        app,
+        [
+            *("eval", str(runs["corpus"]), "--index", runs["still"]["index"]),
+            *("--config", "imagebind_test", "--checkpoint", "none"),
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    assert (
+        res.output.startswith("error: the index at ") and "built with another model" in res.output
+    )
+    assert len(res.output.strip().splitlines()) == 1
