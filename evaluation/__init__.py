@@ -1,7 +1,9 @@
 """``bindsearch eval``: retrieval and zero-shot metrics of a model on a labelled manifest.
 
-    from evaluation import run_eval
-    report = run_eval("labelled.jsonl", k=(1, 10), prompts=("a photo of a {}",))
+    from evaluation import EvalOptions, format_report, run_eval
+    opts = EvalOptions(k=(1, 10), prompts=("a photo of a {}",))
+    report = run_eval("labelled.jsonl", options=opts)
+    print(format_report(report))
 
 The metric functions (``retrieval_metrics``, ``zero_shot_accuracy``, ``prompt_classifiers``)
 work on plain arrays, so ``bindsearch demo eval`` calls them on its in-memory embeddings;
