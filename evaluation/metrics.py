@@ -112,6 +112,7 @@ class LabelSet:
 
     @property
     def keys(self) -> tuple[str, ...]:
+        """The label keys, sorted."""
         return tuple(self.values)
 
     def take(self, rows: np.ndarray | Sequence[int]) -> LabelSet:
@@ -206,6 +207,7 @@ class RetrievalMetrics:
     by_key: dict[str, dict[int, Estimate]]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``queries``, ``recall@K``, ``ndcg@K`` and ``by_key`` (key -> ``recall@K``)."""
         out: dict[str, Any] = {"queries": self.queries}
         for k, e in self.recall.items():
             out[f"recall@{k}"] = e.to_dict()

@@ -54,6 +54,7 @@ class EvalOptions:
     progress: bool | None = None  # None: when stderr is a terminal
 
     def check(self) -> None:
+        """Refuse options that measure nothing, with the option's name (``ValueError``)."""
         if not self.k or min(self.k) < 1:
             raise ValueError(f"-k must be at least 1, got {list(self.k)}")
         if self.max_queries < 1:
