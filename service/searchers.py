@@ -458,9 +458,9 @@ def load_searcher(
     directory that is not a sound index.
     """
     path = Path(path)
+    if not path.exists() and not (wait and path.suffix != ".jsonl"):
+        raise ValueError(f"index {path} does not exist")
     if path.suffix == ".jsonl" or path.is_file():
-        if not path.exists():
-            raise ValueError(f"index {path} does not exist")
         if path.suffix != ".jsonl":
             raise ValueError(
                 f"index {path} is a file: give an index directory (bindsearch index build "

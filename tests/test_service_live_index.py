@@ -20,9 +20,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+
+from service import FakeEmbedder, ServiceSettings, create_app, load_searcher
+from service.errors import NoIndex
+from service.searchers import IndexSnapshots
 
 from .test_index_media import image
+from .test_index_snapshot import DIM, make_index
 from .test_service_e2e import CONFIG, REPO, Server, _free_port, _Proc, _stop
 
 POLL_S = 0.2
@@ -246,3 +253,43 @@ def test_sync_then_rebuild_under_load_on_a_real_server(tmp_path: Path) -> None:
     assert set(load.statuses) == {200}, sorted(set(load.statuses))
     log = proc.log.read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+# --------------------------------------------------------------------- in process, quickly
+
+
+def test_snapshots_wait_for_a_first_index(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    with pytest.raises(ValueError, match="does not exist"):
+        load_searcher(root)  # without wait: refused, as before
+    snapshots = load_searcher(root, wait=True)
+    assert isinstance(snapshots, IndexSnapshots)
+    assert snapshots.missing is not None and "no index yet" in snapshots.missing
+    with pytest.raises(NoIndex, match="no index yet"):
+        snapshots.search(np.zeros((1, DIM), np.float32), 3)
+    assert snapshots.info() == [] and snapshots.refresh() is False
+    app = create_app(ServiceSettings(index_poll_seconds=0.05), FakeEmbedder(DIM), snapshots)
+    with TestClient(app) as client:
+        until(lambda: bool(app.state.bindsearch.ready), "the model is ready", 30)
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "no index yet" in r.json()["detail"], r.text
+        assert snapshots.expected_dim == DIM
+        make_index(root, 5)
+        until(lambda: client.get("/readyz").status_code == 200, "the first index served", 30)
+        r = client.post("/v1/search", json={"item_id": 0, "k": 10})
+        assert r.status_code == 200 and len(r.json()["results"]) == 4, r.text
+    snapshots.close()
+
+
+def test_a_first_index_of_another_dimension_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "idx"
+    root.mkdir()
+    (root / "meta.sqlite").write_bytes(b"")  # a first build under way
+    snapshots = IndexSnapshots(root, wait=True)
+    assert snapshots.missing is not None and "has not finished" in snapshots.missing
+    snapshots.expected_dim = DIM + 8
+    (root / "meta.sqlite").unlink()
+    make_index(root, 4)
+    assert snapshots.refresh() is False
+    assert snapshots.missing is not None and f"served model makes {DIM + 8}-d" in snapshots.missing
+    snapshots.close()
