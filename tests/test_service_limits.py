@@ -651,9 +651,12 @@ def test_live_ten_concurrent_190_mb_bodies(defaults: tuple[str, int]) -> None:
     with watching(url, pid) as watch:
         results = big_bodies(_port(url), n=10, size=190 * MB)
     figures = Figures.of("bodies", results, watch)
-    _check(figures, {413, 429})
+    # 0: the server answered and hung up mid-upload, and the client's kernel dropped the
+    # answer with the connection (a reset): a refusal all the same.
+    _check(figures, {0, 413, 429})
     assert sorted({r.kind for r in results}) == ["chunked", "json", "multipart"]
     assert 429 in figures.statuses  # more than the in-flight budget was asked for at once
+    assert 413 in figures.statuses  # bodies over the JSON and upload caps
     assert max(r.sent for r in results) < 95 * MB, figures  # none got half its body read
 
 
