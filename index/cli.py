@@ -295,8 +295,15 @@ def index_info(index: Path) -> dict[str, Any]:
     from .store import IndexStore, read_manifest
 
     manifest = read_manifest(Path(index))
-    with IndexStore.open_readonly(Path(index)) as store:
-        rejected = [{"path": r["path"], "error": r["error"]} for r in store.file_rows("rejected")]
+    try:
+        with IndexStore.open_readonly(Path(index)) as store:
+            rows = store.file_rows("rejected")
+    except sqlite3.DatabaseError:
+        raise IndexStoreError(
+            f"the index at {index} is damaged: meta.sqlite cannot be read; "
+            f"run `bindsearch index verify {index}`, then rebuild it"
+        ) from None
+    rejected = [{"path": r["path"], "error": r["error"]} for r in rows]
     return {**manifest.to_dict(), "rejected": rejected}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 
 from .spec import IndexSpec, index_ids
 from .store import (
+    META,
     IndexManifest,
     IndexStore,
     chunks_digest,
@@ -44,8 +46,11 @@ def verify_index(path: str | Path) -> VerifyReport:
     root = Path(path)
     manifest = read_manifest(root)
     report = VerifyReport()
-    with IndexStore.open_readonly(root) as store:
-        _check(root, manifest, store, report)
+    try:
+        with IndexStore.open_readonly(root) as store:
+            _check(root, manifest, store, report)
+    except sqlite3.DatabaseError as e:  # not a database, or a damaged one: a problem found
+        report.problems.append(f"{META} cannot be read ({e})")
     return report
 
 

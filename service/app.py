@@ -73,6 +73,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         emb = embedder if isinstance(embedder, Embedder) else await asyncio.to_thread(embedder)
         info = emb.info
+        if isinstance(searcher, IndexSnapshots):
+            searcher.expected_dim = info.dim  # a first index built later must match too
         if searcher is not None and searcher.dim != info.dim:
             raise ValueError(
                 f"the index holds {searcher.dim}-d vectors but the model makes {info.dim}-d "

@@ -18,7 +18,10 @@ the index (a private copy of its database, its FAISS files, its chunks) that ``r
 for a new one atomically once the index's committed generation changes on disk (``index
 sync/add/remove``, a rebuild renamed into place). Requests in flight finish on the snapshot they
 started on. While no sound index is on disk (removed, being rebuilt, damaged), the last good
-snapshot stays in service and ``stale`` says why (``/readyz`` shows it).
+snapshot stays in service and ``stale`` says why (``/readyz`` shows it). A folder that holds
+no index yet (missing or empty: a fresh Docker volume) is waited for: until a build commits one
+there, ``missing`` says so, ``/readyz`` and every index route answer 503 with that reason, and
+the first index built there is swapped in like any later one.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from encoders import Modality, ModelRef
 from index.results import Hit, IndexInfo, Item
 
 from .embedders import unit
-from .errors import IndexDamaged
+from .errors import IndexDamaged, NoIndex
 
 if TYPE_CHECKING:
     from index.search import IndexSearcher
@@ -211,7 +214,9 @@ class IndexSnapshots:
     ``refresh()`` (the service calls it every ``index_poll_seconds``, off the event loop) looks
     at the manifest on disk; when it changed, it opens a new snapshot and swaps it in. A
     snapshot that cannot be opened (no index, an update or rebuild in progress, damaged files,
-    another model) leaves the current one in service and says why in ``stale``.
+    another model) leaves the current one in service and says why in ``stale``. With
+    ``wait=True`` a folder that holds no index yet is waited for (``missing`` says why nothing
+    is served; reading raises ``NoIndex`` with that reason) until one is built there.
     """
 
     RETIRE_S = 60.0  # a replaced snapshot is closed this long after the swap (requests in flight)
@@ -221,6 +226,7 @@ class IndexSnapshots:
         root: str | Path,
         check: Callable[[IndexSearcher], None] | None = None,
         opener: Callable[[Path], IndexSearcher] | None = None,
+        wait: bool = False,
     ) -> None:
         """Open the first snapshot; raises ``index.IndexStoreError`` (one line) if it cannot.
 
@@ -228,38 +234,56 @@ class IndexSnapshots:
             check: run on every new snapshot before it is served (e.g. the model check);
                 an exception refuses the snapshot.
             opener: how a snapshot is opened (default: ``index.open_index(root, snapshot=True)``).
+            wait: when ``root`` holds no index yet (no folder, or no manifest in it), start
+                with none and serve the first one ``refresh`` finds instead of raising.
         """
         self.root = Path(root)
         self._check = check
         self._open = opener or _open_snapshot
         self._lock = threading.Lock()  # one refresh at a time
         self._retired: list[tuple[float, IndexSearcher]] = []
-        self._seen = self._probe()
-        self._current = self._load()
+        self.expected_dim: int | None = None  # the served model's, for a first snapshot
         self.stale: str | None = None  # why the snapshot served is not what is on disk
+        self._seen = self._probe()
+        self._current: IndexSearcher | None = None
+        # Why no snapshot is served (only while waiting for a first index); None once one is.
+        self.missing: str | None = None
+        if wait and self._seen is None and not (self.root / "manifest.json").exists():
+            self.missing = no_index_yet(self.root)
+            log.warning("%s", self.missing)
+        else:
+            self._current = self._load()
 
     @property
     def current(self) -> IndexSearcher:
+        """The snapshot in service; ``NoIndex`` (503, with the reason) while there is none."""
+        if self._current is None:
+            raise NoIndex(self.missing or no_index_yet(self.root))
         return self._current
 
     @property
     def generation(self) -> int:
         """The committed generation of the snapshot being served."""
-        return self._current.manifest.generation
+        return self.current.manifest.generation
 
     @property
     def dim(self) -> int:
-        return self._current.dim
+        if self._current is None and self.expected_dim is not None:
+            return self.expected_dim
+        return self.current.dim
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        return self._current.fingerprint
+        return self.current.fingerprint
 
     def refresh(self) -> bool:
         """Swap in a new snapshot if the index on disk changed; True when one was swapped in."""
         with self._lock:
             self._close_retired()
             seen = self._probe()
+            if seen is None and self._current is None:
+                self._seen = None
+                return False  # still no index: ``missing`` keeps saying so
             if seen is None:
                 self.stale = (
                     f"no index at {self.root} (removed, or being rebuilt): serving the last good "
@@ -272,17 +296,25 @@ class IndexSnapshots:
             try:
                 new = self._load()
             except Exception as e:
-                self.stale = (
-                    f"the index at {self.root} cannot be opened ({_one_line(e)}): serving the "
-                    f"last good snapshot (generation {self.generation})"
-                )
-                log.warning("%s", self.stale)
+                if self._current is None:
+                    self.missing = (
+                        f"the index at {self.root} cannot be opened ({_one_line(e)}): nothing "
+                        "to serve yet; run `bindsearch index verify` on it, or build it again"
+                    )
+                    log.warning("%s", self.missing)
+                else:
+                    self.stale = (
+                        f"the index at {self.root} cannot be opened ({_one_line(e)}): serving "
+                        f"the last good snapshot (generation {self.generation})"
+                    )
+                    log.warning("%s", self.stale)
                 # Retry when the files change again (an update still running commits more).
                 self._seen = seen if self._probe() == seen else None
                 return False
             old, self._current = self._current, new
-            self._retired.append((time.monotonic(), old))
-            self._seen, self.stale = seen, None
+            if old is not None:
+                self._retired.append((time.monotonic(), old))
+            self._seen, self.stale, self.missing = seen, None, None
             log.info(
                 "index %s: now serving generation %d (%s)",
                 self.root,
@@ -296,7 +328,8 @@ class IndexSnapshots:
             for _, s in self._retired:
                 s.close()
             self._retired.clear()
-            self._current.close()
+            if self._current is not None:
+                self._current.close()
 
     # --- the Searcher protocol, on the snapshot current when the call starts ---------------
 
@@ -310,11 +343,11 @@ class IndexSnapshots:
         return self._reading(lambda s: s.search(vectors, k, targets, tags), "the index is damaged")
 
     def get_item(self, item_id: int) -> Item | None:
-        return self._current.get_item(item_id)
+        return self.current.get_item(item_id)
 
     def get(self, ids: Sequence[int], cols: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Stored metadata rows by id (``index.MetadataStore``: sizes and hashes for media)."""
-        return self._current.get(ids, cols)
+        return self.current.get(ids, cols)
 
     def item_vector(self, item_id: int) -> np.ndarray | None:
         return self._reading(
@@ -323,10 +356,10 @@ class IndexSnapshots:
         )
 
     def item_media_path(self, item_id: int) -> Path | None:
-        return self._current.item_media_path(item_id)
+        return self.current.item_media_path(item_id)
 
     def info(self) -> list[IndexInfo]:
-        return self._current.info()
+        return [] if self._current is None else self._current.info()
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -335,14 +368,14 @@ class IndexSnapshots:
         replaced under it) first swaps in the index now on disk, if sound, and reads again."""
         from index.errors import IndexCorrupt
 
-        current = self._current
+        current = self.current
         try:
             return read(current)
         except IndexCorrupt as e:
             error = e
         if self._current is not current or self.refresh():
             try:
-                return read(self._current)
+                return read(self.current)
             except IndexCorrupt as e:
                 error = e
         raise IndexDamaged(f"{what}: {_one_line(error)}") from None
@@ -350,9 +383,10 @@ class IndexSnapshots:
     def _load(self) -> IndexSearcher:
         new = self._open(self.root)
         try:
-            if getattr(self, "_current", None) is not None and new.dim != self.dim:
+            want = self._current.dim if self._current is not None else self.expected_dim
+            if want is not None and new.dim != want:
                 raise ValueError(
-                    f"it now holds {new.dim}-d vectors, the served model makes {self.dim}-d ones"
+                    f"it now holds {new.dim}-d vectors, the served model makes {want}-d ones"
                 )
             if self._check is not None:
                 self._check(new)
@@ -386,6 +420,19 @@ class IndexSnapshots:
         self._retired = keep
 
 
+def no_index_yet(root: Path) -> str:
+    """Why a service waiting for its index serves none (``/readyz`` and the index routes)."""
+    if (root / "meta.sqlite").is_file():  # a first build running, or interrupted
+        return (
+            f"no index yet at {root}: its build has not finished (rerun it if it was "
+            "interrupted); it is served as soon as the build ends, no restart needed"
+        )
+    return (
+        f"no index yet at {root}; build one with `bindsearch index build CORPUS -o {root}` "
+        "(it is served as soon as the build ends, no restart needed)"
+    )
+
+
 def _open_snapshot(root: Path) -> IndexSearcher:
     from index.search import open_index
 
@@ -397,19 +444,28 @@ def _one_line(e: BaseException) -> str:
 
 
 def load_searcher(
-    path: str | Path, check: Callable[[IndexSearcher], None] | None = None
+    path: str | Path,
+    check: Callable[[IndexSearcher], None] | None = None,
+    wait: bool = False,
 ) -> Searcher:
     """Open what ``--index`` names: a ``.jsonl`` of items with vectors, or an index directory.
 
     An index directory is served as ``IndexSnapshots`` (it follows the index on disk; ``check``
-    runs on every snapshot before it is served). Raises ValueError with one line when it cannot
-    (missing file, FAISS not installed), and ``index.IndexStoreError`` (one line) for an index
+    runs on every snapshot before it is served). With ``wait``, a directory that holds no index
+    yet (missing, empty, a first build unfinished) is waited for instead of refused
+    (``IndexSnapshots.missing``). Raises ValueError with one line when it cannot (a missing
+    .jsonl, FAISS not installed), and ``index.IndexStoreError`` (one line) for an index
     directory that is not a sound index.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not (wait and path.suffix != ".jsonl"):
         raise ValueError(f"index {path} does not exist")
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or path.is_file():
+        if path.suffix != ".jsonl":
+            raise ValueError(
+                f"index {path} is a file: give an index directory (bindsearch index build "
+                "-o DIR) or a .jsonl of items with vectors"
+            )
         return MemorySearcher.from_jsonl(path)
     try:
         import index.search  # noqa: F401
@@ -420,7 +476,7 @@ def load_searcher(
             f"serving the index directory {path} needs FAISS: install bindsearch with the 'cpu' "
             "extra (faiss-cpu), or 'gpu' on a CUDA machine (faiss-gpu); never both"
         ) from None
-    return IndexSnapshots(path, check)
+    return IndexSnapshots(path, check, wait=wait)
 
 
 def check_index_model(searcher: Searcher | IndexSearcher, ref: ModelRef) -> None:
@@ -429,6 +485,8 @@ def check_index_model(searcher: Searcher | IndexSearcher, ref: ModelRef) -> None
 
     if not isinstance(searcher, IndexSearcher | IndexSnapshots):
         return  # a .jsonl of vectors carries no model fingerprint
+    if isinstance(searcher, IndexSnapshots) and searcher.missing is not None:
+        return  # no index yet: each snapshot is checked as it comes (``check``)
     from index.fingerprint import check_fingerprint, ref_fingerprint
 
     check_fingerprint(searcher.fingerprint, ref_fingerprint(ref), "the index")

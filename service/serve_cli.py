@@ -27,7 +27,8 @@ def serve(
         Path | None,
         typer.Option(
             help="Index directory, or a .jsonl of items with vectors (tests, demos). "
-            "Without one the service embeds but does not search."
+            "Without one the service embeds but does not search. A directory with no index "
+            "yet is waited for: /readyz answers 503 until `index build -o` makes one there."
         ),
     ] = None,
     checkpoint: Annotated[
@@ -109,7 +110,8 @@ def serve(
             None
             if settings.index is None
             # every snapshot the server swaps in must be of the served model
-            else load_searcher(settings.index, check=lambda s: check_index_model(s, ref))
+            # a folder with no index yet is waited for (/readyz says so), never a restart loop
+            else load_searcher(settings.index, check=lambda s: check_index_model(s, ref), wait=True)
         )
         if searcher is not None:
             check_index_model(searcher, ref)

@@ -538,29 +538,6 @@ def test_live_big_json_bodies_are_refused_without_buffering(live: tuple[str, _Pr
     assert _rss(proc) - idle < 200 << 20
 
 
-def test_live_huge_headers_are_refused(live: tuple[str, _Proc]) -> None:
-    url, proc = live
-    port = _port(url)
-    idle = _rss(proc)
-    results: list[tuple[int, bytes]] = []
-
-    def attack() -> None:
-        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
-        results.append(_exchange(port, head, b"a" * (1 << 20), 20))
-
-    with _Healthz(url):
-        threads = [threading.Thread(target=attack) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    assert len(results) == 4
-    for pieces, answer in results:
-        assert pieces < 20, "the server read 20 MB of headers"
-        assert not answer or answer.startswith(b"HTTP/1.1 4"), answer[:200]
-    assert _rss(proc) - idle < 100 << 20
-
-
 INFLIGHT = "bindsearch_inflight_request_bytes"
 
 
@@ -638,3 +615,68 @@ def test_serve_caps_heads_at_the_server() -> None:
     opts = server_options(1234)
     assert opts == {"http": "h11", "h11_max_incomplete_event_size": 1234}
     assert _free_port() > 0
+
+
+# ------------------------------------------------- the figures (bench/hostile.py)
+
+# The server's defaults (200 MB bodies, 50 MiB uploads, a 512 MiB in-flight budget, 64 KiB
+# heads). Bounds: the RSS bound (memory is not noisy); the work each client got to do
+# (no attacker got half its bytes read); /healthz answering 200 throughout, each answer within
+# HEALTHZ_S, generous next to the 1 s and 100 ms on a shared 2-core machine
+# (``python -m bench.hostile`` measures against the issue's own bounds: 0.11 s and 0.01 s here).
+HEALTHZ_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def defaults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    from bench.hostile import server
+
+    with server(tmp_path_factory.mktemp("hostile")) as url_pid:
+        yield url_pid
+
+
+def _check(figures: Any, refused: set[int]) -> None:
+    from bench.hostile import RSS_ABOVE_IDLE
+
+    assert set(figures.statuses) <= refused, figures
+    assert figures.rss_above_idle_mb * 1e6 < RSS_ABOVE_IDLE, figures
+    assert figures.healthz_status == [200], figures
+    assert figures.slowest_healthz_s < HEALTHZ_S, figures
+
+
+def test_live_ten_concurrent_190_mb_bodies(defaults: tuple[str, int]) -> None:
+    from bench.hostile import MB, Figures, big_bodies, watching
+
+    url, pid = defaults
+    with watching(url, pid) as watch:
+        results = big_bodies(_port(url), n=10, size=190 * MB)
+    figures = Figures.of("bodies", results, watch)
+    # 0: the server answered and hung up mid-upload, and the client's kernel dropped the
+    # answer with the connection (a reset): a refusal all the same.
+    _check(figures, {0, 413, 429})
+    assert sorted({r.kind for r in results}) == ["chunked", "json", "multipart"]
+    assert 429 in figures.statuses  # more than the in-flight budget was asked for at once
+    assert 413 in figures.statuses  # bodies over the JSON and upload caps
+    assert max(r.sent for r in results) < 95 * MB, figures  # none got half its body read
+
+
+def test_live_four_100_mb_heads(defaults: tuple[str, int]) -> None:
+    from bench.hostile import MB, Figures, huge_headers, watching
+
+    url, pid = defaults
+    with watching(url, pid) as watch:
+        results = huge_headers(_port(url), n=4, size=100 * MB)
+    figures = Figures.of("headers", results, watch)
+    _check(figures, {0, 400, 431})  # h11 answers 400 and hangs up past the head cap
+    assert max(r.sent for r in results) < 50 * MB, figures
+
+
+def test_live_million_term_flood(defaults: tuple[str, int]) -> None:
+    from bench.hostile import FLOOD, Figures, term_flood, watching
+
+    url, pid = defaults
+    with watching(url, pid) as watch:
+        result = term_flood(_port(url))
+    figures = Figures.of("flood", [result], watch)
+    _check(figures, {413})
+    assert result.sent < len(FLOOD) // 2, figures  # refused on its first values, not parsed

@@ -256,7 +256,10 @@ def _open(source: Source) -> _Opened:
         raise
     except (av.FFmpegError, ValueError, OSError) as e:
         fp.close()
-        raise InvalidInput(f"not a readable video ({e}); {_ACCEPTED_TEXT}") from None
+        # FFmpeg's own text, without PyAV's "[Errno N] ...: '<the file object's name>'" (the
+        # caller names the file once; the errno is an internal).
+        why = getattr(e, "strerror", None) or str(e)
+        raise InvalidInput(f"not a readable video ({why}); {_ACCEPTED_TEXT}") from None
     if not isinstance(container, av.container.InputContainer):  # pragma: no cover - mode "r"
         container.close()
         fp.close()

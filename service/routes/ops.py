@@ -59,12 +59,17 @@ async def healthz() -> Status:
 @router.get("/readyz", response_model=Status, responses={503: {"model": Status}})
 async def readyz(state: StateDep) -> Response:
     """Readiness: 200 once the model is loaded and warmed up, 503 until then."""
+    # An index folder that holds no index yet is 503 too, with why (``IndexSnapshots.missing``).
     # While the index on disk cannot be served (removed, being rebuilt, damaged), the last
     # good snapshot is, and the detail says so.
-    if state.ready:
-        stale = state.searcher.stale if isinstance(state.searcher, IndexSnapshots) else None
+    snapshots = state.searcher if isinstance(state.searcher, IndexSnapshots) else None
+    reason = state.not_ready_reason
+    if state.ready and snapshots is not None and snapshots.missing is not None:
+        reason = snapshots.missing  # no index yet: searches would answer 503 with this
+    elif state.ready:
+        stale = None if snapshots is None else snapshots.stale
         return JSONResponse(Status(status="ready", detail=stale).model_dump())
-    body = Status(status="not_ready", detail=state.not_ready_reason)
+    body = Status(status="not_ready", detail=reason)
     return JSONResponse(body.model_dump(), status_code=503)
 
 
