@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -25,19 +26,32 @@ def embed_files(
     official: bool = False,
     device: str = "cpu",
     batch_size: int = 16,
+    note: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Embed ``items`` (paths, or strings for text) -> (N, D) float32 unit vectors, in order.
 
     Without ``modality`` every path's modality is detected (``encoders.formats.detect``); a
     call may mix modalities. ``config``/``checkpoint``: see ``encoders.resolve_model`` (None:
-    the default model).
+    the default model). ``note`` hears one line per text longer than the model reads (it
+    reads the first tokens, CLIP-style).
     """
     from .encoder import load_encoder
     from .models import resolve_model
+    from .transforms.text import count_tokens
 
     plan = plan_items(modality, items)
     mods = list(dict.fromkeys(m for m, _ in plan))  # first-seen order
     enc = load_encoder(resolve_model(config, checkpoint), device=device, modalities=mods)
+    pre = enc.preprocess_cfg
+    read = pre.context_length - 2  # start and end tokens take two
+    for i, (m, x) in enumerate(plan):
+        if m is Modality.TEXT and note is not None:
+            n = count_tokens(x, pre.vocab_size)
+            if n > read:
+                note(
+                    f"note: {_label(items[i], i)}: {n} tokens; the model reads the first {read} "
+                    "(the rest is cut)"
+                )
     out = np.zeros((len(plan), enc.dim), np.float32)
     for m in mods:
         rows = [i for i, (mi, _) in enumerate(plan) if mi is m]
@@ -47,16 +61,31 @@ def embed_files(
 
 
 def plan_items(modality: str | None, items: list[str]) -> list[tuple[Modality, str]]:
-    """Each item with its modality: the one given, or the detected one (text files read)."""
+    """Each item with its modality: the one given, or the detected one (text files read).
+
+    With ``modality`` text, an item that names a file is read as a UTF-8 text file; any other
+    item is the text itself. An empty file or one not UTF-8 is refused.
+    """
     from .formats import detect
     from .transforms.text import read_text_file
 
     if modality is not None:
         m = Modality.parse(modality)
-        return [(m, item) for item in items]
+        if m is not Modality.TEXT:
+            return [(m, item) for item in items]
+        texts: list[tuple[Modality, str]] = []
+        for item in items:
+            if _names_file(item):
+                try:
+                    texts.append((m, read_text_file(item)))
+                except InvalidInput as e:
+                    raise InvalidInput(f"{item}: {e}") from None
+            else:  # the text itself; "" too (the model embeds it, as the official code does)
+                texts.append((m, item))
+        return texts
     plan = []
     for item in items:
-        if not Path(item).is_file():
+        if not _names_file(item):
             raise FileNotFoundError(
                 f"{item}: no such file (to embed strings as text, give -m text)"
             )
@@ -73,15 +102,34 @@ def plan_items(modality: str | None, items: list[str]) -> list[tuple[Modality, s
     return plan
 
 
+def _names_file(item: str) -> bool:
+    """Whether ``item`` is the path of a file (a long text is no name: no error)."""
+    try:
+        return Path(item).is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
+
+
+def _label(item: str, i: int) -> str:
+    """How a note names an item: its path, or the text's start."""
+    if _names_file(item):
+        return item
+    return f"text #{i} ({item[:24]!r}...)" if len(item) > 24 else f"text #{i} ({item!r})"
+
+
 def embed(
-    items: Annotated[list[str], typer.Argument(help="Files to embed (with -m text: the strings).")],
+    items: Annotated[
+        list[str],
+        typer.Argument(help="Files to embed (with -m text: the strings, or UTF-8 text files)."),
+    ],
     modality: Annotated[
         str | None,
         typer.Option(
             "--modality",
             "-m",
             help="vision, video, text, audio, depth, thermal or imu (text: ITEMS are the "
-            f"strings). Default: detected per file. {RULE}",
+            "strings, or UTF-8 text files; a text longer than the model reads is cut, with a "
+            f"note). Default: detected per file. {RULE}",
         ),
     ] = None,
     output: Annotated[
@@ -107,7 +155,9 @@ def embed(
     if output is None and not as_json:
         _fail("give -o OUT.npy and/or --json")
     try:
-        vectors = embed_files(modality, items, checkpoint, config, official, device, batch_size)
+        vectors = embed_files(
+            modality, items, checkpoint, config, official, device, batch_size, note=_note
+        )
     except (EncoderError, ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     if output is not None:
@@ -117,3 +167,7 @@ def embed(
     if as_json:
         json.dump(vectors.tolist(), sys.stdout)
         sys.stdout.write("\n")
+
+
+def _note(line: str) -> None:
+    typer.echo(line, err=True)

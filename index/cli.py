@@ -320,12 +320,21 @@ def query(
         list[str] | None, typer.Option("--target", help="Item modalities to search (repeat).")
     ] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="How many results.")] = 10,
+    tags: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tags",
+            "--tag",
+            help="Only items carrying every one of these tags (repeat, or comma-separated).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     checkpoint: Checkpoint = None,
     config: Config = None,
     device: Device = "cpu",
 ) -> None:
     """Search an index with a file of any modality (detected unless -m), or with text."""
+    tag_filter = [t.strip() for raw in tags or [] for t in raw.split(",") if t.strip()]
     if (text is None) == (item is None):
         _fail("give either ITEM (a file) or --text")
 
@@ -338,7 +347,7 @@ def query(
         searcher = open_index(index, encoder, checkpoint=model.identity)
         with searcher:
             vec = encoder.embed_items(m, [query_item])
-            return searcher.search(vec, k, _modalities(targets))[0]
+            return searcher.search(vec, k, _modalities(targets), tag_filter or None)[0]
 
     hits = _guard(run)
     if as_json:

@@ -92,6 +92,11 @@ class BuildOptions:
             raise ValueError(f"target recall must be in (0, 1], got {self.target_recall}")
 
 
+def _seconds(s: float) -> str:
+    """A duration to print: tenths, or thousandths below 0.1 s (a small model's busy time)."""
+    return f"{s:.1f}" if s >= 0.1 else f"{s:.3f}"
+
+
 @dataclass
 class BuildSummary:
     """What a build or update did (printed at the end; ``overlap`` = model busy / wall time)."""
@@ -136,7 +141,7 @@ class BuildSummary:
             )
         if self.wall_s:
             out.append(
-                f"{self.wall_s:.1f} s; model busy {self.model_s:.1f} s "
+                f"{self.wall_s:.1f} s; model busy {_seconds(self.model_s)} s "
                 f"(overlap {self.overlap:.2f}), waited {self.decode_wait_s:.1f} s for decoding"
             )
         return out

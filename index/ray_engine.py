@@ -25,6 +25,10 @@ import dataclasses
 import io
 import logging
 import math
+import os
+import re
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -111,6 +115,64 @@ def build_index_ray(
     return run_build(corpus, out, model, RayEngine(ray, model, opts, ropts, log), opts, log)
 
 
+# Ray's own lines a build's output leaves out (docs/ray.md, "Output"): the notice that a new
+# local instance uses token authentication (it does, as it should), and the error-level line
+# the driver's C++ core worker writes for each embedding actor because Ray Data keeps actor
+# constructor arguments in the object store (its choice, harmless while the driver holds
+# them). Any other line, ours or Ray's, and the workers' output still get through.
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_KNOWN_NOISE = re.compile(
+    rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
+    rb"object store and max_restarts > 0"
+)
+
+
+@contextmanager
+def _stderr_without(noise: re.Pattern[bytes]) -> Iterator[None]:
+    """Within the block, file descriptor 2 passes through a filter that drops ``noise`` lines.
+
+    Ray's core worker writes to the descriptor, not to ``sys.stderr``. Text that is not a whole
+    line yet passes at once unless it may start such a line (a progress bar's update does not
+    wait). Without a real stderr (captured in-process) nothing is filtered.
+    """
+    try:
+        sys.stderr.flush()
+        target = os.dup(2)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        held = b""
+        try:
+            while chunk := os.read(read_end, 1 << 16):
+                *lines, held = (held + chunk).split(b"\n")
+                out = b"".join(ln + b"\n" for ln in lines if not noise.search(ln))
+                if held and not held.startswith(b"["):  # Ray's lines start with "[<time>"
+                    out, held = out + held, b""
+                if out:
+                    os.write(target, out)
+            if held and not noise.search(held):
+                os.write(target, held)
+        except OSError:  # the terminal went away: nothing left to show
+            return
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(target, 2)  # the pipe's last write end closes: the pump drains and ends
+        thread.join(timeout=10)
+        if not thread.is_alive():  # else a process we started holds the pipe: leave it open
+            os.close(read_end)
+            os.close(target)
+
+
 @contextmanager
 def _session(ray: ModuleType, address: str | None) -> Iterator[None]:
     if ray.is_initialized():
@@ -119,7 +181,13 @@ def _session(ray: ModuleType, address: str | None) -> Iterator[None]:
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if address is None:
         kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
+    auth = logging.getLogger(_AUTH_LOGGER)
+    level = auth.level
+    auth.setLevel(logging.ERROR)
+    try:
+        ray.init(**kwargs)
+    finally:
+        auth.setLevel(level)
     try:
         yield
     finally:
@@ -427,11 +495,12 @@ class RayEngine:
         level = logger.level
         logger.setLevel(logging.WARNING)  # Ray Data's progress reports, every few seconds
         try:
-            wait = time.perf_counter()
-            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                self.decode_wait_s += time.perf_counter() - wait
-                yield table
+            with _stderr_without(_KNOWN_NOISE):  # the actors start in the first batch
                 wait = time.perf_counter()
+                for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    self.decode_wait_s += time.perf_counter() - wait
+                    yield table
+                    wait = time.perf_counter()
         finally:
             ctx.enable_progress_bars = old
             logger.setLevel(level)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from encoders import InvalidInput, Modality
+from encoders import InputLimits, InvalidInput, Modality
 from encoders.vectors import unit as unit  # re-exported: service.searchers uses it
 
 if TYPE_CHECKING:
@@ -30,7 +30,9 @@ class ModelInfo:
     """What ``/v1/info`` says about the model.
 
     ``sha256`` (of the weights) and ``decoder`` (the demo decoder made for them) come from the
-    model's ``encoders.ModelRef``; None for a fake model or random weights.
+    model's ``encoders.ModelRef``; None for a fake model or random weights. ``max_text_tokens``:
+    the BPE tokens (``vocab_size``) of a text the model reads, the rest cut CLIP-style; None:
+    it reads every token.
     """
 
     name: str
@@ -42,6 +44,8 @@ class ModelInfo:
     dtype: str
     sha256: str | None = None
     decoder: Path | None = None
+    max_text_tokens: int | None = None
+    vocab_size: int = 49408
 
 
 @runtime_checkable
@@ -85,8 +89,10 @@ class FakeEmbedder:
         fail_embed: bool = False,
         gate: threading.Event | None = None,
         on_batch: Callable[[Modality, int], None] | None = None,
+        max_text_tokens: int | None = 75,
     ) -> None:
         self.dim = dim
+        self.max_text_tokens = max_text_tokens  # reported as the real model's (77 - 2)
         self._modalities = tuple(modalities)
         self.fail_embed = fail_embed
         self.gate = gate
@@ -104,6 +110,7 @@ class FakeEmbedder:
             modalities=self._modalities,
             device="cpu",
             dtype="float32",
+            max_text_tokens=self.max_text_tokens,
         )
 
     def vector_for(self, modality: Modality | str, item: bytes | str) -> np.ndarray:
@@ -153,6 +160,7 @@ class TorchEmbedder:
     ) -> None:
         self.encoder = encoder
         ref = encoder.ref
+        pre = encoder.preprocess_cfg
         self._info = ModelInfo(
             name=ref.name if name is None else name,
             licence=ref.licence if licence is None else licence,
@@ -163,6 +171,8 @@ class TorchEmbedder:
             dtype=str(encoder.dtype).removeprefix("torch."),
             sha256=ref.sha256,
             decoder=ref.decoder,
+            max_text_tokens=pre.context_length - 2,  # start and end tokens take two
+            vocab_size=pre.vocab_size,
         )
 
     @property
@@ -173,8 +183,9 @@ class TorchEmbedder:
         from encoders import preprocess
 
         # One item -> its row of the batch: (3, S, S), (clips, 1, F, T), (context,) tokens...
-        # The service checked the byte, pixel, duration and text caps before this point.
-        return preprocess(modality, [item], self.encoder.preprocess_cfg)[0]
+        # The service checked the byte, pixel, duration and text caps before this point (its
+        # max_text_chars may be above the encoders' default).
+        return preprocess(modality, [item], self.encoder.preprocess_cfg, limits=_TEXT_CHECKED)[0]
 
     def embed(self, modality: Modality, batch: Sequence[Sample]) -> np.ndarray:
         import torch
@@ -193,6 +204,9 @@ class TorchEmbedder:
             except InvalidInput:
                 continue
             self.embed(m, [row])
+
+
+_TEXT_CHECKED = InputLimits(max_text_chars=1 << 62)
 
 
 def _warmup_sample(m: Modality) -> bytes | str | None:

@@ -3,6 +3,10 @@
 Order matters: cheap checks first (counts, bytes, text length, the modality), then a load
 check against the queues (so an overloaded service does not decode what it will refuse),
 then decoding in the thread pool, then the batcher. Errors come out as ``ServiceError``s.
+
+A text longer than the model's context is not refused: the model reads its first
+``max_text_tokens`` tokens (CLIP-style truncation) and ``TextTokens`` says so to the route,
+which tells the client. ``max_text_chars`` is only a bound on the work (README, "Limits").
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 
 from encoders import InputLimits, InvalidInput, Modality
 from encoders.formats import detect
+from encoders.transforms.text import count_tokens
 from encoders.vectors import mix as mix_vectors
 
 from .batcher import Batcher
@@ -52,6 +57,31 @@ class BlobInput:
 
 
 Input = TextInput | BlobInput
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """A text's BPE tokens and how many of them the model read (the rest were cut)."""
+
+    tokens: int
+    read: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.tokens > self.read
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """``Pipeline.embed_all``'s answer: (N, D) unit vectors, their modalities, text tokens.
+
+    ``texts[i]`` is None unless input ``i`` was text (a string or a text file) and the model
+    says how many tokens it reads.
+    """
+
+    vectors: np.ndarray
+    modalities: list[Modality]
+    texts: list[TextTokens | None]
 
 
 def parse_modality(value: str | None, what: str = "modality") -> Modality | None:
@@ -176,13 +206,16 @@ class Pipeline:
             )
         return found.modality
 
-    def _decode(self, m: Modality, inp: Input) -> Sample:
+    def _decode(self, m: Modality, inp: Input) -> tuple[Sample, TextTokens | None]:
         """Runs in the decode pool: header caps (pixels, duration), then the full decode."""
         item: bytes | str
+        note = None
         if isinstance(inp, TextInput):
             item = inp.text
+            note = self._text_tokens(item)
         elif m is Modality.TEXT:  # a text file: its UTF-8 content, with the caps of `text`
             item = self._file_text(inp)
+            note = self._text_tokens(item)
         else:
             item = inp.data
             try:
@@ -190,10 +223,18 @@ class Pipeline:
             except InvalidInput as e:
                 raise PayloadTooLarge(str(e)) from None
         try:
-            return self.embedder.preprocess(m, item)
+            return self.embedder.preprocess(m, item), note
         except InvalidInput as e:
             msg = str(e).replace("<bytes #0>", inp.name)
             raise InvalidContent(msg if inp.name in msg else f"{inp.name}: {msg}") from None
+
+    def _text_tokens(self, text: str) -> TextTokens | None:
+        """How many tokens ``text`` has and the model reads; None when it reads them all."""
+        info = self.embedder.info
+        if info.max_text_tokens is None:
+            return None
+        n = count_tokens(text, info.vocab_size)
+        return TextTokens(n, min(n, info.max_text_tokens))
 
     def _file_text(self, inp: BlobInput) -> str:
         try:
@@ -210,6 +251,11 @@ class Pipeline:
 
     async def embed(self, inputs: Sequence[Input]) -> tuple[np.ndarray, list[Modality]]:
         """Inputs -> ((N, D) unit vectors, their modalities), in order."""
+        out = await self.embed_all(inputs)
+        return out.vectors, out.modalities
+
+    async def embed_all(self, inputs: Sequence[Input]) -> Embedded:
+        """Inputs -> their unit vectors, modalities and text token counts, in order."""
         self.check_count(len(inputs))
         mods = [self.modality_of(inp) for inp in inputs]
         counts: dict[Modality, int] = {}
@@ -218,13 +264,14 @@ class Pipeline:
         self.batcher.check_room(counts)  # shed load before spending CPU on decoding
         loop = asyncio.get_running_loop()
 
-        async def decode(m: Modality, inp: Input) -> Sample:
+        async def decode(m: Modality, inp: Input) -> tuple[Sample, TextTokens | None]:
             if isinstance(inp, TextInput) and len(inp.text) <= INLINE_TEXT_CHARS:
                 return self._decode(m, inp)  # tens of microseconds: a thread hop costs more
             return await loop.run_in_executor(self.decode_pool, self._decode, m, inp)
 
-        samples = await asyncio.gather(
+        decoded = await asyncio.gather(
             *(decode(m, inp) for m, inp in zip(mods, inputs, strict=True))
         )
+        samples = [s for s, _ in decoded]
         vectors = await self.batcher.embed(list(zip(mods, samples, strict=True)))
-        return vectors, mods
+        return Embedded(vectors, mods, [t for _, t in decoded])

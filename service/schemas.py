@@ -15,6 +15,11 @@ MODALITY_HELP = (
     "text. Thermal always needs `modality` or such a name."
 )
 FILENAME_HELP = "The file's name, a hint for detecting its modality (never opened)."
+TOKENS_HELP = "Text only: the text's BPE tokens (without start and end tokens)."
+TRUNCATED_HELP = (
+    "Text only: true when the text has more tokens than the model reads "
+    "(`limits.max_text_tokens` in /v1/info); the model read the first ones, CLIP-style."
+)
 
 
 class _Strict(BaseModel):
@@ -96,6 +101,18 @@ class SearchRequest(_Query):
         None, description="Item modalities to return (default: all)."
     )
     tags: list[str] | None = Field(None, description="Only items carrying every one of these.")
+    tag: list[str] | None = Field(None, description="An alias of `tags` (give one of the two).")
+
+    @model_validator(mode="after")
+    def _one_tag_field(self) -> Self:
+        if self.tags is not None and self.tag is not None:
+            raise ValueError("give `tags` or its alias `tag`, not both")
+        return self
+
+    @property
+    def tag_filter(self) -> list[str]:
+        """The tags to filter by, whichever spelling the body used."""
+        return self.tags or self.tag or []
 
 
 class GenerateRequest(_Query):
@@ -118,6 +135,7 @@ class GenerateRequest(_Query):
             k=None,
             target=None,
             tags=None,
+            tag=None,
         )
 
 
@@ -135,7 +153,8 @@ class SearchForm(_Strict):
     weights: list[float] = Field(default_factory=list)
     k: int | None = Field(None, ge=1)
     target: list[str] = Field(default_factory=list)
-    tag: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    item_id: list[int] = Field(default_factory=list)
 
 
 class ItemOut(BaseModel):
@@ -161,6 +180,8 @@ class TermEcho(BaseModel):
     item_id: int | None = None
     filename: str | None = None
     bytes: int | None = None
+    tokens: int | None = Field(default=None, description=TOKENS_HELP)
+    truncated: bool | None = Field(default=None, description=TRUNCATED_HELP)
 
 
 class QueryEcho(BaseModel):
@@ -210,6 +231,8 @@ class EmbeddingOut(BaseModel):
     index: int
     modality: str
     embedding: list[float]
+    tokens: int | None = Field(default=None, description=TOKENS_HELP)
+    truncated: bool | None = Field(default=None, description=TRUNCATED_HELP)
 
 
 class EmbedResponse(BaseModel):
@@ -237,6 +260,7 @@ class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str
+    truncated: bool | None = Field(default=None, description=TRUNCATED_HELP)
 
 
 class OpenAIUsage(BaseModel):

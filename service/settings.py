@@ -59,7 +59,8 @@ class ServiceSettings(BaseSettings):
     max_request_bytes: int = Field(200 << 20, ge=1)  # whole request body
     max_pixels: int = Field(40_000_000, ge=1)
     max_audio_seconds: float = Field(300.0, gt=0)
-    max_text_chars: int = Field(2000, ge=1)
+    # A bound on work only: a longer text is cut to the model's context, not refused.
+    max_text_chars: int = Field(20_000, ge=1)
     max_inputs: int = Field(32, ge=1)  # files, terms or strings in one request
 
     # What one request may cost, checked before work (README.md, "Limits").

@@ -5,6 +5,7 @@ it survives an embedding actor killed mid-build (Ray restarts it) and a driver k
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import ray  # the dev extra has ray[data]: CI runs these tests
+from PIL import Image
 from typer.testing import CliRunner
 
 from encoders import Encoder, load_encoder
@@ -254,6 +256,30 @@ def test_a_driver_killed_mid_build_resumes_on_rerun(
     assert again.already > 0  # the committed files were skipped, not embedded again
     assert_same_index(idx, ref)
     assert not list(idx.glob("**/*.tmp"))
+
+
+# --- what a user reads ---------------------------------------------------------------------------
+
+
+def test_cli_output_has_no_ray_chatter_and_a_real_model_busy_figure(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (100 * i, 200, 30)).save(corpus / f"img{i}.png")
+    (corpus / "caption.txt").write_text("a red square", encoding="utf-8")
+    # RAY_ADDRESS=local: a new local instance, whatever runs on the machine (so Ray's notice
+    # about token authentication is due too).
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    cmd = [sys.executable, "-m", "bindsearch", "index", "build", str(corpus)]
+    cmd += ["-o", str(tmp_path / "idx"), "--engine", "ray", "--checkpoint", "none"]
+    cmd += ["--config", "imagebind_test"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "embedded 3 items from 3 files" in out
+    assert "core_worker" not in out and "Token authentication" not in out, out
+    busy = re.search(r"model busy ([0-9.]+) s", out)
+    assert busy is not None and float(busy[1]) > 0, out  # the actors' time in Encoder.embed
 
 
 # --- without Ray ----------------------------------------------------------------------------------

@@ -173,6 +173,8 @@ def test_search_by_text_matches_numpy(client: TestClient, searcher: MemorySearch
             "item_id": None,
             "filename": None,
             "bytes": None,
+            "tokens": 2,  # "a cat": the model reads them all
+            "truncated": False,
         }
     ]
     assert body["took_ms"] >= 0
@@ -252,6 +254,8 @@ def test_search_multipart(client: TestClient) -> None:
         "item_id": None,
         "filename": "cat.png",
         "bytes": len(img),
+        "tokens": None,
+        "truncated": None,
     }
     # Several files with weights, target and tag fields.
     wav = b"RIFF\x10\x00\x00\x00WAVEfmt data"
@@ -308,7 +312,7 @@ def test_search_multipart(client: TestClient) -> None:
             "invalid_content",
         ),
         ({"json": {"terms": [{"text": "a"}, {"text": "a", "weight": -1}]}}, 422, "invalid_content"),
-        ({"json": {"text": "x" * 2001}}, 413, "too_large"),
+        ({"json": {"text": "x" * 20_001}}, 413, "too_large"),
         ({"json": {"terms": [{"text": "a"}] * 33}}, 413, "too_large"),
         (
             {"files": {"file": ("x.png", png_bytes())}, "data": {"weights": ["1", "2"]}},

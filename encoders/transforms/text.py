@@ -30,6 +30,7 @@ __all__ = [
     "BPE_VOCAB_PATH",
     "BPE_VOCAB_SHA256",
     "Tokenizer",
+    "count_tokens",
     "get_tokenizer",
     "read_text_file",
     "tokenize",
@@ -219,6 +220,14 @@ def tokenize(texts: str | Sequence[str], cfg: PreprocessConfig) -> torch.Tensor:
     A str is one text (N = 1). Long texts keep their first ``context_length - 2`` BPE tokens.
     """
     return get_tokenizer(cfg.vocab_size)(texts, cfg.context_length)
+
+
+def count_tokens(text: str, vocab_size: int = 49408) -> int:
+    """BPE tokens of ``text``, without start/end tokens: a row keeps the first ``context - 2``.
+
+    What a caller reports when a long text is cut (``tokenize`` truncates CLIP-style).
+    """
+    return len(get_tokenizer(vocab_size).encode(text))
 
 
 def trim_to_longest(tokens: torch.Tensor) -> torch.Tensor:

@@ -81,13 +81,19 @@ async def embed(
         inputs += [TextInput(t, f"text[{i}]") for i, t in enumerate(fields.get("text", []))]
     if not inputs:
         raise MalformedRequest("nothing to embed: send files, `text`, or `inputs`")
-    vectors, mods_out = await pipeline.embed(inputs)
+    got = await pipeline.embed_all(inputs)
     return EmbedResponse(
         model=model.name,
         dim=model.dim,
         data=[
-            EmbeddingOut(index=i, modality=m.value, embedding=v.tolist())
-            for i, (v, m) in enumerate(zip(vectors, mods_out, strict=True))
+            EmbeddingOut(
+                index=i,
+                modality=m.value,
+                embedding=v.tolist(),
+                tokens=None if t is None else t.tokens,
+                truncated=None if t is None else t.truncated,
+            )
+            for i, (v, m, t) in enumerate(zip(got.vectors, got.modalities, got.texts, strict=True))
         ],
     )
 
@@ -104,7 +110,8 @@ async def embeddings(
     """OpenAI-compatible embeddings: ``input`` strings are texts, data URIs are files.
 
     Works with the official ``openai`` client (``base_url=http://host:port/v1``). ``model``
-    may be any name; ``usage`` reports 0 tokens (not metered).
+    may be any name; ``usage`` counts the text tokens the model read (files count 0); a text
+    longer than the model reads is cut, and its ``truncated`` says so.
     """
     require_json(request)
     body = await read_json(request, OpenAIEmbeddingsRequest, settings)
@@ -126,13 +133,18 @@ async def embeddings(
         assert isinstance(s, str)
         blob: BlobInput | None = parse_data_uri(s, name)
         inputs.append(blob if blob is not None else TextInput(s, name))
-    vectors, _ = await pipeline.embed(inputs)
+    got = await pipeline.embed_all(inputs)
     data = [
-        OpenAIEmbedding(index=i, embedding=_encode(v, body.encoding_format))
-        for i, v in enumerate(vectors)
+        OpenAIEmbedding(
+            index=i,
+            embedding=_encode(v, body.encoding_format),
+            truncated=None if t is None else t.truncated,
+        )
+        for i, (v, t) in enumerate(zip(got.vectors, got.texts, strict=True))
     ]
+    read = sum(t.read for t in got.texts if t is not None)
     return OpenAIEmbeddingsResponse(
-        data=data, model=model.name, usage=OpenAIUsage(prompt_tokens=0, total_tokens=0)
+        data=data, model=model.name, usage=OpenAIUsage(prompt_tokens=read, total_tokens=read)
     )
 
 

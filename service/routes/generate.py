@@ -28,14 +28,13 @@ router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[Depends(requir
 
 _GENERATE_MULTIPART = {
     "type": "object",
-    "required": ["file"],
     "properties": {
         **MIX_FILES,
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
         "steps": {"type": "integer", "minimum": 1},
     },
 }
-_SEARCH_ONLY = ("k", "target", "tag")
+_SEARCH_ONLY = ("k", "target", "tags", "tag")
 _PNG: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The generated image.",
@@ -43,6 +42,12 @@ _PNG: dict[int | str, dict[str, Any]] = {
         "headers": {
             "X-Generator": {"description": "The generator's name.", "schema": {"type": "string"}},
             "X-Seed": {"description": "The seed used.", "schema": {"type": "integer"}},
+            "X-Text-Truncated": {
+                "description": "Only when a text term was longer than the model reads (it "
+                "read the first tokens, CLIP-style): `<term index>:<tokens>` for each such "
+                "term, comma-separated.",
+                "schema": {"type": "string"},
+            },
         },
     }
 }
@@ -99,6 +104,9 @@ async def generate(
     png = await slot.render(query, seed, steps)
     gen = slot.require()
     headers = {"X-Generator": gen.info.name, "X-Seed": str(seed)}
+    cut = [f"{i}:{t.echo.tokens}" for i, t in enumerate(terms) if t.echo.truncated]
+    if cut:
+        headers["X-Text-Truncated"] = ",".join(cut)
     return Response(png, media_type="image/png", headers=headers)
 
 
@@ -108,5 +116,8 @@ async def _vectors(terms: list[Term], pipeline: Pipeline, searcher: Searcher | N
         return await term_vectors(terms, pipeline, searcher)
     if any(t.item_id is not None for t in terms):
         raise NoIndex("no index is loaded, so item_id terms cannot be resolved: send text or files")
-    vectors, _ = await pipeline.embed([t.input for t in terms if t.input is not None])
-    return vectors
+    got = await pipeline.embed_all([t.input for t in terms if t.input is not None])
+    for t, text in zip(terms, got.texts, strict=True):
+        if text is not None:
+            t.echo.tokens, t.echo.truncated = text.tokens, text.truncated
+    return got.vectors

@@ -115,6 +115,8 @@ async def info(state: StateDep, model: ModelDep) -> InfoResponse:
             "max_audio_seconds": s.max_audio_seconds,
             "max_text_chars": s.max_text_chars,
             "max_generate_steps": s.max_generate_steps,
+            # A longer text is cut to its first this many tokens (absent: read whole).
+            **({} if model.max_text_tokens is None else {"max_text_tokens": model.max_text_tokens}),
         },
         generator=_generator_out(state),
     )

@@ -51,21 +51,30 @@ MIX_FILES: dict[str, Any] = {
         "items": {"type": "string"},
         "description": "One for all files or one per file: " + MODALITY_HELP,
     },
+    "item_id": {
+        "type": "array",
+        "items": {"type": "integer"},
+        "description": "Stored items as terms, alone or beside files (repeat, or comma-separated).",
+    },
     "weights": {
         "type": "array",
         "items": {"type": "number"},
-        "description": "One per file (default 1.0 each).",
+        "description": "One per term (default 1.0 each): the files in order, then the item ids.",
     },
 }
 
 _MULTIPART = {
     "type": "object",
-    "required": ["file"],
     "properties": {
         **MIX_FILES,
         "k": {"type": "integer", "minimum": 1, "description": "Results wanted (default 10)."},
         "target": {"type": "array", "items": {"type": "string"}},
-        "tag": {"type": "array", "items": {"type": "string"}},
+        "tags": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Only items carrying every one of these (repeat, or comma-separated).",
+        },
+        "tag": {"type": "array", "items": {"type": "string"}, "description": "Alias of `tags`."},
     },
 }
 
@@ -99,10 +108,11 @@ class Query:
 async def search(
     request: Request, pipeline: PipelineDep, searcher: SearcherDep, settings: SettingsDep
 ) -> SearchResponse:
-    """Nearest items to a query: JSON (text, item_id, data or terms) or multipart files.
+    """Nearest items to a query: JSON (text, item_id, data or terms) or multipart files/item_id.
 
     A mix normalises each term, weights it, sums and renormalises; items used as terms are
-    left out of the results. ``tags`` keeps items carrying every tag; ``k`` is capped.
+    left out of the results. ``tags`` (alias ``tag``) keeps items carrying every tag; ``k`` is
+    capped. A text longer than the model reads is cut, and its term echo says so.
     """
     t0 = time.perf_counter()
     if content_kind(request) == "json":
@@ -156,7 +166,7 @@ def from_json(body: SearchRequest) -> Query:
             )
             terms.append(Term(t.weight, echo, input=BlobInput(data, m, name, t.filename)))
     target = [body.target] if isinstance(body.target, str) else (body.target or [])
-    return Query(terms, body.k, split_list(target), body.tags or [])
+    return Query(terms, body.k, split_list(target), body.tag_filter)
 
 
 async def _from_form(request: Request, settings: ServiceSettings) -> Query:
@@ -165,7 +175,13 @@ async def _from_form(request: Request, settings: ServiceSettings) -> Query:
 
 
 def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
-    """A multipart query from ``read_form``'s files and other fields."""
+    """A multipart query from ``read_form``'s files and other fields.
+
+    Its terms are the files, in order, then the ``item_id`` values; ``weights`` gives one per
+    term in that order. ``tag`` is an alias of ``tags``.
+    """
+    if "tag" in fields and "tags" in fields:
+        raise MalformedRequest("give `tags` or its alias `tag`, not both")
     try:
         form = SearchForm.model_validate(
             {
@@ -173,21 +189,29 @@ def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
                 "weights": fields.pop("weights", []),
                 "k": (fields.pop("k", [None]) or [None])[-1],
                 "target": fields.pop("target", []),
-                "tag": fields.pop("tag", []),
+                "tags": fields.pop("tags", []) + fields.pop("tag", []),
+                "item_id": split_list(fields.pop("item_id", [])),
                 **fields,
             }
         )
     except ValidationError as e:
         raise MalformedRequest(validation_message(e, "form")) from None
-    if not files:
-        raise MalformedRequest("no file: send one or more files in the `file` field")
-    n = len(files)
+    if not files and not form.item_id:
+        raise MalformedRequest(
+            "no file and no item_id: send files in the `file` field and/or `item_id` values"
+        )
+    n = len(files) + len(form.item_id)
     mods = split_list(form.modality)
-    if len(mods) not in (0, 1, n):
-        raise MalformedRequest(f"{len(mods)} modality values for {n} files: give 1 or {n}")
+    if len(mods) not in (0, 1, len(files)):
+        raise MalformedRequest(
+            f"{len(mods)} modality values for {len(files)} files: give 1 or {len(files)}"
+        )
     weights = form.weights
     if len(weights) not in (0, n):
-        raise MalformedRequest(f"{len(weights)} weights for {n} files: give {n}")
+        raise MalformedRequest(
+            f"{len(weights)} weights for {n} terms ({len(files)} files, then "
+            f"{len(form.item_id)} item ids): give {n}"
+        )
     if any(not math.isfinite(w) for w in weights):
         raise MalformedRequest("weights must be finite numbers")
     terms = []
@@ -203,7 +227,11 @@ def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
             bytes=len(f.data),
         )
         terms.append(Term(w, echo, input=BlobInput(f.data, m, name, f.name)))
-    return Query(terms, form.k, split_list(form.target), split_list(form.tag))
+    for j, item_id in enumerate(form.item_id, len(files)):
+        w = weights[j] if weights else 1.0
+        echo = TermEcho(kind="item", weight=w, modality="", item_id=item_id)
+        terms.append(Term(w, echo, item_id=item_id))
+    return Query(terms, form.k, split_list(form.target), split_list(form.tags))
 
 
 def _stored(searcher: Searcher, ids: list[int]) -> dict[int, tuple[Item | None, np.ndarray | None]]:
@@ -233,8 +261,11 @@ async def term_vectors(terms: list[Term], pipeline: Pipeline, searcher: Searcher
     todo = [i for i, t in enumerate(terms) if t.input is not None]
     if todo:
         inputs = [terms[i].input for i in todo]
-        vectors, mods = await pipeline.embed([x for x in inputs if x is not None])
-        for i, v, m in zip(todo, vectors, mods, strict=True):
+        got = await pipeline.embed_all([x for x in inputs if x is not None])
+        for i, v, m, text in zip(todo, got.vectors, got.modalities, got.texts, strict=True):
             out[i] = v
             terms[i].echo.modality = m.value
+            if text is not None:
+                terms[i].echo.tokens = text.tokens
+                terms[i].echo.truncated = text.truncated
     return np.stack([v for v in out if v is not None])
