@@ -11,6 +11,7 @@ import numpy as np
 import typer
 
 from .cli import fail as _fail
+from .dtype import DTYPE_ENV, DTYPE_HELP, parse_dtype
 from .errors import EncoderError, InvalidInput
 from .formats import RULE
 from .modality import Modality
@@ -25,19 +26,22 @@ def embed_files(
     official: bool = False,
     device: str = "cpu",
     batch_size: int = 16,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """Embed ``items`` (paths, or strings for text) -> (N, D) float32 unit vectors, in order.
 
     Without ``modality`` every path's modality is detected (``encoders.formats.detect``); a
     call may mix modalities. ``config``/``checkpoint``: see ``encoders.resolve_model`` (None:
-    the default model).
+    the default model). ``dtype``: see ``encoders.dtype.choose_dtype`` (None: auto).
     """
     from .encoder import load_encoder
     from .models import resolve_model
 
+    parse_dtype(dtype)  # a bad --dtype fails before anything is read
     plan = plan_items(modality, items)
     mods = list(dict.fromkeys(m for m, _ in plan))  # first-seen order
-    enc = load_encoder(resolve_model(config, checkpoint), device=device, modalities=mods)
+    ref = resolve_model(config, checkpoint)
+    enc = load_encoder(ref, device=device, dtype=dtype, modalities=mods)
     out = np.zeros((len(plan), enc.dim), np.float32)
     for m in mods:
         rows = [i for i, (mi, _) in enumerate(plan) if mi is m]
@@ -102,12 +106,18 @@ def embed(
     as_json: Annotated[bool, typer.Option("--json", help="Print the vectors as JSON.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help=f"{DTYPE_HELP} Default: ${DTYPE_ENV}, else auto."),
+    ] = None,
 ) -> None:
     """Embed files (each one's modality detected unless -m) or texts (-m text), in input order."""
     if output is None and not as_json:
         _fail("give -o OUT.npy and/or --json")
     try:
-        vectors = embed_files(modality, items, checkpoint, config, official, device, batch_size)
+        vectors = embed_files(
+            modality, items, checkpoint, config, official, device, batch_size, dtype
+        )
     except (EncoderError, ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))
     if output is not None:
