@@ -181,8 +181,34 @@ def run(
     print_report(result)
     if out is not None:
         write_json(out, result)
-        log(f"wrote {out}")
+        out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+        log(f"wrote {out} and {out.with_suffix('.md').name}")
     return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The README's table: speed-up over fp32 and cosine per tower and dtype, the machine."""
+    m = result["machine"]
+    mm = result["matmul"].get("bfloat16", {}).get("over_fp32")
+    head = (
+        f"{m['cpu_model']}, {m['torch_threads']} threads, CPU flags: "
+        f"{', '.join(m['cpu_flags']) or 'none'}; torch {m['torch_version']}; default dtype "
+        f"{result['default_dtype']}; bf16/fp32 matmul rate "
+        + ("n/a" if mm is None else f"{mm:.2f}x")
+        + f" ({result['when']})"
+    )
+    lines = [head, "", "| tower | batch | dtype | speed-up over fp32 | min cosine to fp32 |"]
+    lines.append("|---|---|---|---|---|")
+    for row in result["towers"]:
+        for name, d in row["dtypes"].items():
+            if "skipped" not in d:
+                lines.append(
+                    f"| {row['tower']} | {row['batch']} | {name} | "
+                    f"{d['speedup_over_fp32']:.2f} | {d['min_cosine']:.5f} |"
+                )
+    for name, v in result["retrieval_top10_overlap"].items():
+        lines.append(f"\nDemo retrieval, top-10 overlap {name} vs fp32: {v:.3f}")
+    return "\n".join(lines) + "\n"
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -214,27 +240,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--quick", action="store_true", help="2 repeats, batch 2, 48 demo samples")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 repeats, batch 2, a 512 matmul, 48 demo samples",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", default="imagebind_huge")
-    ap.add_argument("--towers", default="vision,audio", help="comma-separated: vision,audio,text")
+    ap.add_argument(
+        "--towers",
+        default=None,
+        help="comma-separated: vision,audio,text (default vision,audio; --quick on a CPU "
+        "without native bf16: audio,text, as emulated bf16 takes minutes on the vision tower)",
+    )
     ap.add_argument("--batch", type=int, default=None, help="default 4 (2 --quick)")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats (default 3, 2 --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--matmul-n", type=int, default=2048)
+    ap.add_argument("--matmul-n", type=int, default=None, help="default 2048 (512 --quick)")
     ap.add_argument("--overlap-n", type=int, default=None, help="demo samples (0: skip)")
     ap.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda was asked for but torch sees no CUDA GPU")
+    towers = args.towers
+    if towers is None:
+        slow_bf16 = args.device == "cpu" and not dtypes.cpu_has_native_bf16()
+        towers = "audio,text" if args.quick and slow_bf16 else "vision,audio"
     run(
         preset=args.preset,
-        towers=[t.strip() for t in args.towers.split(",") if t.strip()],
+        towers=[t.strip() for t in towers.split(",") if t.strip()],
         batch=args.batch or (2 if args.quick else 4),
         reps=args.reps or (2 if args.quick else 3),
         threads=args.threads,
         device=args.device,
-        matmul_n=args.matmul_n,
+        matmul_n=args.matmul_n or (512 if args.quick else 2048),
         overlap_n=args.overlap_n if args.overlap_n is not None else (48 if args.quick else 120),
         out=args.out or DEFAULT_OUT.with_name(f"dtypes_{args.device}.json"),
     )
