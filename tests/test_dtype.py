@@ -285,3 +285,22 @@ def test_service_settings_and_info_report_the_dtype(auto: pytest.MonkeyPatch) ->
     assert emb.info.dtype == "int8"
     enc = load_encoder(config="imagebind_test", modalities=["text"], dtype="bf16")
     assert TorchEmbedder(enc).info.dtype == "bfloat16"
+
+
+def test_v1_info_reports_the_dtype_served() -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.embedders import TorchEmbedder
+    from service.settings import ServiceSettings
+
+    from .test_service import wait_ready
+
+    enc = load_encoder(config="imagebind_test", modalities=["text"], dtype="int8")
+    app = create_app(ServiceSettings(dtype="int8"), TorchEmbedder(enc), None)
+    with TestClient(app) as client:
+        wait_ready(app)
+        r = client.get("/v1/info")
+        assert r.status_code == 200 and r.json()["model"]["dtype"] == "int8"
+        r = client.post("/v1/embed", json={"text": ["a red ring"]})
+        assert r.status_code == 200, r.text
