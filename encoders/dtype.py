@@ -276,14 +276,16 @@ def quantize_int8(module: nn.Module) -> nn.Module:
         warnings.simplefilter("ignore", UserWarning)
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
-        for mod in module.modules():
+        for mod in list(module.modules()):
             if isinstance(mod, Attention) and mod.in_proj is None:
                 dim = mod.in_proj_weight.shape[1]
-                dense = nn.Linear(dim, 3 * dim)
+                dense = nn.Linear(dim, 3 * dim, device="meta")  # takes the weights below
                 dense.weight = mod.in_proj_weight
                 dense.bias = mod.in_proj_bias
                 dense.qconfig = default_dynamic_qconfig  # type: ignore[assignment]
                 mod.in_proj = DynamicLinear.from_float(dense)  # type: ignore[no-untyped-call]
+                # The int8 copy replaces the fp32 weights: free them (3 x dim^2 floats a block).
+                del mod.in_proj_weight, mod.in_proj_bias
         out: nn.Module = quantize_dynamic(  # type: ignore[no-untyped-call]
             module, {nn.Linear}, dtype=torch.qint8, inplace=True
         )

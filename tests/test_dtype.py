@@ -163,6 +163,7 @@ def test_int8_quantises_every_trunk_linear() -> None:
         assert not any(type(mod) is torch.nn.Linear for mod in trunk.modules())
         attn = [mod for mod in trunk.modules() if isinstance(mod, Attention)]
         assert attn and all(isinstance(a.in_proj, DynamicLinear) for a in attn)
+        assert not any(hasattr(a, "in_proj_weight") for a in attn)  # fp32 copy freed
     ref = load_encoder(config="imagebind_test", modalities=["vision", "text"], dtype="fp32")
     x = torch.randn(3, 3, 224, 224)
     cos = (enc.embed("vision", x) * ref.embed("vision", x)).sum(1)
