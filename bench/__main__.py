@@ -61,6 +61,7 @@ class Bench:
 # Ratio-carrying benchmarks first, so a --budget that runs out cuts the plots' extras last.
 BENCHES = (
     Bench("encoders", "bench.encoders", quick_s=600, full_s=150),
+    Bench("dtypes", "bench.dtypes", quick_s=600, full_s=600),
     Bench("index", "bench.index", quick_s=400, full_s=120),
     Bench("memory", "bench.memory", quick_s=300, full_s=90),
     Bench("inputs", "bench.inputs", quick_s=600, full_s=90),

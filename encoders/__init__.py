@@ -9,6 +9,7 @@ No web framework, no index library, no settings in here.
 
 from .checkpoint import read_state_dict, remap_imagebind_keys, sha256_file
 from .config import PRESETS, ModelConfig, PreprocessConfig, TrunkConfig, list_presets
+from .dtype import DtypeChoice, choose_dtype, cpu_has_native_bf16
 from .encoder import Encoder, load_encoder
 from .errors import CheckpointError, DownloadError, EncoderError, InvalidInput, UnknownWeights
 from .inputs import InputLimits, preprocess
@@ -22,6 +23,7 @@ __all__ = [
     "WEIGHTS",
     "CheckpointError",
     "DownloadError",
+    "DtypeChoice",
     "Encoder",
     "EncoderError",
     "InputLimits",
@@ -33,6 +35,8 @@ __all__ = [
     "TrunkConfig",
     "UnknownWeights",
     "WeightsSpec",
+    "choose_dtype",
+    "cpu_has_native_bf16",
     "download_weights",
     "list_presets",
     "load_encoder",

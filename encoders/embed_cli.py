@@ -12,6 +12,7 @@ import numpy as np
 import typer
 
 from .cli import fail as _fail
+from .dtype import DTYPE_ENV, DTYPE_HELP, parse_dtype
 from .errors import EncoderError, InvalidInput
 from .formats import RULE
 from .modality import Modality
@@ -27,21 +28,25 @@ def embed_files(
     device: str = "cpu",
     batch_size: int = 16,
     note: Callable[[str], None] | None = None,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """Embed ``items`` (paths, or strings for text) -> (N, D) float32 unit vectors, in order.
 
     Without ``modality`` every path's modality is detected (``encoders.formats.detect``); a
     call may mix modalities. ``config``/``checkpoint``: see ``encoders.resolve_model`` (None:
     the default model). ``note`` hears one line per text longer than the model reads (it
-    reads the first tokens, CLIP-style).
+    reads the first tokens, CLIP-style). ``dtype``: see ``encoders.dtype.choose_dtype``
+    (None: auto).
     """
     from .encoder import load_encoder
     from .models import resolve_model
     from .transforms.text import count_tokens
 
+    parse_dtype(dtype)  # a bad --dtype fails before anything is read
     plan = plan_items(modality, items)
     mods = list(dict.fromkeys(m for m, _ in plan))  # first-seen order
-    enc = load_encoder(resolve_model(config, checkpoint), device=device, modalities=mods)
+    ref = resolve_model(config, checkpoint)
+    enc = load_encoder(ref, device=device, dtype=dtype, modalities=mods)
     pre = enc.preprocess_cfg
     read = pre.context_length - 2  # start and end tokens take two
     for i, (m, x) in enumerate(plan):
@@ -150,13 +155,25 @@ def embed(
     as_json: Annotated[bool, typer.Option("--json", help="Print the vectors as JSON.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help=f"{DTYPE_HELP} Default: ${DTYPE_ENV}, else auto."),
+    ] = None,
 ) -> None:
     """Embed files (each one's modality detected unless -m) or texts (-m text), in input order."""
     if output is None and not as_json:
         _fail("give -o OUT.npy and/or --json")
     try:
         vectors = embed_files(
-            modality, items, checkpoint, config, official, device, batch_size, note=_note
+            modality,
+            items,
+            checkpoint,
+            config,
+            official,
+            device,
+            batch_size,
+            note=_note,
+            dtype=dtype,
         )
     except (EncoderError, ValueError, KeyError, FileNotFoundError) as e:
         _fail(str(e).strip("'\""))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,15 @@ from torch import Tensor
 
 from .checkpoint import check_state_dict, read_state_dict, remap_imagebind_keys, select_modalities
 from .config import ModelConfig, PreprocessConfig
+from .dtype import choose_dtype, offered_towers, quantize_int8
 from .errors import CheckpointError
 from .inputs import Item, preprocess
 from .modality import TOWERS, Modality
 from .model import ImageBind, init_weights
 from .models import ModelRef, file_sha256, resolve_model
 from .transforms.text import trim_to_longest
+
+log = logging.getLogger(__name__)
 
 
 class Encoder:
@@ -26,6 +30,9 @@ class Encoder:
     ``forward`` returns the official outputs (logit-scaled, for parity); ``embed`` returns
     L2-normalised float32 vectors, the only form the index and the service use. ``ref`` says
     which model it is (weights file, sha256, name, licence): nobody needs to work it out again.
+    ``precision`` names the dtype it runs in (``float32``, ``bfloat16``, ``float16``, ``int8``:
+    ``encoders.dtype``); ``tower_dtypes`` the input dtype of each tower where it differs from
+    ``dtype`` (a tower not offered in a reduced dtype runs in fp32), ``dtype_note`` says why.
     """
 
     pin_memory: bool = True  # CUDA: host->device copies from page-locked memory
@@ -36,11 +43,17 @@ class Encoder:
         device: torch.device,
         dtype: torch.dtype,
         ref: ModelRef,
+        precision: str | None = None,
+        tower_dtypes: Mapping[Modality, torch.dtype] | None = None,
+        dtype_note: str = "",
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.device = device
         self.dtype = dtype
         self.ref = ref
+        self.precision = precision or str(dtype).removeprefix("torch.")
+        self.tower_dtypes = dict(tower_dtypes or {})
+        self.dtype_note = dtype_note
 
     @property
     def checkpoint_sha256(self) -> str | None:
@@ -75,7 +88,11 @@ class Encoder:
                 f"{modality.value} input must have {' or '.join(map(str, expected))} dims, "
                 f"got shape {tuple(t.shape)}"
             )
-        dtype = torch.long if modality is Modality.TEXT else self.dtype
+        dtype = (
+            torch.long
+            if modality is Modality.TEXT
+            else self.tower_dtypes.get(modality.tower, self.dtype)
+        )
         if self.pin_memory and self.device.type == "cuda" and t.device.type == "cpu":
             # Copy from page-locked memory: a DMA that does not block the host (the caching
             # host allocator keeps the buffer alive until the copy has run). The cast runs on
@@ -154,17 +171,18 @@ def _expected_ndims(m: Modality) -> tuple[int, ...]:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """bf16 on GPUs that support it (fp16 on older ones) and on CPUs with native bf16, else fp32.
+
+    ``encoders.dtype.choose_dtype`` decides (``$BINDSEARCH_DTYPE`` overrides it).
+    """
+    return choose_dtype(None, device).torch_dtype
 
 
 def load_encoder(
     checkpoint: str | Path | ModelRef | None = None,
     config: str | Path | ModelConfig | dict[str, Any] = "imagebind_huge",
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     modalities: Iterable[Modality | str] | None = None,
     sha256: str | None = None,
     seed: int | None = 0,
@@ -182,8 +200,12 @@ def load_encoder(
             (mmap) file, or None for random weights.
         config: a preset name, a ModelConfig, a dict, or a JSON file (ours or the official
             constructor kwargs).
-        dtype: parameter dtype; None (the default) picks bf16 on GPUs that support it (fp16 on
-            older ones) and fp32 on CPU. ``torch.bfloat16`` works on CPU too.
+        dtype: a torch dtype or a name (``fp32``, ``bf16``, ``fp16``, ``int8``, ``auto``); None
+            (the default) is ``$BINDSEARCH_DTYPE``, else ``auto``: bf16 on GPUs that support it
+            (fp16 on older ones), bf16 on CPUs with native bf16 matmul (``avx512_bf16``,
+            ``amx_bf16``, Arm ``bf16``), fp32 on other CPUs. ``int8`` (CPU only) quantises the
+            trunks' linear layers. A tower not offered in the dtype (``encoders.dtype.OFFERED``)
+            runs in fp32, with a note in ``Encoder.dtype_note`` and the log.
         sha256: when given, the checkpoint file is checked against it before loading.
     """
     if isinstance(checkpoint, ModelRef):
@@ -206,7 +228,7 @@ def load_encoder(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-    dt = default_dtype(dev) if dtype is None else dtype
+    choice = choose_dtype(dtype, dev)  # before the load: a bad name fails fast
     wanted = (
         TOWERS
         if modalities is None
@@ -224,5 +246,31 @@ def load_encoder(
         check_state_dict(sd, expected)
         # assign=True: the checkpoint's tensors become the parameters (no second copy).
         model.load_state_dict(sd, strict=True, assign=True)
-    model = model.to(device=dev, dtype=dt)
-    return Encoder(model, dev, dt, ref)
+    reduced, note = offered_towers(choice, model.modalities)
+    if note:
+        log.info("%s", note)
+    dt = choice.torch_dtype
+    whole = dt if reduced == set(model.modalities) else torch.float32
+    model = model.to(device=dev, dtype=whole)
+    tower_dtypes = {}
+    for m in model.modalities:
+        if m not in reduced:
+            tower_dtypes[m] = torch.float32
+        elif whole != dt:
+            for part in _tower_parts(model, m):
+                part.to(dtype=dt)
+            tower_dtypes[m] = dt
+        if m in reduced and choice.quantized:
+            model.modality_trunks[m.value] = quantize_int8(model.modality_trunks[m.value])
+    return Encoder(model, dev, dt, ref, choice.name, tower_dtypes, note)
+
+
+def _tower_parts(model: ImageBind, m: Modality) -> list[torch.nn.Module]:
+    """The modules of one tower: stem, trunk, head and postprocessor."""
+    dicts = (
+        model.modality_preprocessors,
+        model.modality_trunks,
+        model.modality_heads,
+        model.modality_postprocessors,
+    )
+    return [d[m.value] for d in dicts if m.value in d]

@@ -52,12 +52,17 @@ class Attention(nn.Module):
         else:
             self.bias_k = self.bias_v = None
         self.out_proj = nn.Linear(dim, dim, **fk)
+        # A replacement qkv projection (int8: ``encoders.dtype.quantize_int8``), else the weights.
+        self.in_proj: nn.Module | None = None
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         B, L, D = x.shape
         H = self.heads
         hs = D // H
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
+        if self.in_proj is not None:
+            qkv = self.in_proj(x)  # (B, L, 3D)
+        else:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
         q, k, v = qkv.view(B, L, 3, H, hs).permute(2, 0, 3, 1, 4)  # each (B, H, L, hs)
         if self.bias_k is not None and self.bias_v is not None:
             # One extra key/value position, shared by all queries: (B, H, L+1, hs).

@@ -21,6 +21,7 @@ import typer
 
 from encoders import DEFAULT_MODEL, EncoderError, InvalidInput, Modality
 from encoders.cli import fail as _fail
+from encoders.dtype import DTYPE_HELP
 from encoders.formats import RULE
 
 from .corpus import escape_path
@@ -106,6 +107,13 @@ def build(
     batch_size: BatchSize = 16,
     chunk_size: ChunkSize = 512,
     device: Device = "cpu",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help=f"{DTYPE_HELP} Default: $BINDSEARCH_DTYPE, else auto. Not part of "
+            "the model: the index is searched by any dtype."
+        ),
+    ] = None,
     segment_seconds: Annotated[
         float, typer.Option(help="Audio/video longer than 1.5x this become segments (0: never).")
     ] = 10.0,
@@ -160,7 +168,7 @@ def build(
             follow_symlinks=follow_symlinks,
             allow_outside=allow_outside,
         )
-        model = _model(checkpoint, config, device)
+        model = _model(checkpoint, config, device, dtype)
         if factory != "auto":  # a bad factory string fails now, not after embedding
             _check_factory(factory, model.config.embed_dim)
         if engine is Engine.RAY:
@@ -378,14 +386,18 @@ def verify(index: Annotated[Path, typer.Argument(help="The index directory.")]) 
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _model(checkpoint: str | None, config: str | None, device: str) -> Any:
+def _model(
+    checkpoint: str | None, config: str | None, device: str, dtype: str | None = None
+) -> Any:
     from encoders import resolve_model
+    from encoders.dtype import choose_dtype
 
     from .pipeline import ModelSource
 
+    choose_dtype(dtype, device)  # a bad --dtype (or int8 on a GPU) fails before the scan
     if checkpoint is not None and checkpoint.lower() == "none":
-        return ModelSource.from_ref(resolve_model(config, random_weights=True), device)
-    return ModelSource.from_ref(resolve_model(config, checkpoint), device)
+        return ModelSource.from_ref(resolve_model(config, random_weights=True), device, dtype)
+    return ModelSource.from_ref(resolve_model(config, checkpoint), device, dtype)
 
 
 def _model_for(index: Path, checkpoint: str | None, config: str | None, device: str) -> Any:

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from encoders import Encoder, Modality, ModelConfig, ModelRef, load_encoder
+from encoders.dtype import choose_dtype
 
 from ._decode import Decoded, DecodeTask, decode, init_worker
 from .corpus import CorpusEntry, escape_path, recorded_path, scan_corpus, scan_paths
@@ -162,11 +163,18 @@ class ModelSource:
     encoder: Encoder | None = None  # an already loaded one (the Python API, tests)
     _identity: str | None = None
     ref: ModelRef | None = None
+    dtype: str | None = None  # a speed setting, not part of the fingerprint (None: auto)
 
     @classmethod
-    def from_ref(cls, ref: ModelRef, device: str = "cpu") -> ModelSource:
+    def from_ref(cls, ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> ModelSource:
         """The build's model from ``encoders.resolve_model``."""
-        return cls(ref.config, ref.weights, device, seed=ref.seed, ref=ref)
+        return cls(ref.config, ref.weights, device, seed=ref.seed, ref=ref, dtype=dtype)
+
+    def dtype_name(self) -> str:
+        """The dtype the vectors are embedded in (``encoders.dtype``: ``bfloat16``, ``int8``...)."""
+        if self.encoder is not None:
+            return str(getattr(self.encoder, "precision", "float32"))
+        return choose_dtype(self.dtype, self.device).name
 
     @property
     def identity(self) -> str:
@@ -191,6 +199,7 @@ class ModelSource:
                 # Random weights depend on which towers are built (one RNG stream): all of them.
                 modalities=None if self.checkpoint is None else towers,
                 seed=self.seed,
+                dtype=self.dtype,
             )
         return self.encoder
 
@@ -333,6 +342,8 @@ def _open_for_update(
         settings = store.settings
         opts.segment_seconds = float(settings.get("segment_seconds", opts.segment_seconds))
         opts.soundtrack = bool(settings.get("soundtrack", opts.soundtrack))
+        with store.transaction():
+            record_dtype(store, model.dtype_name())
     except Exception:
         store.close()
         raise
@@ -358,10 +369,18 @@ def _start_build(
                 "checkpoint_path",
                 None if model.checkpoint is None else str(Path(model.checkpoint).resolve()),
             )
+            record_dtype(store, model.dtype_name())
     except Exception:
         store.close()
         raise
     return store, entries
+
+
+def record_dtype(store: IndexStore, name: str) -> None:
+    """Add ``name`` to the dtypes the index's vectors were embedded in ("bfloat16+float32")."""
+    seen = [d for d in str(store.get_meta("dtype") or "").split("+") if d]
+    if name not in seen:
+        store.set_meta("dtype", "+".join([*seen, name]))
 
 
 def _record_corpus(store: IndexStore, corpus: str | Path) -> None:

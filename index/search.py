@@ -32,6 +32,7 @@ from .spec import (
     to_gpu,
 )
 from .store import META, IndexManifest, IndexStore, read_faiss, read_manifest
+from .torch_scan import TorchScan, default_scan_device
 
 
 class MetadataStore(Protocol):
@@ -149,8 +150,11 @@ class _ModalityIndex:
     tombstones: np.ndarray  # ids still in the FAISS index whose rows are marked deleted
     scan: FlatScan | None = None  # CPU Flat indexes: FlatScan for the batch sizes it wins
     gpu: bool = False
+    device_scan: TorchScan | None = None  # Flat indexes scanned with torch (GPU, no faiss-gpu)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.device_scan is not None:
+            return self.device_scan.search(q, k)
         if self.scan is not None and FlatScan.wants(len(q)):
             return self.scan.search(q, k)
         dist, ids = self.index.search(q, k)
@@ -170,6 +174,8 @@ class _ModalityIndex:
         itself, restricted by an ``IDSelectorBatch``. Never asks for more than ``k``.
         """
         k = min(k, len(allowed))
+        if self.device_scan is not None:
+            return self.device_scan.search(q, k, self.device_scan.rows_of(allowed))
         if self.scan is not None:
             return self.scan.search(q, k, self.scan.rows_of(allowed))
         if self.gpu or len(allowed) <= FILTER_EXACT_MAX:
@@ -374,6 +380,7 @@ def open_index(
     checkpoint: str | Path | None = None,
     gpu: bool | None = None,
     snapshot: bool = False,
+    device: str | None = None,
 ) -> IndexSearcher:
     """Load an index for searching; checks its files and that vector ids and metadata agree.
 
@@ -387,6 +394,9 @@ def open_index(
         checkpoint: the encoder's weights identity when it does not record its sha256 (a
             file, ``sha256:<hex>`` or ``random:<seed>``); see ``encoder_fingerprint``.
         gpu: search on the GPU (faiss-gpu); default: when one is available.
+        device: a torch device ("cuda", "cuda:1", "cpu") on which Flat indexes are searched
+            exactly with torch (``index.torch_scan``); default: "cuda" when torch sees a GPU
+            and faiss-gpu is absent (unless ``gpu=False``), else none.
         snapshot: search a private copy of the database (``IndexStore.open_snapshot``), so
             that later changes to the index on disk never reach this searcher (the service).
     """
@@ -403,7 +413,9 @@ def open_index(
     except sqlite3.Error:
         raise unreadable from None
     try:
-        indexes = _load_indexes(root, manifest, store, gpu_available() if gpu is None else gpu)
+        scan_device = device if device is not None else default_scan_device(gpu)
+        use_gpu = gpu_available() if gpu is None else gpu
+        indexes = _load_indexes(root, manifest, store, use_gpu, scan_device)
     except sqlite3.Error:
         store.close()
         raise unreadable from None
@@ -414,7 +426,7 @@ def open_index(
 
 
 def _load_indexes(
-    root: Path, manifest: IndexManifest, store: IndexStore, gpu: bool
+    root: Path, manifest: IndexManifest, store: IndexStore, gpu: bool, device: str | None = None
 ) -> dict[Modality, _ModalityIndex]:
     if store.generation != manifest.generation:
         raise IndexIncomplete(
@@ -450,4 +462,6 @@ def _load_indexes(
             scan = FlatScan(index, present)
         tombstones = np.intersect1d(present, dead)
         out[m] = _ModalityIndex(index, entry.spec, np.sort(present), tombstones, scan, on_gpu)
+        if device is not None and not on_gpu and TorchScan.supports(index):
+            out[m].device_scan = TorchScan(index, device, present)
     return out

@@ -188,10 +188,13 @@ class IndexManifest:
     settings: Mapping[str, Any] = field(default_factory=dict)
     index_options: Mapping[str, Any] = field(default_factory=dict)
     checkpoint_path: str | None = None
+    dtype: str | None = None  # what the vectors were embedded in ("bfloat16"; "+" if several)
     metric: str = "inner_product"
     version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
+        # ``dtype`` only when recorded: an index from before it keeps the layout it had.
+        dtype = {} if self.dtype is None else {"dtype": self.dtype}
         return {
             "format": FORMAT,
             "format_version": self.version,
@@ -200,6 +203,7 @@ class IndexManifest:
             "metric": self.metric,
             "score": "cosine (vectors are L2-normalised)",
             "checkpoint_path": self.checkpoint_path,
+            **dtype,
             "settings": dict(self.settings),
             "index_options": dict(self.index_options),
             "modalities": {m: e.to_dict() for m, e in self.modalities.items()},
@@ -252,6 +256,9 @@ class IndexManifest:
         path = d.get("checkpoint_path")
         if path is not None and not isinstance(path, str):
             r.fail(f"checkpoint_path is {path!r}, not a string or null")
+        dtype = d.get("dtype")
+        if dtype is not None and not isinstance(dtype, str):
+            r.fail(f"dtype is {dtype!r}, not a string or null")
         if r.int_(d, "dim") < 1:
             r.fail(f"dim is {d['dim']}, not a positive number of dimensions")
         return cls(
@@ -266,6 +273,7 @@ class IndexManifest:
             settings=r.obj(d.get("settings") or {}, "settings"),
             index_options=r.obj(d.get("index_options") or {}, "index_options"),
             checkpoint_path=path,
+            dtype=dtype,
             metric=r.str_(d, "metric"),
             version=FORMAT_VERSION,
         )
@@ -992,6 +1000,7 @@ class IndexStore:
             settings=self.settings,
             index_options=self.get_meta("index_options") or {},
             checkpoint_path=self.get_meta("checkpoint_path"),
+            dtype=self.get_meta("dtype"),
         )
 
 

@@ -168,7 +168,7 @@ class TorchEmbedder:
             dim=encoder.dim,
             modalities=tuple(encoder.modalities),
             device=str(encoder.device),
-            dtype=str(encoder.dtype).removeprefix("torch."),
+            dtype=encoder.precision,
             sha256=ref.sha256,
             decoder=ref.decoder,
             max_text_tokens=pre.context_length - 2,  # start and end tokens take two
@@ -239,8 +239,11 @@ def load_torch_embedder(
     modalities: Sequence[str] | None = None,
     *,
     ref: ModelRef | None = None,
+    dtype: str | None = None,
 ) -> TorchEmbedder:
     """Load the model for ``serve``: ``ref``, else ``encoders.resolve_model(config, checkpoint)``.
+
+    ``dtype``: a name or "auto" (``encoders.dtype.choose_dtype``; None: $BINDSEARCH_DTYPE).
 
     Raises the encoders' one-line errors (no weights downloaded, bad checkpoint, no GPU).
     """
@@ -248,4 +251,4 @@ def load_torch_embedder(
 
     if ref is None:
         ref = resolve_model(config, checkpoint, random_weights=random_weights)
-    return TorchEmbedder(load_encoder(ref, device=device, modalities=modalities))
+    return TorchEmbedder(load_encoder(ref, device=device, dtype=dtype, modalities=modalities))

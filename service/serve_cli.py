@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from encoders.cli import fail as _fail
+from encoders.dtype import DTYPE_HELP, choose_dtype, parse_dtype
 
 if TYPE_CHECKING:
     from encoders import ModelRef
@@ -49,6 +50,10 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, envvar="BINDSEARCH_PORT")] = 8000,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (half precision on GPU).")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help=f"{DTYPE_HELP} Default: $BINDSEARCH_DTYPE, else auto."),
+    ] = None,
     random_weights: Annotated[
         bool,
         typer.Option(
@@ -91,6 +96,7 @@ def serve(
                 "checkpoint": checkpoint,
                 "config": config,
                 "device": device,
+                "dtype": None if dtype is None else parse_dtype(dtype),
             }.items()
             if v is not None
         }
@@ -100,6 +106,7 @@ def serve(
             overrides["modalities"] = [m.strip() for m in modalities.split(",") if m.strip()]
         settings = ServiceSettings.model_validate(overrides)
         ref = _check_weights(settings)  # the model, resolved once for everything below
+        choose_dtype(settings.dtype, settings.device)  # int8 on a GPU fails now, in one line
         if uses_demo_defaults(settings):
             # The embedded default: the default model over the demo world's index,
             # built into the cache on first start (with a progress bar), reused afterwards.
@@ -123,7 +130,9 @@ def serve(
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        return load_torch_embedder(device=settings.device, modalities=settings.modalities, ref=ref)
+        return load_torch_embedder(
+            device=settings.device, modalities=settings.modalities, ref=ref, dtype=settings.dtype
+        )
 
     app = create_app(settings, load, searcher)
     limits = server_options(settings.max_header_bytes)  # request heads are capped as read

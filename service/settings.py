@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values a JSON body may hold per allowed input (a term has at most 6 members; tags and
@@ -26,6 +26,9 @@ class ServiceSettings(BaseSettings):
     checkpoint: Path | None = None
     config: str | None = None  # None: encoders.DEFAULT_MODEL, with its shipped weights
     device: str = "cpu"
+    # fp32, bf16, fp16, int8 (CPU) or auto: bf16 on GPUs and on CPUs with native bf16 matmul
+    # (avx512_bf16, amx_bf16, Arm bf16), fp32 on other CPUs (``encoders.dtype.choose_dtype``).
+    dtype: str = "auto"
     random_weights: bool = False  # testing only: the architecture of ``config``, random weights
     # Towers to load (JSON list in the environment, ``'["vision","text"]'``); None: all of them.
     # The huge model's six towers hold 1.2 B parameters; vision + text alone hold 0.99 B.
@@ -37,6 +40,13 @@ class ServiceSettings(BaseSettings):
     # Access.
     api_key: SecretStr | None = None  # when set, /v1 wants ``Authorization: Bearer <key>``
     cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        from encoders.dtype import parse_dtype
+
+        return parse_dtype(value)  # the canonical name ("bfloat16"), or "auto"
 
     # Dynamic batching, per modality.
     max_batch_size: int = Field(32, ge=1)

@@ -10,6 +10,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tests compare vectors with fp32 goldens at tight tolerances, on every CPU: the default
+# dtype is fp32 unless BINDSEARCH_DTYPE says otherwise (on a CPU with native bf16 "auto" would
+# pick bf16). tests/test_dtype*.py ask for "auto" explicitly and force the probe's answer.
+os.environ.setdefault("BINDSEARCH_DTYPE", "fp32")
+
 
 def shared_dir() -> Path:
     """``../shared`` next to the repo (CI lays it there), or ``BINDSEARCH_SHARED``."""
