@@ -37,7 +37,7 @@ from .metrics import Metrics, MetricsMiddleware
 from .pipeline import Pipeline
 from .routes import embed, generate, items, ops, search
 from .schemas import EmbedRequest, GenerateRequest, OpenAIEmbeddingsRequest, SearchRequest
-from .searchers import IndexSnapshots, Searcher
+from .searchers import IndexSnapshots, Searcher, searcher_has_model
 from .security import SecurityHeaders
 from .settings import ServiceSettings
 
@@ -73,7 +73,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         emb = embedder if isinstance(embedder, Embedder) else await asyncio.to_thread(embedder)
         info = emb.info
-        if searcher is not None and searcher.dim != info.dim:
+        if searcher is not None and searcher.dim != info.dim and searcher_has_model(searcher):
             raise ValueError(
                 f"the index holds {searcher.dim}-d vectors but the model makes {info.dim}-d "
                 "ones: serve the index with the model that built it"

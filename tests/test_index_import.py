@@ -289,3 +289,64 @@ def test_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path: Path) -> None
             np.testing.assert_array_equal(a.vector(i), b.vector(i))
     assert verify_index(idx).ok
     assert BuildOptions().chunk_items == 512  # the import's slice size did not leak into builds
+
+
+# --- the service: {"vector": [...]} ---------------------------------------------------------------
+
+
+def test_service_searches_a_vectors_only_index_by_vector(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service import FakeEmbedder, ServiceSettings, create_app
+    from service.searchers import load_searcher
+
+    x = ours(tmp_path / "emb", shards=2, rows=20)
+    import_embeddings(tmp_path / "emb", tmp_path / "idx", "vision", dim=8)
+    searcher = load_searcher(tmp_path / "idx")
+    # The served model makes 16-d vectors: it cannot embed for this 8-d index, nor need to.
+    app = create_app(ServiceSettings(), FakeEmbedder(16), searcher)
+    with TestClient(app) as c:
+        body = c.post("/v1/search", json={"vector": x[25].tolist(), "k": 3}).json()
+        assert body["results"][0]["id"] == 25 and len(body["results"]) == 3
+        assert body["results"][0]["path"] == "clips/1/5.mp4"
+        assert abs(body["results"][0]["score"] - 1) < 1e-5
+        assert body["query"]["terms"] == [
+            {
+                "kind": "vector",
+                "weight": 1.0,
+                "modality": "",
+                "text": None,
+                "item_id": None,
+                "filename": None,
+                "bytes": None,
+            }
+        ]
+        by_id = c.post("/v1/search", json={"item_id": 25, "k": 2}).json()["results"]
+        assert by_id[0]["id"] != 25 and len(by_id) == 2  # by a stored vector: no model either
+        for body, what in [
+            ({"vector": [1.0] * 5}, "vector has 5 dimensions; the index holds 8-d vectors"),
+            ({"vector": [0.0] * 8}, "all zeros"),
+            ({"text": "a cat"}, "search it with `vector`"),
+        ]:
+            r = c.post("/v1/search", json=body)
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["type"] == "invalid_content"
+            assert what in r.json()["error"]["message"]
+        r = c.post("/v1/search", json={"vector": [1.0] * 8, "text": "x"})
+        assert r.status_code in (400, 422)
+        assert "exactly one of text, item_id, data, terms or vector" in r.text
+    searcher.close()
+
+
+def test_service_vector_search_with_a_model_index(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service import FakeEmbedder, Item, MemorySearcher, ServiceSettings, create_app
+
+    v = np.random.default_rng(4).normal(size=(5, 8)).astype(np.float32)
+    items = [Item(i, Modality.VISION, f"{i}.png") for i in range(5)]
+    app = create_app(ServiceSettings(), FakeEmbedder(8), MemorySearcher(v, items))
+    with TestClient(app) as c:
+        hits = c.post("/v1/search", json={"vector": (v[3] * 7).tolist()}).json()["results"]
+        assert hits[0]["id"] == 3 and abs(hits[0]["score"] - 1) < 1e-5
+        assert c.post("/v1/search", json={"text": "still embeds"}).status_code == 200
