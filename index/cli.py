@@ -355,6 +355,12 @@ def info(
         params = e["spec"]["search_params"]
         p = f" {','.join(f'{k}={v}' for k, v in params.items())}" if params else ""
         typer.echo(f"  {m:8s} {e['count']:>9d} items  {e['spec']['factory']}{p}{r}")
+        size = data["sizes"][m]
+        where = "lists on disk, " if e["spec"].get("storage") == "disk" else ""
+        typer.echo(
+            f"  {'':8s} {where}resident {_mb(size['resident_bytes'])}, "
+            f"on disk (mapped, read as searched) {_mb(size['on_disk_bytes'])}"
+        )
     if data["rejected"]:
         typer.echo("rejected files:")
         for r in data["rejected"]:  # escaped: a name may hold bytes a terminal obeys
@@ -363,12 +369,17 @@ def info(
 
 def index_info(index: Path) -> dict[str, Any]:
     """The manifest plus the rejected files (``index info --json``)."""
+    from .ondisk import sizes
     from .store import IndexStore, read_manifest
 
     manifest = read_manifest(Path(index))
     with IndexStore.open_readonly(Path(index)) as store:
         rejected = [{"path": r["path"], "error": r["error"]} for r in store.file_rows("rejected")]
-    return {**manifest.to_dict(), "rejected": rejected}
+    bytes_ = {
+        m: sizes(Path(index), e.file, e.data_file, e.ntotal, manifest.dim)
+        for m, e in manifest.modalities.items()
+    }
+    return {**manifest.to_dict(), "sizes": bytes_, "rejected": rejected}
 
 
 @index_app.command("query")
@@ -396,12 +407,23 @@ def query(
     checkpoint: Checkpoint = None,
     config: Config = None,
     device: Device = "cpu",
+    nprobe: Annotated[
+        int | None,
+        typer.Option(min=1, help="On-disk index: lists scanned (default: tuned at build)."),
+    ] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="On-disk index: candidates re-ranked exactly (default: tuned at build)."
+        ),
+    ] = None,
 ) -> None:
     """Search an index with a file of any modality (detected unless -m), text, or vectors."""
     if sum(x is not None for x in (item, text, vector)) != 1:
         _fail("give one of ITEM (a file), --text or --vector")
     if vector is not None:
-        _query_vectors(index, vector, k, _guard(lambda: _modalities(targets)), as_json)
+        params = {"nprobe": nprobe, "rerank": rerank}
+        _query_vectors(index, vector, k, _guard(lambda: _modalities(targets)), as_json, params)
         return
 
     def run() -> Any:
@@ -412,6 +434,7 @@ def query(
         encoder = model.load([m])
         searcher = open_index(index, encoder, checkpoint=model.identity)
         with searcher:
+            searcher.set_search_params(nprobe, rerank)
             vec = encoder.embed_items(m, [query_item])
             return searcher.search(vec, k, _modalities(targets))[0]
 
@@ -427,7 +450,12 @@ def query(
 
 
 def _query_vectors(
-    index: Path, vector: Path, k: int, targets: tuple[Modality, ...] | None, as_json: bool
+    index: Path,
+    vector: Path,
+    k: int,
+    targets: tuple[Modality, ...] | None,
+    as_json: bool,
+    params: dict[str, int | None],
 ) -> None:
     """``index query --vector``: no model is loaded; the index's own dimension decides."""
     from .search import open_index
@@ -435,6 +463,7 @@ def _query_vectors(
     def run() -> Any:
         q = load_query_vectors(vector)
         with open_index(index) as searcher:
+            searcher.set_search_params(params["nprobe"], params["rerank"])
             return searcher.search(q, k, targets)
 
     results = _guard(run)
@@ -562,6 +591,10 @@ def _check_factory(factory: str, dim: int) -> None:
     from .spec import IndexSpec, new_index
 
     new_index(IndexSpec.parse(factory), dim)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def _clock(seconds: float | None) -> str:

@@ -22,6 +22,7 @@ from encoders import Modality
 
 from .errors import DimensionMismatch, IndexCorrupt, IndexIncomplete
 from .fingerprint import check_fingerprint, encoder_fingerprint
+from .ondisk import OnDiskIndex, check_overrides, list_ids, read_ondisk
 from .results import Hit, IndexInfo, Item
 from .spec import (
     IndexSpec,
@@ -149,8 +150,11 @@ class _ModalityIndex:
     tombstones: np.ndarray  # ids still in the FAISS index whose rows are marked deleted
     scan: FlatScan | None = None  # CPU Flat indexes: FlatScan for the batch sizes it wins
     gpu: bool = False
+    ondisk: OnDiskIndex | None = None  # IVF-PQ with lists on disk, re-ranked exactly
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.ondisk is not None:
+            return self.ondisk.search(q, k)
         if self.scan is not None and FlatScan.wants(len(q)):
             return self.scan.search(q, k)
         dist, ids = self.index.search(q, k)
@@ -177,6 +181,8 @@ class _ModalityIndex:
             parts = (allowed[s : s + step] for s in range(0, len(allowed), step))
             return top_k(q, ((gather(p), p) for p in parts), k)
         sel = faiss.IDSelectorBatch(allowed)  # referenced until the search returns
+        if self.ondisk is not None:
+            return self.ondisk.search(q, k, sel)
         params = search_parameters(self.index, self.spec, sel)
         dist, ids = self.index.search(q, k, params=params)
         return dist, ids
@@ -326,6 +332,14 @@ class IndexSearcher:
         p = Path(item.path)
         return p if p.is_absolute() else self.root / p
 
+    def set_search_params(self, nprobe: int | None = None, rerank: int | None = None) -> None:
+        """Override an on-disk index's tuned ``nprobe``/``rerank`` for the searches that follow
+        (``index query --nprobe/--rerank``); None keeps the recorded value."""
+        values = check_overrides({"nprobe": nprobe, "rerank": rerank})
+        for mi in self._indexes.values():
+            if mi.ondisk is not None:
+                mi.ondisk.overrides = dict(values)
+
     def close(self) -> None:
         self._store.close()
 
@@ -410,7 +424,11 @@ def open_index(
     except BaseException:
         store.close()
         raise
-    return IndexSearcher(root, manifest, store, indexes)
+    searcher = IndexSearcher(root, manifest, store, indexes)
+    for mi in indexes.values():
+        if mi.ondisk is not None:
+            mi.ondisk.gather = searcher._gather  # re-ranking reads the store under its lock
+    return searcher
 
 
 def _load_indexes(
@@ -427,6 +445,9 @@ def _load_indexes(
     for name, entry in manifest.modalities.items():
         m = Modality.parse(name)
         file = root / entry.file
+        if entry.spec.on_disk:
+            out[m] = _load_ondisk(file, entry, store, root)
+            continue
         index = read_faiss(file, entry.sha256, root)
         if index.d != dim:
             raise IndexCorrupt(f"{file} holds {index.d}-d vectors; the manifest says {dim}")
@@ -451,3 +472,18 @@ def _load_indexes(
         tombstones = np.intersect1d(present, dead)
         out[m] = _ModalityIndex(index, entry.spec, np.sort(present), tombstones, scan, on_gpu)
     return out
+
+
+def _load_ondisk(file: Path, entry: Any, store: IndexStore, root: Path) -> _ModalityIndex:
+    """An on-disk modality: lists memory-mapped, checked like the others (ids == live rows)."""
+    index = read_ondisk(file, entry.sha256, entry.data_sha256, root)
+    present = list_ids(index)
+    live = store.live_ids(file.stem)
+    if not np.array_equal(present, live):
+        raise IndexCorrupt(
+            f"{file} and {META} disagree: {len(np.setdiff1d(live, present))} item rows without "
+            f"a vector, {len(np.setdiff1d(present, live))} vectors without a row; "
+            "run `bindsearch index verify`"
+        )
+    ondisk = OnDiskIndex(index, entry.spec, store.gather)
+    return _ModalityIndex(index, entry.spec, present, np.zeros(0, np.int64), ondisk=ondisk)
