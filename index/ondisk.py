@@ -184,17 +184,11 @@ def tune(
     for nprobe in nprobes:
         ivf.nprobe = nprobe
         _, cand = index.search(queries, reranks[-1] + 1)
+        scores = _exact_scores(queries, cand, source.gather)  # once; each rerank is a prefix
         for rerank in reranks:
-            got = np.concatenate(
-                [  # in batches: each gathers (batch x rerank) float32 vectors
-                    rerank_search(
-                        queries[s : s + 32], cand[s : s + 32, : rerank + 1], source.gather, k + 1
-                    )[1]
-                    for s in range(0, len(queries), 32)
-                ]
-            )
+            got = _top(scores[:, : rerank + 1], cand[:, : rerank + 1], k + 1)
             r = recall_at_k(drop_self(got, query_ids, k), truth, k)
-            tried.append((nprobe * 10_000 + rerank, r))
+            tried.append((nprobe * 10_000 + rerank, r))  # read as nprobe, rerank
             if r > best[0] + 1e-9:
                 best = (r, nprobe, rerank)
             if r >= target_recall:
@@ -204,6 +198,32 @@ def tune(
             break
     params = {NPROBE: best[1], RERANK: best[2]}
     return RecallReport(best[0], k, len(queries), int(index.ntotal), target_recall, params, tried)
+
+
+def _exact_scores(q: np.ndarray, cand: np.ndarray, gather: Gather) -> np.ndarray:
+    """(nq, R) exact inner products of each query with its candidates (-inf where none)."""
+    out = np.full(cand.shape, -np.inf, dtype=np.float32)
+    for s in range(0, len(q), 32):  # each batch gathers (32 x R) float32 vectors at most
+        c = cand[s : s + 32]
+        uniq = np.unique(c[c >= 0])
+        if not len(uniq):
+            continue
+        vecs = gather(uniq)
+        for r, row in enumerate(c):
+            ok = row >= 0
+            out[s + r, ok] = vecs[np.searchsorted(uniq, row[ok])] @ q[s + r]
+    return out
+
+
+def _top(scores: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the ``k`` best-scored candidates per row, best first (-1 where fewer)."""
+    kk = min(k, scores.shape[1])
+    top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    top_s = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_s, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    ids = np.take_along_axis(cand, top, axis=1)
+    return np.where(np.isfinite(np.take_along_axis(scores, top, axis=1)), ids, -1)
 
 
 def rerank_search(
