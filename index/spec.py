@@ -84,7 +84,7 @@ class IndexSpec:
     def to_dict(self) -> dict[str, Any]:
         return {
             "factory": self.factory,
-            "faiss_factory": self.faiss_factory,
+            "faiss_factory": self.factory if self.on_disk else self.faiss_factory,
             "metric": self.metric,
             "search_params": dict(self.search_params),
             "train_size": self.train_size,
