@@ -32,7 +32,14 @@ from .spec import (
     search_parameters,
     to_gpu,
 )
-from .store import META, IndexManifest, IndexStore, read_faiss, read_manifest
+from .store import (
+    META,
+    IndexManifest,
+    IndexStore,
+    ModalityManifest,
+    read_faiss,
+    read_manifest,
+)
 
 
 class MetadataStore(Protocol):
@@ -474,9 +481,13 @@ def _load_indexes(
     return out
 
 
-def _load_ondisk(file: Path, entry: Any, store: IndexStore, root: Path) -> _ModalityIndex:
+def _load_ondisk(
+    file: Path, entry: ModalityManifest, store: IndexStore, root: Path
+) -> _ModalityIndex:
     """An on-disk modality: lists memory-mapped, checked like the others (ids == live rows)."""
     index = read_ondisk(file, entry.sha256, entry.data_sha256, root)
+    if index.d != store.dim:
+        raise IndexCorrupt(f"{file} holds {index.d}-d vectors; the index holds {store.dim}")
     present = list_ids(index)
     live = store.live_ids(file.stem)
     if not np.array_equal(present, live):
