@@ -48,6 +48,11 @@ class DecodedItem:
     end_s: float | None = None
     duration_s: float | None = None
     rank: tuple[int, float] = (0, 0.0)  # order of the item within its file
+    # Set by ``index import`` only, where one shard slice holds many items: each item's own
+    # path, caption and tags (None: the file's, as for every decoded file).
+    path: str | None = None
+    caption: str | None = None
+    tags: tuple[str, ...] | None = None
 
 
 @dataclass

@@ -184,6 +184,72 @@ def build(
     typer.echo(f"index: {output}")
 
 
+@index_app.command("import")
+def import_(
+    emb_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Precomputed embeddings: clip-retrieval's img_emb/img_emb_N.npy (or text_emb/) "
+            "with metadata/metadata_N.parquet, or NAME.npy beside NAME.jsonl (path, caption, "
+            "tags, start, end per row)."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The index directory.")],
+    modality: Annotated[str, typer.Option("--modality", "-m", help="The items' modality.")],
+    checkpoint: Checkpoint = None,
+    config: Config = None,
+    dim: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="The vectors' dimension when no model made them (--config/--checkpoint "
+            "otherwise): the index is then searched by vector only.",
+        ),
+    ] = None,
+    factory: Annotated[
+        str, typer.Option(help="'auto' (from size and memory budget) or a FAISS factory string.")
+    ] = "auto",
+    memory_budget: Annotated[
+        str, typer.Option("--memory-budget", help="Memory the index may use, e.g. 1GB.")
+    ] = "4GB",
+    target_recall: Annotated[
+        float, typer.Option(help="Recall@10 the auto recipe tunes its search for.")
+    ] = 0.95,
+    chunk_size: Annotated[
+        int,
+        typer.Option("--chunk-size", min=1, help="Vectors per committed slice (resume unit)."),
+    ] = 16384,
+    progress: Progress = None,
+) -> None:
+    """Build an index from precomputed embeddings; rerun the same command to finish it."""
+    from .importer import import_embeddings
+    from .pipeline import BuildOptions
+    from .spec import parse_size
+
+    if dim is not None and (checkpoint is not None or config is not None):
+        _fail("give either --dim (vectors without a model) or --config/--checkpoint, not both")
+
+    def run() -> Any:
+        opts = BuildOptions(
+            factory=factory,
+            memory_budget=parse_size(memory_budget),
+            target_recall=target_recall,
+            progress=progress,
+        )
+        model = None if dim is not None else _model(checkpoint, config, "cpu")
+        d = model.config.embed_dim if model is not None else dim
+        if factory != "auto" and d is not None:
+            _check_factory(factory, int(d))
+        return import_embeddings(
+            emb_dir, output, Modality.parse(modality), model, dim, opts, chunk_size, log=_log
+        )
+
+    summary = _guard(run)
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"index: {output}")
+
+
 @index_app.command("add")
 def add(
     index: Annotated[Path, typer.Argument(help="The index directory.")],
@@ -271,6 +337,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Counts, recipe and recall per modality, and the files that were rejected."""
+    from .fingerprint import has_model
+
     data = _guard(lambda: index_info(index))
     if as_json:
         json.dump(data, sys.stdout, indent=2)
@@ -278,10 +346,13 @@ def info(
         return
     c = data["counts"]
     typer.echo(f"index {index}  ({data['dim']}-d, cosine)")
-    typer.echo(
-        f"model: {data['model']['checkpoint']}  preprocessing v"
-        f"{data['model']['preprocess_version']}"
-    )
+    if has_model(data["model"]):
+        typer.echo(
+            f"model: {data['model']['checkpoint']}  preprocessing v"
+            f"{data['model']['preprocess_version']}"
+        )
+    else:
+        typer.echo("model: none (imported vectors: search with --vector)")
     typer.echo(
         f"{c['items']} items from {c['files']} files; {c['duplicates']} duplicates, "
         f"{c['rejected']} rejected"
@@ -292,6 +363,12 @@ def info(
         params = e["spec"]["search_params"]
         p = f" {','.join(f'{k}={v}' for k, v in params.items())}" if params else ""
         typer.echo(f"  {m:8s} {e['count']:>9d} items  {e['spec']['factory']}{p}{r}")
+        size = data["sizes"][m]
+        where = "lists on disk, " if e["spec"].get("storage") == "disk" else ""
+        typer.echo(
+            f"  {'':8s} {where}resident {_mb(size['resident_bytes'])}, "
+            f"on disk (mapped, read as searched) {_mb(size['on_disk_bytes'])}"
+        )
     if data["rejected"]:
         typer.echo("rejected files:")
         for r in data["rejected"]:  # escaped: a name may hold bytes a terminal obeys
@@ -300,6 +377,7 @@ def info(
 
 def index_info(index: Path) -> dict[str, Any]:
     """The manifest plus the rejected files (``index info --json``)."""
+    from .ondisk import sizes
     from .store import IndexStore, read_manifest
 
     manifest = read_manifest(Path(index))
@@ -312,7 +390,11 @@ def index_info(index: Path) -> dict[str, Any]:
             f"run `bindsearch index verify {index}`, then rebuild it"
         ) from None
     rejected = [{"path": r["path"], "error": r["error"]} for r in rows]
-    return {**manifest.to_dict(), "rejected": rejected}
+    bytes_ = {
+        m: sizes(Path(index), e.file, e.data_file, e.ntotal, manifest.dim)
+        for m, e in manifest.modalities.items()
+    }
+    return {**manifest.to_dict(), "sizes": bytes_, "rejected": rejected}
 
 
 @index_app.command("query")
@@ -324,6 +406,14 @@ def query(
         typer.Option("--modality", "-m", help=f"The modality of ITEM (default: detected). {RULE}"),
     ] = None,
     text: Annotated[str | None, typer.Option(help="Search with this text instead.")] = None,
+    vector: Annotated[
+        Path | None,
+        typer.Option(
+            "--vector",
+            help="Search with the vectors in this .npy instead: (D,) or (Q, D); with --json one "
+            "line of results per query vector.",
+        ),
+    ] = None,
     targets: Annotated[
         list[str] | None, typer.Option("--target", help="Item modalities to search (repeat).")
     ] = None,
@@ -340,11 +430,26 @@ def query(
     checkpoint: Checkpoint = None,
     config: Config = None,
     device: Device = "cpu",
+    nprobe: Annotated[
+        int | None,
+        typer.Option(min=1, help="On-disk index: lists scanned (default: tuned at build)."),
+    ] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="On-disk index: candidates re-ranked exactly (default: tuned at build)."
+        ),
+    ] = None,
 ) -> None:
-    """Search an index with a file of any modality (detected unless -m), or with text."""
+    """Search an index with a file of any modality (detected unless -m), text, or vectors."""
     tag_filter = [t.strip() for raw in tags or [] for t in raw.split(",") if t.strip()]
-    if (text is None) == (item is None):
-        _fail("give either ITEM (a file) or --text")
+    if sum(x is not None for x in (item, text, vector)) != 1:
+        _fail("give one of ITEM (a file), --text or --vector")
+    if vector is not None:
+        params = {"nprobe": nprobe, "rerank": rerank}
+        mods = _guard(lambda: _modalities(targets))
+        _query_vectors(index, vector, k, mods, as_json, params, tag_filter or None)
+        return
 
     def run() -> Any:
         from .search import open_index
@@ -354,6 +459,7 @@ def query(
         encoder = model.load([m])
         searcher = open_index(index, encoder, checkpoint=model.identity)
         with searcher:
+            searcher.set_search_params(nprobe, rerank)
             vec = encoder.embed_items(m, [query_item])
             return searcher.search(vec, k, _modalities(targets), tag_filter or None)[0]
 
@@ -366,6 +472,57 @@ def query(
         it = h.item
         seg = f"  {_clock(it.start)}–{_clock(it.end)}" if it.start is not None else ""
         typer.echo(f"{rank:>3d}  {h.score:.4f}  {it.modality:8s} #{it.id:<7d} {it.path}{seg}")
+
+
+def _query_vectors(
+    index: Path,
+    vector: Path,
+    k: int,
+    targets: tuple[Modality, ...] | None,
+    as_json: bool,
+    params: dict[str, int | None],
+    tags: list[str] | None = None,
+) -> None:
+    """``index query --vector``: no model is loaded; the index's own dimension decides."""
+    from .search import open_index
+
+    def run() -> Any:
+        q = load_query_vectors(vector)
+        with open_index(index) as searcher:
+            searcher.set_search_params(params["nprobe"], params["rerank"])
+            return searcher.search(q, k, targets, tags)
+
+    results = _guard(run)
+    for n, hits in enumerate(results):
+        if as_json:
+            sys.stdout.write(json.dumps({"results": [h.to_dict() for h in hits]}) + "\n")
+            continue
+        if len(results) > 1:
+            typer.echo(f"query {n}:")
+        for rank, h in enumerate(hits, 1):
+            it = h.item
+            seg = f"  {_clock(it.start)}–{_clock(it.end)}" if it.start is not None else ""
+            typer.echo(f"{rank:>3d}  {h.score:.4f}  {it.modality:8s} #{it.id:<7d} {it.path}{seg}")
+
+
+def load_query_vectors(path: Path) -> Any:
+    """(Q, D) float32 query vectors from a ``.npy`` of shape (D,) or (Q, D)."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npy array ({e})") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim not in (1, 2) or arr.dtype.kind not in "fiu":
+        raise ValueError(
+            f"{path} holds {getattr(arr, 'shape', '?')} {getattr(arr, 'dtype', '?')}; "
+            "expected numbers of shape (D,) or (Q, D)"
+        )
+    if arr.size == 0:
+        raise ValueError(f"{path} holds no vector")
+    return np.atleast_2d(arr).astype(np.float32)
 
 
 @index_app.command("verify")
@@ -404,12 +561,18 @@ def _model_for(index: Path, checkpoint: str | None, config: str | None, device: 
     """The model an existing index was built with, unless told otherwise."""
     from encoders import ModelConfig, resolve_model
 
+    from .fingerprint import has_model
     from .pipeline import ModelSource
     from .store import read_manifest
 
     manifest = read_manifest(Path(index))
     if checkpoint is not None or config is not None:
         return _model(checkpoint, config, device)
+    if not has_model(dict(manifest.model)):
+        raise IndexStoreError(
+            f"the index at {index} holds imported vectors without a model: search it with "
+            "--vector q.npy (or pass the --config/--checkpoint that made them)"
+        )
     cfg = ModelConfig.from_dict(manifest.model["config"])
     identity = str(manifest.model["checkpoint"])
     if identity.startswith("random:"):
@@ -458,6 +621,10 @@ def _check_factory(factory: str, dim: int) -> None:
     from .spec import IndexSpec, new_index
 
     new_index(IndexSpec.parse(factory), dim)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def _clock(seconds: float | None) -> str:

@@ -43,6 +43,29 @@ def ref_fingerprint(ref: ModelRef) -> dict[str, Any]:
     return model_fingerprint(ref.config, ref.identity)
 
 
+VECTORS_ONLY = "vectors-only"
+
+
+def vectors_fingerprint(dim: int) -> dict[str, Any]:
+    """The fingerprint of imported vectors without a model (``index import --dim``).
+
+    Such an index can be searched by vector only: nothing can embed a query for it.
+    """
+    body: dict[str, Any] = {
+        "checkpoint": VECTORS_ONLY,
+        "config": None,
+        "dim": int(dim),
+        "preprocess_version": None,
+    }
+    body["digest"] = _digest(body)
+    return body
+
+
+def has_model(fingerprint: dict[str, Any]) -> bool:
+    """Whether an index's vectors come from a known model (False: imported with ``--dim``)."""
+    return fingerprint.get("checkpoint") != VECTORS_ONLY
+
+
 def check_fingerprint(stored: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Raise ``ModelMismatch`` naming what differs between two fingerprints."""
     from .errors import ModelMismatch

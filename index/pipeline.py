@@ -478,6 +478,35 @@ class IndexWriter:
             self.summary.model_s += engine.model_s
             self.summary.decode_wait_s += engine.decode_wait_s
 
+    def write_loaded(
+        self, entries: Sequence[CorpusEntry], load: Callable[[CorpusEntry], EmbeddedFile]
+    ) -> None:
+        """Commit files whose vectors exist already (``index import``), in order.
+
+        ``load(entry)`` returns an entry's items with their vectors; it is called only for
+        entries that are new or changed, one at a time, so only one is held at once.
+        """
+        self._todo = self._select(entries)
+        bar = tqdm(
+            total=len(self._todo),
+            unit="file",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not self._show_progress(),
+            smoothing=0.1,
+        )
+        try:
+            self._drain(bar)
+            while self._head < len(self._todo):
+                seq = self._head
+                f = load(self._todo[seq])
+                f.seq = seq
+                self._arrived[seq] = f
+                self._drain(bar)
+            self._commit()
+        finally:
+            bar.close()
+
     def _select(self, entries: Sequence[CorpusEntry]) -> list[CorpusEntry]:
         todo = []
         wanted = self.opts.modalities
@@ -581,15 +610,15 @@ class IndexWriter:
                         raise IndexStoreError(f"internal: {path} has an item without a vector")
                     items.append(
                         ItemRecord(
-                            path,
+                            path if d.path is None else d.path,
                             d.modality,
                             f.sha256 or "",
                             size or 0,
                             d.start_s,
                             d.end_s,
                             d.duration_s,
-                            e.caption,
-                            e.tags,
+                            e.caption if d.caption is None else d.caption,
+                            e.tags if d.tags is None else d.tags,
                         )
                     )
                     vectors.append(it.vector)

@@ -22,6 +22,7 @@ from encoders import Modality
 
 from .errors import DimensionMismatch, IndexCorrupt, IndexIncomplete
 from .fingerprint import check_fingerprint, encoder_fingerprint
+from .ondisk import OnDiskIndex, check_overrides, list_ids, read_ondisk
 from .results import Hit, IndexInfo, Item
 from .spec import (
     IndexSpec,
@@ -31,7 +32,14 @@ from .spec import (
     search_parameters,
     to_gpu,
 )
-from .store import META, IndexManifest, IndexStore, read_faiss, read_manifest
+from .store import (
+    META,
+    IndexManifest,
+    IndexStore,
+    ModalityManifest,
+    read_faiss,
+    read_manifest,
+)
 from .torch_scan import TorchScan, default_scan_device
 
 
@@ -151,8 +159,11 @@ class _ModalityIndex:
     scan: FlatScan | None = None  # CPU Flat indexes: FlatScan for the batch sizes it wins
     gpu: bool = False
     device_scan: TorchScan | None = None  # Flat indexes scanned with torch (GPU, no faiss-gpu)
+    ondisk: OnDiskIndex | None = None  # IVF-PQ with lists on disk, re-ranked exactly
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.ondisk is not None:
+            return self.ondisk.search(q, k)
         if self.device_scan is not None:
             return self.device_scan.search(q, k)
         if self.scan is not None and FlatScan.wants(len(q)):
@@ -183,6 +194,8 @@ class _ModalityIndex:
             parts = (allowed[s : s + step] for s in range(0, len(allowed), step))
             return top_k(q, ((gather(p), p) for p in parts), k)
         sel = faiss.IDSelectorBatch(allowed)  # referenced until the search returns
+        if self.ondisk is not None:
+            return self.ondisk.search(q, k, sel)
         params = search_parameters(self.index, self.spec, sel)
         dist, ids = self.index.search(q, k, params=params)
         return dist, ids
@@ -332,6 +345,14 @@ class IndexSearcher:
         p = Path(item.path)
         return p if p.is_absolute() else self.root / p
 
+    def set_search_params(self, nprobe: int | None = None, rerank: int | None = None) -> None:
+        """Override an on-disk index's tuned ``nprobe``/``rerank`` for the searches that follow
+        (``index query --nprobe/--rerank``); None keeps the recorded value."""
+        values = check_overrides({"nprobe": nprobe, "rerank": rerank})
+        for mi in self._indexes.values():
+            if mi.ondisk is not None:
+                mi.ondisk.overrides = dict(values)
+
     def close(self) -> None:
         self._store.close()
 
@@ -422,7 +443,11 @@ def open_index(
     except BaseException:
         store.close()
         raise
-    return IndexSearcher(root, manifest, store, indexes)
+    searcher = IndexSearcher(root, manifest, store, indexes)
+    for mi in indexes.values():
+        if mi.ondisk is not None:
+            mi.ondisk.gather = searcher._gather  # re-ranking reads the store under its lock
+    return searcher
 
 
 def _load_indexes(
@@ -439,6 +464,9 @@ def _load_indexes(
     for name, entry in manifest.modalities.items():
         m = Modality.parse(name)
         file = root / entry.file
+        if entry.spec.on_disk:
+            out[m] = _load_ondisk(file, entry, store, root)
+            continue
         index = read_faiss(file, entry.sha256, root)
         if index.d != dim:
             raise IndexCorrupt(f"{file} holds {index.d}-d vectors; the manifest says {dim}")
@@ -465,3 +493,22 @@ def _load_indexes(
         if device is not None and not on_gpu and TorchScan.supports(index):
             out[m].device_scan = TorchScan(index, device, present)
     return out
+
+
+def _load_ondisk(
+    file: Path, entry: ModalityManifest, store: IndexStore, root: Path
+) -> _ModalityIndex:
+    """An on-disk modality: lists memory-mapped, checked like the others (ids == live rows)."""
+    index = read_ondisk(file, entry.sha256, entry.data_sha256, root)
+    if index.d != store.dim:
+        raise IndexCorrupt(f"{file} holds {index.d}-d vectors; the index holds {store.dim}")
+    present = list_ids(index)
+    live = store.live_ids(file.stem)
+    if not np.array_equal(present, live):
+        raise IndexCorrupt(
+            f"{file} and {META} disagree: {len(np.setdiff1d(live, present))} item rows without "
+            f"a vector, {len(np.setdiff1d(present, live))} vectors without a row; "
+            "run `bindsearch index verify`"
+        )
+    ondisk = OnDiskIndex(index, entry.spec, store.gather)
+    return _ModalityIndex(index, entry.spec, present, np.zeros(0, np.int64), ondisk=ondisk)

@@ -2,12 +2,13 @@
 
 ``choose_spec`` is ``--factory auto``: exact ``Flat`` below ``FLAT_MAX_VECTORS``; above, an
 inverted file (``IVF<nlist>,Flat``) when the vectors fit the memory budget, else
-``IVF<nlist>,PQ<m>`` with the largest code that fits. ``train_and_fill`` trains on a sample,
-adds every vector in blocks and, for approximate indexes, tunes the search parameter
-(``nprobe`` / ``efSearch``) on held-out queries until recall@10 against exact search reaches
-the target, and reports it.
+``IVF<nlist>,PQ<m>`` with its inverted lists on disk and exact re-ranking (``index.ondisk``).
+``train_and_fill`` trains on a sample, adds every vector in blocks and, for approximate
+indexes, tunes the search parameter (``nprobe`` / ``efSearch``) on held-out queries until
+recall@10 against exact search reaches the target, and reports it.
 
-Every index is wrapped in ``IDMap2`` so FAISS ids are the metadata row ids.
+Every index held in memory is wrapped in ``IDMap2`` so FAISS ids are the metadata row ids (an
+on-disk index keeps the ids in its lists).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MAX_QUERIES = 1000  # held-out queries for measuring recall
 TRAIN_POINTS_PER_LIST = 40  # FAISS asks for at least 39 training points per centroid
 PQ_TRAIN_POINTS = 256 * 40  # 8-bit PQ: 256 centroids per sub-quantizer
 DEFAULT_MEMORY_BUDGET = 4 * 10**9
+ONDISK_MIN_VECTORS = 4096  # PQ training wants 256 points per codebook; below, no disk index
 _ID_BYTES = 8  # IDMap2 keeps an int64 per vector (plus a reverse map of similar size)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -47,6 +49,7 @@ class IndexSpec:
     metric: str = "ip"
     search_params: Mapping[str, int] = field(default_factory=dict)
     train_size: int = 0
+    storage: str = "memory"  # "disk": inverted lists memory-mapped, re-ranked (index.ondisk)
 
     @classmethod
     def parse(cls, factory: str) -> IndexSpec:
@@ -60,6 +63,10 @@ class IndexSpec:
     @property
     def faiss_factory(self) -> str:
         return f"IDMap2,{self.factory}"
+
+    @property
+    def on_disk(self) -> bool:
+        return self.storage == "disk"
 
     @property
     def exact(self) -> bool:
@@ -77,10 +84,11 @@ class IndexSpec:
     def to_dict(self) -> dict[str, Any]:
         return {
             "factory": self.factory,
-            "faiss_factory": self.faiss_factory,
+            "faiss_factory": self.factory if self.on_disk else self.faiss_factory,
             "metric": self.metric,
             "search_params": dict(self.search_params),
             "train_size": self.train_size,
+            "storage": self.storage,
         }
 
     @classmethod
@@ -90,6 +98,7 @@ class IndexSpec:
             metric=str(d.get("metric", "ip")),
             search_params={str(k): int(v) for k, v in dict(d.get("search_params", {})).items()},
             train_size=int(d.get("train_size", 0)),
+            storage=str(d.get("storage", "memory")),
         )
 
 
@@ -169,34 +178,46 @@ def parse_size(text: str | int) -> int:
 
 
 def choose_spec(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> IndexSpec:
-    """``--factory auto``: the recipe for ``n`` vectors of ``dim`` floats within a memory budget."""
+    """``--factory auto``: the recipe for ``n`` vectors of ``dim`` floats within a memory budget.
+
+    Exact ``Flat`` below ``FLAT_MAX_VECTORS``, ``IVF-Flat`` above, both while the vectors fit
+    the budget; otherwise IVF-PQ with its inverted lists on disk (``storage="disk"``,
+    ``index.ondisk``), which holds only the centroids, the codebooks and the ids in memory.
+    """
     flat_bytes = n * (4 * dim + _ID_BYTES)
-    if n < FLAT_MAX_VECTORS:
-        if flat_bytes > memory_budget:
-            raise IndexStoreError(
-                f"{n} vectors of {dim} floats need {flat_bytes / 1e9:.2f} GB; the memory "
-                f"budget is {memory_budget / 1e9:.2f} GB"
-            )
-        return IndexSpec("Flat")
     # sqrt(n) lists, a power of two: ~450 vectors per list at 200k, short to train on 2 cores.
-    nlist = int(2 ** round(math.log2(math.sqrt(n))))
+    nlist = int(2 ** round(math.log2(math.sqrt(max(n, 1)))))
     nlist = max(64, min(nlist, 65536))
     train = min(n, TRAIN_POINTS_PER_LIST * nlist)
     centroid_bytes = nlist * dim * 4
-    if flat_bytes + centroid_bytes <= memory_budget:
+    if n < FLAT_MAX_VECTORS and flat_bytes <= memory_budget:
+        return IndexSpec("Flat")
+    if n >= FLAT_MAX_VECTORS and flat_bytes + centroid_bytes <= memory_budget:
         return IndexSpec(f"IVF{nlist},Flat", train_size=train)
-    # Memory is short: product quantisation, as many 8-bit codes per vector as fit.
+    # Memory is short: PQ codes in lists on disk. What stays resident: the coarse centroids,
+    # the codebooks (256 centroids per sub-quantizer) and the ids the searcher keeps.
+    resident = centroid_bytes + 256 * dim * 4 + n * 2 * _ID_BYTES
+    # At least 4 dimensions per 8-bit code (and as many codes as would fit memory).
     per_vector = (memory_budget - centroid_bytes) / n - _ID_BYTES
-    fitting = [m for m in range(1, dim + 1) if dim % m == 0 and m <= per_vector and m < 4 * dim]
-    if not fitting:
-        need = n * (1 + _ID_BYTES) + centroid_bytes
+    fitting = [m for m in range(1, dim // 4 + 1) if dim % m == 0 and m <= per_vector]
+    if n < ONDISK_MIN_VECTORS or resident > memory_budget or not fitting:
+        need = max(resident, n * (1 + _ID_BYTES) + centroid_bytes)
         raise IndexStoreError(
-            f"the memory budget of {memory_budget / 1e9:.2f} GB is too small for {n} vectors "
-            f"even compressed to 1 byte each (need about {need / 1e9:.2f} GB)"
+            f"the memory budget of {memory_budget / 1e9:.3f} GB is too small for {n} vectors "
+            f"of {dim} floats: exact search needs {flat_bytes / 1e9:.3f} GB"
+            + (
+                f", an index on disk about {need / 1e9:.3f} GB"
+                if n >= ONDISK_MIN_VECTORS
+                else f" (an index on disk needs at least {ONDISK_MIN_VECTORS} vectors)"
+            )
         )
     m = max(fitting)
     # "np": no polysemous training (it only serves Hamming-filtered search, and is slow).
-    return IndexSpec(f"IVF{nlist},PQ{m}np", train_size=min(n, max(train, PQ_TRAIN_POINTS)))
+    return IndexSpec(
+        f"IVF{nlist},PQ{m}np",
+        train_size=min(n, max(train, PQ_TRAIN_POINTS)),
+        storage="disk",
+    )
 
 
 def new_index(spec: IndexSpec, dim: int) -> faiss.Index:
@@ -234,7 +255,7 @@ def train_and_fill(
         pool = perm[nq:] if n - nq >= (spec.train_size or 1) else perm
         train_size = min(len(pool), spec.train_size or len(pool))
         train_ids = np.sort(ids[pool[:train_size]])
-        _train(index, source.gather(train_ids), spec)
+        train_index(index, source.gather(train_ids), spec)
     for block_ids, vecs in source.blocks(block_size):
         index.add_with_ids(vecs, block_ids)
     spec = IndexSpec(spec.factory, spec.metric, dict(spec.search_params), train_size)
@@ -260,7 +281,7 @@ def tune(
     """
     extra = 0 if query_ids is None else 1
     _, exact = exact_knn(queries, source, k + extra)
-    truth = _drop_self(exact, query_ids, k)
+    truth = drop_self(exact, query_ids, k)
     name, values = _search_parameter(index)
     tried: list[tuple[int, float]] = []
     best: tuple[float, int] = (-1.0, 0)
@@ -268,7 +289,7 @@ def tune(
         if name:
             faiss.ParameterSpace().set_index_parameter(index, name, value)
         _, got = index.search(queries, k + extra)
-        r = recall_at_k(_drop_self(got, query_ids, k), truth, k)
+        r = recall_at_k(drop_self(got, query_ids, k), truth, k)
         tried.append((value, r))
         if r > best[0] + 1e-9:
             best = (r, value)
@@ -305,7 +326,8 @@ def recall_at_k(got: np.ndarray, truth: np.ndarray, k: int = RECALL_K) -> float:
 def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
     """Set the recorded ``nprobe``/``efSearch`` on a loaded index."""
     for name, value in spec.search_params.items():
-        faiss.ParameterSpace().set_index_parameter(index, name, value)
+        if name != "rerank":  # not FAISS's: the on-disk re-ranking's (index.ondisk)
+            faiss.ParameterSpace().set_index_parameter(index, name, value)
 
 
 def gpu_available() -> bool:
@@ -326,8 +348,9 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
         return index
 
 
-def _train(index: faiss.Index, x: np.ndarray, spec: IndexSpec) -> None:
-    ivf = _ivf(index)
+def train_index(index: faiss.Index, x: np.ndarray, spec: IndexSpec) -> None:
+    """Train ``index`` on ``x`` (k-means on the GPU when there is one); one-line errors."""
+    ivf = ivf_of(index)
     if ivf is not None and gpu_available():
         # k-means on the GPU; the trained centroids land in the CPU quantizer (same files).
         flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
@@ -340,7 +363,8 @@ def _train(index: faiss.Index, x: np.ndarray, spec: IndexSpec) -> None:
         ) from None
 
 
-def _ivf(index: faiss.Index) -> Any:
+def ivf_of(index: faiss.Index) -> Any:
+    """The ``IndexIVF`` inside ``index`` (through wrappers), or None when it has none."""
     try:
         return faiss.extract_index_ivf(index)
     except (RuntimeError, AttributeError):
@@ -348,7 +372,7 @@ def _ivf(index: faiss.Index) -> Any:
 
 
 def _search_parameter(index: faiss.Index) -> tuple[str | None, list[int]]:
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     if ivf is not None:
         nlist = int(ivf.nlist)
         values = [1 << i for i in range(int(math.log2(nlist)) + 1)]
@@ -359,7 +383,8 @@ def _search_parameter(index: faiss.Index) -> tuple[str | None, list[int]]:
     return None, []
 
 
-def _drop_self(result: np.ndarray, own: np.ndarray | None, k: int) -> np.ndarray:
+def drop_self(result: np.ndarray, own: np.ndarray | None, k: int) -> np.ndarray:
+    """The first ``k`` ids of each row other than the query's own id (``own``), -1 padded."""
     if own is None:
         return result[:, :k]
     out = np.full((len(result), k), -1, dtype=np.int64)
@@ -402,9 +427,9 @@ def search_parameters(
     inner: Any = faiss.downcast_index(index.index) if hasattr(index, "index") else index
     values = dict(spec.search_params)
     params: Any
-    if _ivf(index) is not None:
+    if ivf_of(index) is not None:
         params = faiss.SearchParametersIVF()
-        params.nprobe = int(values.get("nprobe", _ivf(index).nprobe))
+        params.nprobe = int(values.get("nprobe", ivf_of(index).nprobe))
     elif hasattr(inner, "hnsw"):
         params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
         params.efSearch = int(values.get("efSearch", inner.hnsw.efSearch))

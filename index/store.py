@@ -156,9 +156,11 @@ class ModalityManifest:
     removable: bool
     sha256: str
     recall: Mapping[str, Any] | None = None  # ``RecallReport.to_dict()``; None: exact
+    data_file: str | None = None  # an on-disk index's inverted lists (``index.ondisk``)
+    data_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "file": self.file,
             "spec": self.spec.to_dict(),
             "count": self.count,
@@ -168,6 +170,9 @@ class ModalityManifest:
             "recall": None if self.recall is None else dict(self.recall),
             "sha256": self.sha256,
         }
+        if self.data_file is not None:
+            out |= {"data_file": self.data_file, "data_sha256": self.data_sha256}
+        return out
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,13 @@ class IndexManifest:
             except (KeyError, TypeError, ValueError) as err:
                 r.fail(f"{where}.spec is not an index recipe ({err})")
             recall = e.get("recall")
+            data_file = e.get("data_file")
+            if data_file is not None and (
+                not isinstance(data_file, str)
+                or data_file != Path(data_file).name
+                or not data_file.endswith(".ivfdata")
+            ):
+                r.fail(f"{where}.data_file is {data_file!r}, not an .ivfdata file in the folder")
             mods[name] = ModalityManifest(
                 file=file,
                 spec=spec,
@@ -250,6 +262,8 @@ class IndexManifest:
                 removable=r.bool_(e, "removable", where),
                 sha256=r.str_(e, "sha256", where),
                 recall=None if recall is None else r.obj(recall, f"{where}.recall"),
+                data_file=data_file,
+                data_sha256=None if data_file is None else r.str_(e, "data_sha256", where),
             )
         counts = r.obj(r.key(d, "counts"), "counts")
         checksums = r.obj(r.key(d, "checksums"), "checksums")
@@ -903,6 +917,7 @@ class IndexStore:
             self._bump_generation()
         for m in set(old) - set(entries):
             (self.root / f"{m}.faiss").unlink(missing_ok=True)
+            (self.root / f"{m}.ivfdata").unlink(missing_ok=True)
         manifest = self._manifest(entries)
         _atomic_write(self.root / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode())
         return manifest
@@ -924,7 +939,27 @@ class IndexStore:
             wanted = choose_spec(len(live), self.dim, int(options["memory_budget"]))
         else:
             wanted = IndexSpec.parse(str(options["factory"]))
-        spec = None if old is None else old.spec
+        if wanted.on_disk:
+            from .ondisk import data_path, refresh_ondisk
+
+            target = float(options["target_recall"])
+            last = None if old is None else (old.spec, old.sha256, old.data_sha256, old.recall)
+            built, report = refresh_ondisk(self, m, wanted, last, live, target, rebuild, log)
+            data = data_path(path)
+            return ModalityManifest(
+                file=path.name,
+                spec=built,
+                count=len(live),
+                ntotal=len(live),
+                tombstones=0,
+                removable=True,
+                sha256=sha256_path(path),
+                recall=report,
+                data_file=data.name,
+                data_sha256=sha256_file(data),
+            )
+        (self.root / f"{m}.ivfdata").unlink(missing_ok=True)  # was on disk, now in memory
+        spec = None if old is None or old.spec.on_disk else old.spec
         recall = None if old is None else old.recall
         index = None
         if spec is not None and path.is_file() and not rebuild and spec.factory == wanted.factory:
@@ -993,6 +1028,7 @@ class IndexStore:
                 "items_sha256": items_digest(self.conn),
                 "chunks_sha256": chunks_digest(self.conn),
                 **{e.file: e.sha256 for e in entries.values()},
+                **{e.data_file: e.data_sha256 or "" for e in entries.values() if e.data_file},
             },
             generation=self.generation,
             next_id=int(self.get_meta("next_id") or 0),
@@ -1047,6 +1083,11 @@ def replacement_dir(out: Path) -> Path:
             shutil.copy2(chunk, tmp / CHUNKS / chunk.name)
     for f in [*out.glob("*.faiss"), out / MANIFEST]:
         shutil.copy2(f, tmp / f.name)  # replaced by rename when refreshed, but copied anyway
+    for f in out.glob("*.ivfdata"):  # on-disk lists: replaced by rename too, never rewritten
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
     os.replace(tmp, work)
     _fsync_dir(work.parent)
     return work
@@ -1100,6 +1141,7 @@ def _same_index(a: Path, b: Path) -> bool:
 def _swap_files(work: Path, out: Path) -> None:
     (out / CHUNKS).mkdir(exist_ok=True)
     names = [f"{CHUNKS}/{p.name}" for p in sorted((work / CHUNKS).glob("c*.npy"))]
+    names += [p.name for p in sorted(work.glob("*.ivfdata"))]
     names += [p.name for p in sorted(work.glob("*.faiss"))] + [META, MANIFEST]
     for name in names:
         src, dst = work / name, out / name
@@ -1110,7 +1152,7 @@ def _swap_files(work: Path, out: Path) -> None:
         os.link(src, tmp)
         os.replace(tmp, dst)
     keep = set(names)
-    for p in out.glob("*.faiss"):
+    for p in [*out.glob("*.faiss"), *out.glob("*.ivfdata")]:
         if p.name not in keep:
             p.unlink()
     _fsync_dir(out / CHUNKS)

@@ -10,6 +10,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .ondisk import list_ids, quiet_stdout
 from .spec import IndexSpec, index_ids
 from .store import (
     META,
@@ -101,8 +102,17 @@ def _check(root: Path, manifest: IndexManifest, store: IndexStore, report: Verif
         if sha256_path(file) != entry.sha256:
             bad(f"{file.name} does not match its sha256 in the manifest")
             continue
-        index = faiss.read_index(str(file))
-        present = index_ids(index)
+        if entry.data_file is not None:
+            data = root / entry.data_file
+            if not data.is_file() or sha256_path(data) != entry.data_sha256:
+                bad(f"{entry.data_file} is missing or does not match its sha256 in the manifest")
+                continue
+            with quiet_stdout():
+                index = faiss.read_index(str(file), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            present = list_ids(index)
+        else:
+            index = faiss.read_index(str(file))
+            present = index_ids(index)
         rows = store.modality_rows(name)
         live = np.array([r[0] for r in rows if not r[2]], dtype=np.int64)
         dead = np.array([r[0] for r in rows if r[2]], dtype=np.int64)

@@ -37,7 +37,7 @@ from .metrics import Metrics, MetricsMiddleware
 from .pipeline import Pipeline
 from .routes import embed, generate, items, ops, search
 from .schemas import EmbedRequest, GenerateRequest, OpenAIEmbeddingsRequest, SearchRequest
-from .searchers import IndexSnapshots, Searcher
+from .searchers import IndexSnapshots, Searcher, searcher_has_model
 from .security import SecurityHeaders
 from .settings import ServiceSettings
 
@@ -75,7 +75,7 @@ def create_app(
         info = emb.info
         if isinstance(searcher, IndexSnapshots):
             searcher.expected_dim = info.dim  # a first index built later must match too
-        if searcher is not None and searcher.dim != info.dim:
+        if searcher is not None and searcher.dim != info.dim and searcher_has_model(searcher):
             raise ValueError(
                 f"the index holds {searcher.dim}-d vectors but the model makes {info.dim}-d "
                 "ones: serve the index with the model that built it"

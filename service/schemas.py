@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -58,6 +58,7 @@ class Term(_Strict):
 class _Query(_Strict):
     """One of ``text``, ``item_id``, ``data`` or ``terms``: what search and generate share."""
 
+    KINDS: ClassVar[tuple[str, ...]] = ("text", "item_id", "data", "terms")
     text: str | None = None
     item_id: int | None = None
     data: str | None = Field(None, description="Base64 file content (any modality).")
@@ -69,9 +70,10 @@ class _Query(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> Self:
-        given = [n for n in ("text", "item_id", "data", "terms") if getattr(self, n) is not None]
+        given = [n for n in self.KINDS if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of text, item_id, data or terms")
+            kinds = ", ".join(self.KINDS[:-1]) + " or " + self.KINDS[-1]
+            raise ValueError(f"give exactly one of {kinds}")
         if (self.modality is not None or self.filename is not None) and self.data is None:
             raise ValueError("modality and filename go with data")
         if self.terms is not None and not self.terms:
@@ -94,8 +96,14 @@ class _Query(_Strict):
 
 
 class SearchRequest(_Query):
-    """A JSON search: exactly one of ``text``, ``item_id``, ``data`` or ``terms``."""
+    """A JSON search: exactly one of ``text``, ``item_id``, ``data``, ``terms`` or ``vector``."""
 
+    KINDS: ClassVar[tuple[str, ...]] = ("text", "item_id", "data", "terms", "vector")
+    vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        None,
+        description="A query embedding of the index's dimension (normalised here); searches "
+        "an index of imported vectors without a model too.",
+    )
     k: int | None = Field(None, ge=1, description="Results wanted (default 10; capped).")
     target: list[str] | str | None = Field(
         None, description="Item modalities to return (default: all)."
@@ -136,6 +144,7 @@ class GenerateRequest(_Query):
             target=None,
             tags=None,
             tag=None,
+            vector=None,
         )
 
 
@@ -173,7 +182,7 @@ class ResultOut(ItemOut):
 
 
 class TermEcho(BaseModel):
-    kind: Literal["text", "item", "data", "file"]
+    kind: Literal["text", "item", "data", "file", "vector"]
     weight: float
     modality: str
     text: str | None = None

@@ -479,6 +479,17 @@ def load_searcher(
     return IndexSnapshots(path, check, wait=wait)
 
 
+def searcher_has_model(searcher: Searcher | IndexSearcher) -> bool:
+    """False for an index of imported vectors without a model (``index import --dim``): the
+    served model cannot embed queries for it; it is searched by ``vector`` or ``item_id``."""
+    fingerprint = getattr(searcher, "fingerprint", None)
+    if not isinstance(fingerprint, dict):
+        return True  # a .jsonl of vectors: searched with the served model
+    from index.fingerprint import has_model
+
+    return has_model(fingerprint)
+
+
 def check_index_model(searcher: Searcher | IndexSearcher, ref: ModelRef) -> None:
     """Refuse (one line) an index built with another model than the one being served."""
     from index.search import IndexSearcher
@@ -487,6 +498,8 @@ def check_index_model(searcher: Searcher | IndexSearcher, ref: ModelRef) -> None
         return  # a .jsonl of vectors carries no model fingerprint
     if isinstance(searcher, IndexSnapshots) and searcher.missing is not None:
         return  # no index yet: each snapshot is checked as it comes (``check``)
+    if not searcher_has_model(searcher):
+        return  # imported vectors without a model: searched by vector only
     from index.fingerprint import check_fingerprint, ref_fingerprint
 
     check_fingerprint(searcher.fingerprint, ref_fingerprint(ref), "the index")

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import PipelineDep, SearcherDep, SettingsDep, require_api_key
-from ..errors import MalformedRequest, NotFound
+from ..errors import InvalidContent, MalformedRequest, NotFound
 from ..pipeline import BlobInput, Input, Pipeline, TextInput, decode_base64, mix, parse_modality
 from ..schemas import (
     MODALITY_HELP,
@@ -24,7 +24,7 @@ from ..schemas import (
     SearchResponse,
     TermEcho,
 )
-from ..searchers import Item, Searcher
+from ..searchers import Item, Searcher, searcher_has_model
 from ..settings import ServiceSettings
 from . import body_ref, error_responses
 from ._body import (
@@ -87,6 +87,7 @@ class Term:
     echo: TermEcho
     input: Input | None = None
     item_id: int | None = None
+    vector: np.ndarray | None = None  # a query embedding given as it is (``vector``)
 
 
 @dataclass
@@ -144,8 +145,13 @@ async def search(
 
 
 def from_json(body: SearchRequest) -> Query:
-    """A JSON search body (one ``query`` or weighted ``terms``) -> a query."""
+    """A JSON search body (one ``query``, weighted ``terms`` or a ``vector``) -> a query."""
     terms: list[Term] = []
+    target = [body.target] if isinstance(body.target, str) else (body.target or [])
+    if body.vector is not None:
+        echo = TermEcho(kind="vector", weight=1.0, modality="")
+        terms.append(Term(1.0, echo, vector=np.asarray(body.vector, dtype=np.float32)))
+        return Query(terms, body.k, split_list(target), body.tag_filter)
     for i, t in enumerate(body.as_terms()):
         name = f"terms[{i}]" if body.terms is not None else "query"
         if t.text is not None:
@@ -165,7 +171,6 @@ def from_json(body: SearchRequest) -> Query:
                 bytes=len(data),
             )
             terms.append(Term(t.weight, echo, input=BlobInput(data, m, name, t.filename)))
-    target = [body.target] if isinstance(body.target, str) else (body.target or [])
     return Query(terms, body.k, split_list(target), body.tag_filter)
 
 
@@ -234,6 +239,18 @@ def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
     return Query(terms, form.k, split_list(form.target), split_list(form.tags))
 
 
+def query_vector(vector: np.ndarray, searcher: Searcher) -> np.ndarray:
+    """A ``vector`` query checked against the index: its dimension, finite, not all zeros."""
+    if vector.ndim != 1 or len(vector) != searcher.dim:
+        raise InvalidContent(
+            f"vector has {vector.size} dimensions; the index holds {searcher.dim}-d vectors"
+        )
+    norm = float(np.linalg.norm(vector))
+    if not math.isfinite(norm) or norm == 0:
+        raise InvalidContent("vector is all zeros or too large: give a direction to search")
+    return vector / norm
+
+
 def _stored(searcher: Searcher, ids: list[int]) -> dict[int, tuple[Item | None, np.ndarray | None]]:
     """Items and their stored vectors (SQLite and a memory-mapped chunk: off the event loop)."""
     out: dict[int, tuple[Item | None, np.ndarray | None]] = {}
@@ -247,6 +264,14 @@ async def term_vectors(terms: list[Term], pipeline: Pipeline, searcher: Searcher
     """(T, D) vectors of the terms, in order: stored vectors for ids, the model for the rest."""
     pipeline.check_count(len(terms), "terms")
     out: list[np.ndarray | None] = [None] * len(terms)
+    for i, t in enumerate(terms):
+        if t.vector is not None:
+            out[i] = query_vector(t.vector, searcher)
+    if any(t.input is not None for t in terms) and not searcher_has_model(searcher):
+        raise InvalidContent(
+            "the index holds imported vectors without a model: nothing can embed this query "
+            "for it; search it with `vector` (or `item_id`)"
+        )
     ids = [t.item_id for t in terms if t.item_id is not None]
     if ids:
         stored = await run_in_threadpool(_stored, searcher, ids)  # one thread hop for all
