@@ -150,7 +150,7 @@ def from_json(body: SearchRequest) -> Query:
     target = [body.target] if isinstance(body.target, str) else (body.target or [])
     if body.vector is not None:
         echo = TermEcho(kind="vector", weight=1.0, modality="")
-        terms.append(Term(1.0, echo, vector=np.asarray(body.vector, dtype=np.float32)))
+        terms.append(Term(1.0, echo, vector=np.asarray(body.vector, dtype=np.float64)))
         return Query(terms, body.k, split_list(target), body.tag_filter)
     for i, t in enumerate(body.as_terms()):
         name = f"terms[{i}]" if body.terms is not None else "query"
@@ -245,10 +245,11 @@ def query_vector(vector: np.ndarray, searcher: Searcher) -> np.ndarray:
         raise InvalidContent(
             f"vector has {vector.size} dimensions; the index holds {searcher.dim}-d vectors"
         )
-    norm = float(np.linalg.norm(vector))
+    with np.errstate(over="ignore"):  # a norm past float64's range is refused just below
+        norm = float(np.linalg.norm(vector))
     if not math.isfinite(norm) or norm == 0:
         raise InvalidContent("vector is all zeros or too large: give a direction to search")
-    return vector / norm
+    return (vector / norm).astype(np.float32)  # float64 in: no value overflows a float32 cast
 
 
 def _stored(searcher: Searcher, ids: list[int]) -> dict[int, tuple[Item | None, np.ndarray | None]]:
