@@ -317,10 +317,22 @@ def query(
     checkpoint: Checkpoint = None,
     config: Config = None,
     device: Device = "cpu",
+    merge: Annotated[
+        str,
+        typer.Option(
+            help="How the per-modality lists merge: calibrated (by relevance, comparable "
+            "across modalities), raw (by cosine), rrf (reciprocal rank fusion) or "
+            "per_modality (the top k of each modality)."
+        ),
+    ] = "calibrated",
 ) -> None:
     """Search an index with a file of any modality (detected unless -m), or with text."""
     if (text is None) == (item is None):
         _fail("give either ITEM (a file) or --text")
+    from .calibration import MERGES
+
+    if merge not in MERGES:
+        _fail(f"--merge is {merge!r}; accepted: {', '.join(MERGES)}")
 
     def run() -> Any:
         from .search import open_index
@@ -330,8 +342,10 @@ def query(
         encoder = model.load([m])
         searcher = open_index(index, encoder, checkpoint=model.identity)
         with searcher:
+            if searcher.calibration_note and merge == "calibrated":
+                typer.echo(f"note: {searcher.calibration_note}", err=True)
             vec = encoder.embed_items(m, [query_item])
-            return searcher.search(vec, k, _modalities(targets))[0]
+            return searcher.search(vec, k, _modalities(targets), merge=merge, query_modalities=m)[0]
 
     hits = _guard(run)
     if as_json:
@@ -341,7 +355,10 @@ def query(
     for rank, h in enumerate(hits, 1):
         it = h.item
         seg = f"  {_clock(it.start)}–{_clock(it.end)}" if it.start is not None else ""
-        typer.echo(f"{rank:>3d}  {h.score:.4f}  {it.modality:8s} #{it.id:<7d} {it.path}{seg}")
+        typer.echo(
+            f"{rank:>3d}  {h.score:.4f}  rel {h.calibrated:.3f}  {it.modality:8s} "
+            f"#{it.id:<7d} {it.path}{seg}"
+        )
 
 
 @index_app.command("verify")
