@@ -16,7 +16,9 @@ from ..deps import PipelineDep, SearcherDep, SettingsDep, require_api_key
 from ..errors import MalformedRequest, NotFound
 from ..pipeline import BlobInput, Input, Pipeline, TextInput, decode_base64, mix, parse_modality
 from ..schemas import (
+    MERGE_HELP,
     MODALITY_HELP,
+    Merge,
     QueryEcho,
     ResultOut,
     SearchForm,
@@ -66,6 +68,11 @@ _MULTIPART = {
         "k": {"type": "integer", "minimum": 1, "description": "Results wanted (default 10)."},
         "target": {"type": "array", "items": {"type": "string"}},
         "tag": {"type": "array", "items": {"type": "string"}},
+        "merge": {
+            "type": "string",
+            "enum": ["calibrated", "raw", "rrf", "per_modality"],
+            "description": MERGE_HELP,
+        },
     },
 }
 
@@ -88,6 +95,7 @@ class Query:
     k: int | None
     target: list[str]
     tags: list[str]
+    merge: Merge = "calibrated"
 
 
 @router.post(
@@ -115,18 +123,34 @@ async def search(
     query = mix(vectors, [t.weight for t in q.terms])
     exclude = {t.item_id for t in q.terms if t.item_id is not None}
     hits = (
-        await run_in_threadpool(searcher.search, query[None], k + len(exclude), targets, q.tags)
+        await run_in_threadpool(
+            searcher.search,
+            query[None],
+            k + len(exclude),
+            targets,
+            q.tags,
+            q.merge,
+            query_modalities(q.terms),
+        )
     )[0]
-    results = [
-        ResultOut(score=h.score, **item_out(h.item).model_dump())
-        for h in hits
-        if h.item.id not in exclude
-    ][:k]
+    # Up to k results in all; per_modality: up to k of each modality.
+    per_modality = q.merge == "per_modality"
+    kept: dict[str, int] = {}
+    results = []
+    for h in hits:
+        group = h.item.modality.value if per_modality else ""
+        if h.item.id in exclude or kept.get(group, 0) >= k:
+            continue
+        kept[group] = kept.get(group, 0) + 1
+        results.append(
+            ResultOut(score=h.score, relevance=h.calibrated, **item_out(h.item).model_dump())
+        )
     echo = QueryEcho(
         terms=[t.echo for t in q.terms],
         k=k,
         target=None if targets is None else [m.value for m in targets],
         tags=q.tags,
+        merge=q.merge,
     )
     return SearchResponse(
         results=results, query=echo, took_ms=round((time.perf_counter() - t0) * 1e3, 3)
@@ -156,7 +180,16 @@ def from_json(body: SearchRequest) -> Query:
             )
             terms.append(Term(t.weight, echo, input=BlobInput(data, m, name, t.filename)))
     target = [body.target] if isinstance(body.target, str) else (body.target or [])
-    return Query(terms, body.k, split_list(target), body.tags or [])
+    return Query(terms, body.k, split_list(target), body.tags or [], body.merge)
+
+
+def query_modalities(terms: list[Term]) -> dict[str, float]:
+    """The calibration's view of a query: each term's modality with its absolute weight."""
+    out: dict[str, float] = {}
+    for t in terms:
+        if t.echo.modality:
+            out[t.echo.modality] = out.get(t.echo.modality, 0.0) + abs(t.weight)
+    return out
 
 
 async def _from_form(request: Request, settings: ServiceSettings) -> Query:
@@ -174,6 +207,7 @@ def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
                 "k": (fields.pop("k", [None]) or [None])[-1],
                 "target": fields.pop("target", []),
                 "tag": fields.pop("tag", []),
+                **({"merge": fields.pop("merge")[-1]} if fields.get("merge") else {}),
                 **fields,
             }
         )
@@ -203,7 +237,7 @@ def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
             bytes=len(f.data),
         )
         terms.append(Term(w, echo, input=BlobInput(f.data, m, name, f.name)))
-    return Query(terms, form.k, split_list(form.target), split_list(form.tag))
+    return Query(terms, form.k, split_list(form.target), split_list(form.tag), form.merge)
 
 
 def _stored(searcher: Searcher, ids: list[int]) -> dict[int, tuple[Item | None, np.ndarray | None]]:
