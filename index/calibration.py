@@ -154,11 +154,26 @@ class PairCalibration:
         return _sigmoid(self.slope * self.z(scores) + self.intercept)
 
     def relevance(self, scores: np.ndarray, method: Method = DEFAULT_METHOD) -> np.ndarray:
-        """The pair's relevance of ``scores`` (monotone non-decreasing in the score)."""
+        """The pair's relevance of ``scores`` (monotone non-decreasing in the score).
+
+        Every 0..1 map rises linearly from its value at ``DUPLICATE_COSINE`` to 1 at cosine 1:
+        a cosine of 1 is the same embedding (a duplicate), a certain match whatever the pair.
+        """
         if method == "zscore":
             return self.z(scores)
         if method == "tail":
             return self.tail_relevance(scores)
+        s = np.asarray(scores, np.float64)
+        rel = self._probability(s, method)
+        high = s > DUPLICATE_COSINE
+        if high.any():
+            at = self._probability(np.array([DUPLICATE_COSINE]), method)[0]
+            ramp = at + (1.0 - at) * (s[high] - DUPLICATE_COSINE) / (1.0 - DUPLICATE_COSINE)
+            rel[high] = np.maximum(rel[high], np.minimum(ramp, 1.0))
+        return rel
+
+    def _probability(self, scores: np.ndarray, method: Method) -> np.ndarray:
+        """A 0..1 map: ``method``'s fit where the pair has one, else the tail fallback."""
         if method == "platt" and self.slope is not None:
             return self.platt(scores)
         if method == "graded" and self.graded:
@@ -629,19 +644,9 @@ MIN_SLOPE = 1e-3
 
 
 def _interp(knots: Sequence[tuple[float, float]], scores: np.ndarray) -> np.ndarray:
-    """A fitted map: linear between its knots, flat beyond them, up to 1 at cosine 1.
-
-    From ``DUPLICATE_COSINE`` (or the top knot, if higher) it rises linearly to (1, 1): a
-    cosine of 1 is the same embedding (a duplicate), a certain match whatever the pair.
-    """
+    """A fitted map: linear between its knots, flat beyond them."""
     xs = [x for x, _ in knots]
     ys = [y for _, y in knots]
-    if xs[-1] < DUPLICATE_COSINE:
-        xs.append(DUPLICATE_COSINE)
-        ys.append(ys[-1])
-    if xs[-1] < 1.0:
-        xs.append(1.0)
-        ys.append(max(1.0, ys[-1]))
     out: np.ndarray = np.interp(np.asarray(scores, np.float64), np.array(xs), np.array(ys))
     return out
 
