@@ -77,6 +77,21 @@ def test_demo_text_queries_meet_the_bars(demo_index: Path, demo_model: ModelSour
     assert raw.top1_ratio < 0.75, raw
 
 
+def test_demo_readme_example(demo_index: Path, demo_model: ModelSource) -> None:
+    """The README's any-to-any example, merged by cosine and calibrated."""
+    star, yellow = demo_model.embed_text(["a purple star in the snow", "a yellow star in the snow"])
+    want = {"class:star", "colour:purple", "scene:snow"}
+    with open_index(demo_index) as s:
+        (raw,) = s.search(star, 10, merge="raw", query_modalities="text")
+        (cal,) = s.search(star, 10, query_modalities="text")
+        (twelve,) = s.search(yellow, 12, merge="raw", query_modalities="text")
+    assert [h.item.modality.value for h in raw[:6]] == ["audio"] * 6
+    assert [h.item.modality.value for h in cal[:3]] == ["vision", "video", "video"]
+    assert all(want <= set(h.item.tags) for h in cal[:3])
+    assert {h.item.modality.value for h in cal[3:]} == {"audio"}
+    assert {h.item.modality.value for h in twelve} == {"audio"}
+
+
 def test_demo_image_queries_meet_the_bars(demo_index: Path) -> None:
     with open_index(demo_index) as s:
         queries = item_queries(s, "vision", ("class", "scene"))
