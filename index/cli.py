@@ -440,15 +440,27 @@ def query(
             min=1, help="On-disk index: candidates re-ranked exactly (default: tuned at build)."
         ),
     ] = None,
+    merge: Annotated[
+        str,
+        typer.Option(
+            help="How the per-modality lists merge: calibrated (by relevance, comparable "
+            "across modalities), raw (by cosine), rrf (reciprocal rank fusion) or "
+            "per_modality (the top k of each modality)."
+        ),
+    ] = "calibrated",
 ) -> None:
     """Search an index with a file of any modality (detected unless -m), text, or vectors."""
+    from .calibration import MERGES
+
     tag_filter = [t.strip() for raw in tags or [] for t in raw.split(",") if t.strip()]
     if sum(x is not None for x in (item, text, vector)) != 1:
         _fail("give one of ITEM (a file), --text or --vector")
+    if merge not in MERGES:
+        _fail(f"--merge is {merge!r}; accepted: {', '.join(MERGES)}")
     if vector is not None:
         params = {"nprobe": nprobe, "rerank": rerank}
         mods = _guard(lambda: _modalities(targets))
-        _query_vectors(index, vector, k, mods, as_json, params, tag_filter or None)
+        _query_vectors(index, vector, k, mods, as_json, params, tag_filter or None, merge)
         return
 
     def run() -> Any:
@@ -460,18 +472,31 @@ def query(
         searcher = open_index(index, encoder, checkpoint=model.identity)
         with searcher:
             searcher.set_search_params(nprobe, rerank)
+            if searcher.calibration_note and merge == "calibrated":
+                typer.echo(f"note: {searcher.calibration_note}", err=True)
             vec = encoder.embed_items(m, [query_item])
-            return searcher.search(vec, k, _modalities(targets), tag_filter or None)[0]
+            hits = searcher.search(
+                vec, k, _modalities(targets), tag_filter or None, merge=merge, query_modalities=m
+            )
+            return hits[0]
 
     hits = _guard(run)
     if as_json:
         json.dump([h.to_dict() for h in hits], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
+    _print_hits(hits)
+
+
+def _print_hits(hits: list[Any]) -> None:
+    """One line per hit: rank, cosine, calibrated relevance, modality, id, path (segment)."""
     for rank, h in enumerate(hits, 1):
         it = h.item
         seg = f"  {_clock(it.start)}–{_clock(it.end)}" if it.start is not None else ""
-        typer.echo(f"{rank:>3d}  {h.score:.4f}  {it.modality:8s} #{it.id:<7d} {it.path}{seg}")
+        typer.echo(
+            f"{rank:>3d}  {h.score:.4f}  rel {h.calibrated:.3f}  {it.modality:8s} "
+            f"#{it.id:<7d} {it.path}{seg}"
+        )
 
 
 def _query_vectors(
@@ -482,6 +507,7 @@ def _query_vectors(
     as_json: bool,
     params: dict[str, int | None],
     tags: list[str] | None = None,
+    merge: str = "calibrated",
 ) -> None:
     """``index query --vector``: no model is loaded; the index's own dimension decides."""
     from .search import open_index
@@ -490,7 +516,7 @@ def _query_vectors(
         q = load_query_vectors(vector)
         with open_index(index) as searcher:
             searcher.set_search_params(params["nprobe"], params["rerank"])
-            return searcher.search(q, k, targets, tags)
+            return searcher.search(q, k, targets, tags, merge=merge)
 
     results = _guard(run)
     for n, hits in enumerate(results):
@@ -499,10 +525,7 @@ def _query_vectors(
             continue
         if len(results) > 1:
             typer.echo(f"query {n}:")
-        for rank, h in enumerate(hits, 1):
-            it = h.item
-            seg = f"  {_clock(it.start)}–{_clock(it.end)}" if it.start is not None else ""
-            typer.echo(f"{rank:>3d}  {h.score:.4f}  {it.modality:8s} #{it.id:<7d} {it.path}{seg}")
+        _print_hits(hits)
 
 
 def load_query_vectors(path: Path) -> Any:

@@ -5,6 +5,7 @@
            -> EmbeddedFile per task, in any order, embedded through the shared Batcher
       -> IndexWriter: scan order, duplicates, chunks of whole files -> IndexStore.commit_chunk
            (atomic: .npy + one transaction)
+      -> calibrate (index.calibration: per modality pair, from the stored vectors + captions)
       -> IndexStore.refresh   -> FAISS files + manifest.json
 
 Files are committed whole and in scan order, so ids depend only on the corpus: a build killed
@@ -32,10 +33,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from encoders import Encoder, Modality, ModelConfig, ModelRef, load_encoder
+from encoders import Encoder, Modality, ModelConfig, ModelRef, load_encoder, preprocess
 from encoders.dtype import choose_dtype
 
 from ._decode import Decoded, DecodeTask, decode, init_worker
+from .calibration import Calibration, compute_calibration
 from .corpus import CorpusEntry, escape_path, recorded_path, scan_corpus, scan_paths
 from .engine import (
     Batcher,
@@ -164,6 +166,7 @@ class ModelSource:
     _identity: str | None = None
     ref: ModelRef | None = None
     dtype: str | None = None  # a speed setting, not part of the fingerprint (None: auto)
+    _text: EncoderLike | None = None
 
     @classmethod
     def from_ref(cls, ref: ModelRef, device: str = "cpu", dtype: str | None = None) -> ModelSource:
@@ -202,6 +205,37 @@ class ModelSource:
                 dtype=self.dtype,
             )
         return self.encoder
+
+    def embed_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """(N, D) unit vectors of ``texts`` by this model (the calibration's captions).
+
+        Uses the loaded encoder when it has the text tower, else loads that tower alone.
+        """
+        if self._text is None:
+            enc = self.encoder
+            if enc is not None and Modality.TEXT in getattr(enc, "modalities", ()):
+                self._text = enc
+            else:
+                self._text = load_encoder(
+                    self.ref if self.ref is not None else self.checkpoint,
+                    config=self.config,
+                    device=self.device,
+                    modalities=None if self.checkpoint is None else [Modality.TEXT],
+                    seed=self.seed,
+                )
+        parts = [
+            self._text.embed(
+                Modality.TEXT,
+                preprocess(Modality.TEXT, list(texts[s : s + batch_size]), self.config.preprocess),
+            )
+            for s in range(0, len(texts), batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.embed_dim), np.float32)
+
+
+def calibrate(store: IndexStore, model: ModelSource) -> Calibration:
+    """The calibration of the index in ``store`` (``index.calibration``), text by ``model``."""
+    return compute_calibration(store, model.embed_text)
 
 
 # --- public operations --------------------------------------------------------------------------
@@ -245,7 +279,11 @@ def run_build(
         summary = BuildSummary(scanned=len(entries))
         IndexWriter(store, options, summary, log).write(entries, engine)
         summary.manifest = store.refresh(
-            options.factory, options.memory_budget, options.target_recall, log=log
+            options.factory,
+            options.memory_budget,
+            options.target_recall,
+            log=log,
+            calibration=calibrate(store, model),
         )
     move_into_place(work, Path(out))
     summary.wall_s = time.perf_counter() - t0
@@ -266,7 +304,7 @@ def add_to_index(
         entries = scan_paths(paths, [Path(index)], opts.follow_symlinks, opts.allow_outside)
         summary = BuildSummary(scanned=len(entries))
         IndexWriter(store, opts, summary, log).write(entries, LocalEngine(model, opts))
-        summary.manifest = store.refresh(log=log)
+        summary.manifest = store.refresh(log=log, calibration=calibrate(store, model))
     summary.wall_s = time.perf_counter() - t0
     return summary
 
@@ -301,7 +339,7 @@ def sync_index(
             summary.removed_items = len(store.remove_paths(gone))
             summary.removed_files = len(gone)
         IndexWriter(store, opts, summary, log).write(entries, LocalEngine(model, opts))
-        summary.manifest = store.refresh(log=log)
+        summary.manifest = store.refresh(log=log, calibration=calibrate(store, model))
     summary.wall_s = time.perf_counter() - t0
     return summary
 
@@ -309,7 +347,10 @@ def sync_index(
 def remove_from_index(
     index: str | Path, ids: Sequence[int] = (), paths: Sequence[str | Path] = ()
 ) -> BuildSummary:
-    """Remove items by id and/or whole files by path (no model needed)."""
+    """Remove items by id and/or whole files by path (no model needed).
+
+    The calibration of the last build, add or sync is kept (it needs the model to refresh).
+    """
     t0 = time.perf_counter()
     store = IndexStore.open(Path(index))
     summary = BuildSummary()

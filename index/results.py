@@ -1,4 +1,4 @@
-"""What a search returns: ``Hit(item, score)`` with the ``Item`` it found, and ``IndexInfo``.
+"""What a search returns: ``Hit(item, score, relevance)`` with its ``Item``; ``IndexInfo``.
 
 The index produces these and the service returns them as they are (``service.Searcher``), so
 a result is translated nowhere. No FAISS here: the service imports these without the extra.
@@ -27,10 +27,22 @@ class Item:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the item and its cosine score."""
+    """One search result: the item, its cosine ``score`` and its calibrated ``relevance``.
+
+    ``relevance``: the estimated probability that the item truly matches the query, from the
+    index's calibration of this (query modality, item modality) pair (``index.calibration``);
+    comparable across modalities, unlike ``score``. None: the same as ``score`` (no
+    calibration).
+    """
 
     item: Item
     score: float
+    relevance: float | None = None
+
+    @property
+    def calibrated(self) -> float:
+        """``relevance``, or the raw ``score`` where there is none."""
+        return self.score if self.relevance is None else self.relevance
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON (``index query --json``): id, score, modality, path, start, end, ..."""
@@ -38,6 +50,7 @@ class Hit:
         return {
             "id": it.id,
             "score": self.score,
+            "relevance": self.calibrated,
             "modality": it.modality.value,
             "path": it.path,
             "start": it.start,

@@ -1,8 +1,9 @@
 """Searching an index: ``open_index(path) -> IndexSearcher``, the ``Searcher`` the service uses.
 
 Every item modality has its own FAISS index over one shared embedding space, so a query
-vector of any modality searches any of them; results are merged by cosine score and come out
-as ``index.results.Hit`` (the service's result type). Tag filters are applied inside: the
+vector of any modality searches any of them; the per-modality lists are merged by calibrated
+relevance (``index.calibration``, docs/ranking.md) and come out as ``index.results.Hit``
+(the service's result type). Tag filters are applied inside: the
 ids carrying the tags come from SQLite and restrict the search itself (see ``search``).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ import numpy as np
 
 from encoders import Modality
 
+from .calibration import MERGES, Calibration, Merge, merge_ranked, query_weights
 from .errors import DimensionMismatch, IndexCorrupt, IndexIncomplete
 from .fingerprint import check_fingerprint, encoder_fingerprint
 from .ondisk import OnDiskIndex, check_overrides, list_ids, read_ondisk
@@ -226,6 +228,21 @@ class IndexSearcher:
         return self.manifest.dim
 
     @property
+    def calibration(self) -> Calibration | None:
+        """The index's calibration per modality pair; None for an index built before it."""
+        return self.manifest.calibration
+
+    @property
+    def calibration_note(self) -> str | None:
+        """Why results are not calibrated, when they are not (an index built before it)."""
+        if self.manifest.calibration is not None:
+            return None
+        return (
+            f"the index at {self.root} has no calibration (built by an older bindsearch): "
+            "results are merged by raw cosine; `bindsearch index sync` or a rebuild adds it"
+        )
+
+    @property
     def modalities(self) -> tuple[Modality, ...]:
         """The item modalities this index holds."""
         return tuple(self._indexes)
@@ -250,6 +267,12 @@ class IndexSearcher:
         k: int = 10,
         targets: Sequence[Modality | str] | None = None,
         tags: Sequence[str] | None = None,
+        merge: Merge | str = "calibrated",
+        query_modalities: Mapping[Modality | str, float]
+        | Sequence[Modality | str]
+        | Modality
+        | str
+        | None = None,
     ) -> list[list[Hit]]:
         """Top-``k`` items per query row over the ``targets`` modalities (default: all).
 
@@ -258,11 +281,26 @@ class IndexSearcher:
             targets: item modalities to search; ones the index does not hold add nothing.
             tags: only items carrying every one of these tags; the ids come from SQLite and
                 restrict the search inside each modality's index (no over-fetching).
-        Returns: per query, up to ``k`` hits by descending cosine score.
+            merge: how the per-modality lists become one: ``calibrated`` (by relevance),
+                ``raw`` (by cosine), ``rrf`` (reciprocal rank fusion) or ``per_modality``
+                (the top ``k`` of each target modality, one modality after another).
+            query_modalities: the modality the query vectors come from, or a mixed query's
+                term modalities with their weights ({"text": 0.7, "vision": 0.3}); the
+                calibration of those (query, target) pairs is applied. None: all measured
+                query modalities, equally weighted.
+        Returns: per query, up to ``k`` hits (``per_modality``: ``k`` per target modality),
+            each with its cosine ``score`` and calibrated ``relevance``.
         """
         q = self._check_queries(vectors)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        if merge not in MERGES:
+            raise ValueError(f"merge is {merge!r}; accepted: {', '.join(MERGES)}")
+        calibration = self.manifest.calibration
+        weights = query_weights(
+            query_modalities,
+            known=sorted({qm for qm, _ in calibration.pairs}) if calibration else (),
+        )
         chosen = self.modalities if targets is None else [Modality.parse(t) for t in targets]
         scored: list[tuple[np.ndarray, np.ndarray, Modality]] = []
         for m in dict.fromkeys(chosen):
@@ -288,28 +326,33 @@ class IndexSearcher:
             scored.append((dist, ids, m))
         if not scored:
             return [[] for _ in range(len(q))]
-        dist = np.concatenate([d for d, _, _ in scored], axis=1)
-        ids = np.concatenate([i for _, i, _ in scored], axis=1)
-        mods = np.concatenate([np.full(i.shape[1], n) for n, (_, i, _) in enumerate(scored)])
-        order = np.argsort(-dist, axis=1, kind="stable")[:, :k]
-        picks = [
-            [(int(ids[r, c]), float(dist[r, c]), scored[mods[c]][2]) for c in row if ids[r, c] >= 0]
-            for r, row in enumerate(order)
-        ]
         cols = ["id", "path", "start_s", "end_s", "caption", "tags"]
         with self._lock:
-            meta = self._store.item_metadata(sorted({i for row in picks for i, _, _ in row}), cols)
+            found = np.unique(np.concatenate([ids.ravel() for _, ids, _ in scored]))
+            meta = self._store.item_metadata(found[found >= 0].tolist(), cols)
         by_id = {int(d["id"]): d for d in meta if d}
         out: list[list[Hit]] = []
-        for row in picks:
-            hits = []
-            for i, score, m in row:
-                d = by_id.get(i)
-                if d is None:  # removed between the FAISS file and now: not a result
-                    continue
-                hits.append(Hit(_item(i, m, d), score))
-            out.append(hits)
+        for r in range(len(q)):
+            lists = []
+            for dist, ids, m in scored:
+                # removed between the FAISS file and now (or a tombstone): not a result
+                keep = np.array([int(i) in by_id for i in ids[r]], bool)
+                lists.append((m.value, dist[r][keep], ids[r][keep]))
+            ranked = merge_ranked(lists, k, merge, calibration, weights)
+            out.append(
+                [
+                    Hit(_item(h.id, Modality.parse(h.modality), by_id[h.id]), h.score, h.relevance)
+                    for h in ranked
+                ]
+            )
         return out
+
+    def item_ids(self, modality: Modality | str) -> np.ndarray:
+        """The ids of this snapshot's live items of ``modality``, ascending (none: empty)."""
+        mi = self._indexes.get(Modality.parse(modality))
+        if mi is None:
+            return np.empty(0, np.int64)
+        return np.setdiff1d(mi.ids, mi.tombstones)
 
     def get(self, ids: Sequence[int], cols: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Metadata rows by id (``MetadataStore.get``); ``{}`` for an id not in the index."""

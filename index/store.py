@@ -38,6 +38,7 @@ import numpy as np
 
 from encoders import Modality, sha256_file
 
+from .calibration import Calibration
 from .errors import IndexCorrupt, IndexIncomplete, IndexNotFound, IndexStoreError, SettingsMismatch
 from .fingerprint import check_fingerprint
 from .spec import (
@@ -196,6 +197,9 @@ class IndexManifest:
     dtype: str | None = None  # what the vectors were embedded in ("bfloat16"; "+" if several)
     metric: str = "inner_product"
     version: int = FORMAT_VERSION
+    # Per modality pair (``index.calibration``); None in manifests written before it existed:
+    # search then merges by raw cosine and says so.
+    calibration: Calibration | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # ``dtype`` only when recorded: an index from before it keeps the layout it had.
@@ -217,6 +221,8 @@ class IndexManifest:
             "generation": self.generation,
             "next_id": self.next_id,
             "updated": self.updated,
+            # only when there is one: older readers and layouts stay as they were
+            **({} if self.calibration is None else {"calibration": self.calibration.to_dict()}),
         }
 
     @classmethod
@@ -275,6 +281,12 @@ class IndexManifest:
             r.fail(f"dtype is {dtype!r}, not a string or null")
         if r.int_(d, "dim") < 1:
             r.fail(f"dim is {d['dim']}, not a positive number of dimensions")
+        calibration = None
+        if d.get("calibration") is not None:
+            try:
+                calibration = Calibration.from_dict(r.obj(d["calibration"], "calibration"))
+            except (KeyError, TypeError, ValueError) as err:
+                r.fail(f"calibration is not a calibration ({err})")
         return cls(
             model=r.obj(r.key(d, "model"), "model"),
             dim=r.int_(d, "dim"),
@@ -290,6 +302,7 @@ class IndexManifest:
             dtype=dtype,
             metric=r.str_(d, "metric"),
             version=FORMAT_VERSION,
+            calibration=calibration,
         )
 
 
@@ -882,8 +895,11 @@ class IndexStore:
         target_recall: float | None = None,
         rebuild: bool = False,
         log: Any = None,
+        calibration: Calibration | None = None,
     ) -> IndexManifest:
         """Bring every FAISS file in line with the database, then write the manifest.
+
+        ``calibration``: the manifest's new one (``index.calibration``); None keeps the last.
 
         Per modality: a missing file, a different recipe (``factory``: ``auto`` or a factory
         string; default: what the last build used), or too many tombstones mean a rebuild
@@ -918,7 +934,9 @@ class IndexStore:
         for m in set(old) - set(entries):
             (self.root / f"{m}.faiss").unlink(missing_ok=True)
             (self.root / f"{m}.ivfdata").unlink(missing_ok=True)
-        manifest = self._manifest(entries)
+        if calibration is None and previous is not None:
+            calibration = previous.calibration
+        manifest = self._manifest(entries, calibration)
         _atomic_write(self.root / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode())
         return manifest
 
@@ -1018,7 +1036,9 @@ class IndexStore:
             "rejected": one("SELECT COUNT(*) FROM files WHERE status = 'rejected'"),
         }
 
-    def _manifest(self, entries: dict[str, ModalityManifest]) -> IndexManifest:
+    def _manifest(
+        self, entries: dict[str, ModalityManifest], calibration: Calibration | None = None
+    ) -> IndexManifest:
         return IndexManifest(
             model=self.fingerprint,
             dim=self.dim,
@@ -1037,6 +1057,7 @@ class IndexStore:
             index_options=self.get_meta("index_options") or {},
             checkpoint_path=self.get_meta("checkpoint_path"),
             dtype=self.get_meta("dtype"),
+            calibration=calibration,
         )
 
 

@@ -95,6 +95,19 @@ class _Query(_Strict):
         ]
 
 
+Merge = Literal["calibrated", "raw", "rrf", "per_modality"]
+MERGE_HELP = (
+    "How the per-modality result lists become one: calibrated (default: by relevance, "
+    "comparable across modalities), raw (by cosine), rrf (reciprocal rank fusion) or "
+    "per_modality (the top k of each target modality, one after another)."
+)
+RELEVANCE_HELP = (
+    "Estimated relevance to the query, comparable across modalities: the expected share of "
+    "the query's tags (or the probability of a true match) that the index's calibration of "
+    "this (query modality, item modality) pair gives to the cosine score; 0 to 1."
+)
+
+
 class SearchRequest(_Query):
     """A JSON search: exactly one of ``text``, ``item_id``, ``data``, ``terms`` or ``vector``."""
 
@@ -122,6 +135,8 @@ class SearchRequest(_Query):
         """The tags to filter by, whichever spelling the body used."""
         return self.tags or self.tag or []
 
+    merge: Merge = Field("calibrated", description=MERGE_HELP)
+
 
 class GenerateRequest(_Query):
     """A JSON generation: exactly one of ``text``, ``item_id``, ``data`` or ``terms``."""
@@ -141,6 +156,7 @@ class GenerateRequest(_Query):
             filename=self.filename,
             terms=self.terms,
             k=None,
+            merge="calibrated",
             target=None,
             tags=None,
             tag=None,
@@ -164,6 +180,7 @@ class SearchForm(_Strict):
     target: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     item_id: list[int] = Field(default_factory=list)
+    merge: Merge = "calibrated"
 
 
 class ItemOut(BaseModel):
@@ -178,7 +195,8 @@ class ItemOut(BaseModel):
 
 
 class ResultOut(ItemOut):
-    score: float
+    score: float = Field(description="Cosine similarity to the query (-1 to 1).")
+    relevance: float = Field(description=RELEVANCE_HELP)
 
 
 class TermEcho(BaseModel):
@@ -198,6 +216,7 @@ class QueryEcho(BaseModel):
     k: int
     target: list[str] | None
     tags: list[str]
+    merge: Merge = "calibrated"
 
 
 class SearchResponse(BaseModel):

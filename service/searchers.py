@@ -31,13 +31,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from encoders import Modality, ModelRef
+from index.calibration import merge_ranked
 from index.results import Hit, IndexInfo, Item
 
 from .embedders import unit
@@ -74,8 +75,13 @@ class Searcher(Protocol):
         k: int,
         targets: Sequence[Modality] | None = None,
         tags: Sequence[str] | None = None,
+        merge: str = "calibrated",
+        query_modalities: Mapping[str, float] | None = None,
     ) -> list[list[Hit]]:
-        """(N, D) queries -> N lists of up to ``k`` hits, best first, among ``targets``."""
+        """(N, D) queries -> N lists of up to ``k`` hits, best first, among ``targets``.
+
+        ``merge`` and ``query_modalities`` as ``index.IndexSearcher.search``.
+        """
         ...
 
     def get_item(self, item_id: int) -> Item | None: ...
@@ -141,7 +147,10 @@ class MemorySearcher:
         k: int,
         targets: Sequence[Modality] | None = None,
         tags: Sequence[str] | None = None,
+        merge: str = "calibrated",
+        query_modalities: Mapping[str, float] | None = None,
     ) -> list[list[Hit]]:
+        """Exact search; no calibration here, so ``relevance`` is the cosine (``raw``)."""
         q = np.asarray(vectors, np.float32)
         mask = np.ones(len(self._items), bool)
         if targets:
@@ -155,10 +164,15 @@ class MemorySearcher:
         scores = q @ self._vectors[rows].T  # (N, M)
         k = min(k, rows.size)
         out: list[list[Hit]] = []
+        mods = self._modality[rows]
         for s in scores:
-            top = np.argpartition(-s, k - 1)[:k]
-            top = top[np.lexsort((rows[top], -s[top]))]  # best first, ties by row
-            out.append([Hit(self._items[rows[j]], float(s[j])) for j in top])
+            lists = []
+            for m in dict.fromkeys(mods.tolist()):
+                sub = np.flatnonzero(mods == m)
+                top = sub[np.argsort(-s[sub], kind="stable")[:k]]  # best first, ties by row
+                lists.append((str(m), s[top], top))
+            ranked = merge_ranked(lists, k, merge, None, {})
+            out.append([Hit(self._items[rows[r.id]], r.score, r.relevance) for r in ranked])
         return out
 
     def get_item(self, item_id: int) -> Item | None:
@@ -339,8 +353,13 @@ class IndexSnapshots:
         k: int,
         targets: Sequence[Modality] | None = None,
         tags: Sequence[str] | None = None,
+        merge: str = "calibrated",
+        query_modalities: Mapping[str, float] | None = None,
     ) -> list[list[Hit]]:
-        return self._reading(lambda s: s.search(vectors, k, targets, tags), "the index is damaged")
+        return self._reading(
+            lambda s: s.search(vectors, k, targets, tags, merge, query_modalities),
+            "the index is damaged",
+        )
 
     def get_item(self, item_id: int) -> Item | None:
         return self.current.get_item(item_id)

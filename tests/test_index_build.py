@@ -134,7 +134,7 @@ def test_any_to_any_on_one_index(
             Modality.THERMAL,
         }
         for qm, q in queries.items():
-            everything = s.search(q, 30)[0]
+            everything = s.search(q, 30, merge="raw")[0]  # by cosine (default: calibrated)
             assert everything[0].item.modality == qm and everything[0].score > 0.999
             assert len({h.item.modality for h in everything}) == 6  # every modality is reachable
             scores = [h.score for h in everything]
@@ -344,7 +344,17 @@ def test_cli_build_info_query_verify(tmp_path: Path, checkpoint: Path) -> None:
     assert r.exit_code == 0, r.output
     hits = json.loads(r.stdout)
     assert hits[0]["path"] == str(files["img4"].resolve()) and len(hits) == 3
-    assert set(hits[0]) == {"id", "score", "modality", "path", "start", "end", "caption", "tags"}
+    assert set(hits[0]) == {
+        "id",
+        "score",
+        "relevance",
+        "modality",
+        "path",
+        "start",
+        "end",
+        "caption",
+        "tags",
+    }
     r = runner.invoke(
         app,
         [

@@ -364,7 +364,12 @@ def test_service_json_is_the_same_from_an_index_and_from_memory(tmp_path: Path) 
             for body in bodies:
                 r = client.post("/v1/search", json=body)
                 assert r.status_code == 200, r.text
-                got.append([{**h, "score": round(h["score"], 5)} for h in r.json()["results"]])
+                got.append(
+                    [
+                        {**h, "score": round(h["score"], 5), "relevance": round(h["relevance"], 5)}
+                        for h in r.json()["results"]
+                    ]
+                )
             got.append(client.get("/v1/items/3").json())
         answers.append(got)
     assert answers[0] == answers[1]

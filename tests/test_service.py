@@ -156,6 +156,7 @@ def test_search_by_text_matches_numpy(client: TestClient, searcher: MemorySearch
     assert set(first) == {
         "id",
         "score",
+        "relevance",
         "modality",
         "path",
         "start",

@@ -16,7 +16,9 @@ from ..deps import PipelineDep, SearcherDep, SettingsDep, require_api_key
 from ..errors import InvalidContent, MalformedRequest, NotFound
 from ..pipeline import BlobInput, Input, Pipeline, TextInput, decode_base64, mix, parse_modality
 from ..schemas import (
+    MERGE_HELP,
     MODALITY_HELP,
+    Merge,
     QueryEcho,
     ResultOut,
     SearchForm,
@@ -75,6 +77,11 @@ _MULTIPART = {
             "description": "Only items carrying every one of these (repeat, or comma-separated).",
         },
         "tag": {"type": "array", "items": {"type": "string"}, "description": "Alias of `tags`."},
+        "merge": {
+            "type": "string",
+            "enum": ["calibrated", "raw", "rrf", "per_modality"],
+            "description": MERGE_HELP,
+        },
     },
 }
 
@@ -98,6 +105,7 @@ class Query:
     k: int | None
     target: list[str]
     tags: list[str]
+    merge: Merge = "calibrated"
 
 
 @router.post(
@@ -126,18 +134,34 @@ async def search(
     query = mix(vectors, [t.weight for t in q.terms])
     exclude = {t.item_id for t in q.terms if t.item_id is not None}
     hits = (
-        await run_in_threadpool(searcher.search, query[None], k + len(exclude), targets, q.tags)
+        await run_in_threadpool(
+            searcher.search,
+            query[None],
+            k + len(exclude),
+            targets,
+            q.tags,
+            q.merge,
+            query_modalities(q.terms),
+        )
     )[0]
-    results = [
-        ResultOut(score=h.score, **item_out(h.item).model_dump())
-        for h in hits
-        if h.item.id not in exclude
-    ][:k]
+    # Up to k results in all; per_modality: up to k of each modality.
+    per_modality = q.merge == "per_modality"
+    kept: dict[str, int] = {}
+    results = []
+    for h in hits:
+        group = h.item.modality.value if per_modality else ""
+        if h.item.id in exclude or kept.get(group, 0) >= k:
+            continue
+        kept[group] = kept.get(group, 0) + 1
+        results.append(
+            ResultOut(score=h.score, relevance=h.calibrated, **item_out(h.item).model_dump())
+        )
     echo = QueryEcho(
         terms=[t.echo for t in q.terms],
         k=k,
         target=None if targets is None else [m.value for m in targets],
         tags=q.tags,
+        merge=q.merge,
     )
     return SearchResponse(
         results=results, query=echo, took_ms=round((time.perf_counter() - t0) * 1e3, 3)
@@ -151,7 +175,7 @@ def from_json(body: SearchRequest) -> Query:
     if body.vector is not None:
         echo = TermEcho(kind="vector", weight=1.0, modality="")
         terms.append(Term(1.0, echo, vector=np.asarray(body.vector, dtype=np.float64)))
-        return Query(terms, body.k, split_list(target), body.tag_filter)
+        return Query(terms, body.k, split_list(target), body.tag_filter, body.merge)
     for i, t in enumerate(body.as_terms()):
         name = f"terms[{i}]" if body.terms is not None else "query"
         if t.text is not None:
@@ -171,7 +195,16 @@ def from_json(body: SearchRequest) -> Query:
                 bytes=len(data),
             )
             terms.append(Term(t.weight, echo, input=BlobInput(data, m, name, t.filename)))
-    return Query(terms, body.k, split_list(target), body.tag_filter)
+    return Query(terms, body.k, split_list(target), body.tag_filter, body.merge)
+
+
+def query_modalities(terms: list[Term]) -> dict[str, float]:
+    """The calibration's view of a query: each term's modality with its absolute weight."""
+    out: dict[str, float] = {}
+    for t in terms:
+        if t.echo.modality:
+            out[t.echo.modality] = out.get(t.echo.modality, 0.0) + abs(t.weight)
+    return out
 
 
 async def _from_form(request: Request, settings: ServiceSettings) -> Query:
@@ -196,6 +229,7 @@ def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
                 "target": fields.pop("target", []),
                 "tags": fields.pop("tags", []) + fields.pop("tag", []),
                 "item_id": split_list(fields.pop("item_id", [])),
+                **({"merge": fields.pop("merge")[-1]} if fields.get("merge") else {}),
                 **fields,
             }
         )
@@ -236,7 +270,7 @@ def form_query(files: list[FilePart], fields: dict[str, list[str]]) -> Query:
         w = weights[j] if weights else 1.0
         echo = TermEcho(kind="item", weight=w, modality="", item_id=item_id)
         terms.append(Term(w, echo, item_id=item_id))
-    return Query(terms, form.k, split_list(form.target), split_list(form.tags))
+    return Query(terms, form.k, split_list(form.target), split_list(form.tags), form.merge)
 
 
 def query_vector(vector: np.ndarray, searcher: Searcher) -> np.ndarray:

@@ -176,6 +176,7 @@ async function buildRequest() {
   if (targets.length) body.target = targets;
   const tags = $("#tags").value.split(",").map((s) => s.trim()).filter(Boolean);
   if (tags.length) body.tags = tags;
+  body.merge = $("#merge").value;
   const weights = active.map((t, i) => {
     const w = parseFloat(t.weight.value);
     if (!Number.isFinite(w)) {
@@ -235,6 +236,7 @@ async function generateImage() {
     delete body.k; // search options: the generator takes the query, a seed and steps
     delete body.target;
     delete body.tags;
+    delete body.merge;
     const seed = parseInt($("#seed").value, 10);
     body.seed = Number.isFinite(seed) && seed >= 0 ? seed : 0;
     const steps = parseInt($("#steps").value, 10);
@@ -266,6 +268,13 @@ async function generateImage() {
 
 // ----------------------------------------------------------------------------- results
 
+const MERGE_NAMES = {
+  calibrated: "by relevance",
+  per_modality: "grouped by modality",
+  raw: "by raw cosine",
+  rrf: "by rank fusion",
+};
+
 /** Show a search answer; ``sent`` are the composer's terms, in the order of the echo. */
 function renderResults(resp, sent) {
   for (const url of resultUrls) URL.revokeObjectURL(url);
@@ -277,17 +286,33 @@ function renderResults(resp, sent) {
   });
   const n = resp.results.length;
   $("#echo").textContent = `${parts.join(" ")} → ${n} result${n === 1 ? "" : "s"} ` +
-    `(k ${q.k}${q.target ? `, ${q.target.join("/")}` : ""}` +
+    `(k ${q.k}${q.target ? `, ${q.target.join("/")}` : ""}, ${MERGE_NAMES[q.merge] || q.merge}` +
     `${q.tags.length ? `, tags ${q.tags.join(", ")}` : ""}) in ${resp.took_ms.toFixed(1)} ms`;
   const list = $("#results");
   list.replaceChildren();
+  const grouped = q.merge === "per_modality";
+  let group = null;
   for (const item of resp.results) {
+    if (grouped && item.modality !== group) {
+      // per_modality answers each modality's list in turn: a heading before each
+      group = item.modality;
+      const head = document.createElement("li");
+      head.className = "group";
+      head.setAttribute("role", "presentation");
+      const h = document.createElement("h3");
+      h.textContent = group;
+      head.append(h);
+      list.append(head);
+    }
     const li = $("#result-template").content.firstElementChild.cloneNode(true);
     li.dataset.modality = item.modality;
     li.dataset.id = String(item.id);
     $(".modality", li).textContent = item.modality;
+    $(".relevance", li).textContent = `relevance ${item.relevance.toFixed(2)}`;
+    $(".relevance", li).title = "calibrated relevance to the query (0 to 1), comparable " +
+      "across modalities";
     $(".score", li).textContent = item.score.toFixed(3);
-    $(".score", li).title = "cosine similarity";
+    $(".score", li).title = "cosine similarity (comparable only within one modality)";
     $(".segment", li).textContent = segmentText(item).replace(/^ · /, "");
     $(".caption", li).textContent = item.caption || (item.path || "").split("/").pop() || "";
     for (const tag of item.tags) {
