@@ -319,6 +319,8 @@ def test_service_searches_a_vectors_only_index_by_vector(tmp_path: Path) -> None
                 "item_id": None,
                 "filename": None,
                 "bytes": None,
+                "tokens": None,
+                "truncated": None,
             }
         ]
         by_id = c.post("/v1/search", json={"item_id": 25, "k": 2}).json()["results"]
