@@ -67,7 +67,7 @@ def eval_cmd(
     merge: Annotated[
         str,
         typer.Option(help=f"How the any-to-any section merges modalities: {', '.join(MERGES)}."),
-    ] = "raw",
+    ] = "calibrated",
     max_queries: Annotated[
         int,
         typer.Option("--max-queries", min=1, help="Queries per modality (a seeded sample beyond)."),

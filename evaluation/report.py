@@ -62,7 +62,24 @@ def format_report(report: dict[str, Any]) -> str:
             v["matched_labels_in_top_k"],
         ]
         lines.append(f"  {m:8s} " + "  ".join(f"{_est(c):>14s}" for c in figures))
+    against = a2a.get("against") or {}
+    if against:
+        lines.append("")
+        lines.append(
+            f"merge {a2a['merge']} against its references "
+            "(docs/ranking.md's bars: >= 0.9, >= 2.5, >= 0.95):"
+        )
+        heads = ["top-1 / best single", "modalities", "matched / raw"]
+        lines.append(f"  {'query':8s} " + "  ".join(f"{c:>20s}" for c in heads))
+        for m, v in against.items():
+            single = f"{_num(v['top1_vs_best_single'])} ({v['best_single'] or '-'})"
+            row = [single, _num(v["modalities_in_top_k"]), _num(v["matched_vs_raw"])]
+            lines.append(f"  {m:8s} " + "  ".join(f"{c:>20s}" for c in row))
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def write_plot(report: dict[str, Any], out: str | Path) -> Path:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from encoders import Modality, ModelRef
+from index.calibration import MERGES as SEARCH_MERGES
 
 from .metrics import (
     LabelSet,
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
     from index.results import Hit
     from index.search import IndexSearcher
 
-# How the any-to-any section merges the per-modality lists; passed to ``merged_search`` only.
-MERGES: tuple[str, ...] = ("raw",)
+# How the any-to-any section merges the per-modality lists (the index's own merge modes:
+# ``index.calibration``); passed to ``merged_search`` only.
+MERGES: tuple[str, ...] = tuple(SEARCH_MERGES)
 DEFAULT_PROMPTS = ("a {}",)
 SEARCH_BATCH = 256  # query vectors per merged search
 
@@ -46,7 +48,7 @@ class EvalOptions:
     k: tuple[int, ...] = (1, 10)
     label_key: str | None = None  # binary relevance on this key; None: graded over every key
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    merge: str = "raw"
+    merge: str = "calibrated"
     max_queries: int = 2000  # per query modality, a seeded sample beyond it
     seed: int = 0
     soundtrack: bool = True  # build: a video's soundtrack is also an audio item
@@ -71,14 +73,15 @@ def check_merge(merge: str) -> None:
 
 
 def merged_search(
-    searcher: IndexSearcher, vectors: np.ndarray, k: int, merge: str
+    searcher: IndexSearcher, vectors: np.ndarray, k: int, merge: str, query_modality: str
 ) -> list[list[Hit]]:
     """Top-``k`` per query over every target modality, merged as ``merge`` says.
 
-    ``raw``: by cosine score, the merge of ``IndexSearcher.search`` with all targets.
+    Exactly what the service answers: ``IndexSearcher.search`` with all targets, the merge
+    mode and the query's modality (whose calibration applies; docs/ranking.md).
     """
     check_merge(merge)
-    return searcher.search(vectors, k)
+    return searcher.search(vectors, k, merge=merge, query_modalities=query_modality)
 
 
 @dataclass(frozen=True)
@@ -199,9 +202,16 @@ def run_eval(
                 if len(clf) > 1
             }
         any_to_any = {
-            qm.value: _any_to_any(searcher, q, sets, targets, keys, opts, bar)
+            qm.value: _any_to_any(searcher, qm, q, sets, targets, keys, opts, opts.merge, bar)
             for qm, q in picked.items()
         }
+        # The issue-18 figures need the raw merge beside the chosen one (one more pass).
+        raw = any_to_any
+        if opts.merge != "raw":
+            raw = {
+                qm.value: _any_to_any(searcher, qm, q, sets, targets, keys, opts, "raw", None)
+                for qm, q in picked.items()
+            }
         bar.close()
     return {
         "manifest": str(path),
@@ -218,8 +228,44 @@ def run_eval(
         "prompts": list(opts.prompts),
         "pairs": pairs,
         "zero_shot": zero_shot,
-        "any_to_any": {"merge": opts.merge, "k": max(opts.k), "by_query": any_to_any},
+        "any_to_any": {
+            "merge": opts.merge,
+            "k": max(opts.k),
+            "by_query": any_to_any,
+            "against": _against(any_to_any, raw, pairs),
+        },
     }
+
+
+def _against(
+    merged: dict[str, Any], raw: dict[str, Any], pairs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per query modality, the merge against its references (issue 18's three figures):
+    recall@1 over the best single target modality's recall@1 (searched alone), the mean
+    number of modalities in the top k, and matched labels over the raw merge's."""
+    out: dict[str, Any] = {}
+    for qm, v in merged.items():
+        single = {
+            p["target"]: p["recall@1"]["value"]
+            for p in pairs
+            if p["query"] == qm and p.get("recall@1", {}).get("value") is not None
+        }
+        best = max(single, key=lambda t: (single[t], t)) if single else None
+        top1 = (v.get("recall@1") or {}).get("value")
+        matched = v["matched_labels_in_top_k"]["value"]
+        raw_matched = raw[qm]["matched_labels_in_top_k"]["value"]
+        out[qm] = {
+            "best_single": best,
+            "best_single_recall@1": single.get(best) if best else None,
+            "top1_vs_best_single": _ratio(top1, single.get(best) if best else None),
+            "modalities_in_top_k": v["modalities_in_top_k"]["value"],
+            "matched_vs_raw": _ratio(matched, raw_matched),
+        }
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
 
 
 def _index_items(
@@ -286,14 +332,16 @@ def _positions(ids: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 
 def _any_to_any(
     searcher: IndexSearcher,
+    qm: Modality,
     q: _Items,
     sets: dict[Modality, _Items],
     targets: list[Modality],
     keys: list[str],
     opts: EvalOptions,
+    merge: str,
     bar: Any,
 ) -> dict[str, Any]:
-    """One query set searched over every target modality at once, merged by ``opts.merge``."""
+    """One query set searched over every target modality at once, merged by ``merge``."""
     k = max(opts.k)
     ks = tuple(sorted({1, *opts.k}))  # recall@1: the first result matches fully
     gallery_ids = np.concatenate([sets[m].ids for m in targets])
@@ -305,7 +353,7 @@ def _any_to_any(
     parts, per_query = [], []
     for s in range(0, len(q.ids), SEARCH_BATCH):
         rows = np.arange(s, min(s + SEARCH_BATCH, len(q.ids)))
-        found = merged_search(searcher, q.vectors[rows], k + 1, opts.merge)
+        found = merged_search(searcher, q.vectors[rows], k + 1, merge, qm.value)
         ranked = np.full((len(rows), k), -1, dtype=np.int64)
         for r, hits in enumerate(found):
             own = int(q.ids[rows[r]])
@@ -326,7 +374,8 @@ def _any_to_any(
             per_query.append(
                 (len(set(gallery_mod[got_rows].tolist())), float(rel[r, got_rows].sum()) / placed)
             )
-    bar.update(1)
+    if bar is not None:
+        bar.update(1)
     arr = np.array(per_query, dtype=np.float64).reshape(-1, 2)
     return {
         **summarise(parts, ks, len(q.ids)).to_dict(),

@@ -148,7 +148,7 @@ def test_evaluation_exports() -> None:
     )
     for name in evaluation.__all__:
         assert hasattr(evaluation, name), name
-    assert evaluation.MERGES == ("raw",)
+    assert evaluation.MERGES == ("calibrated", "raw", "rrf", "per_modality")  # the index's own
 
 
 def test_plot_without_matplotlib_names_the_extra(
