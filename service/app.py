@@ -165,12 +165,20 @@ async def _warm_up(state: AppState, emb: Embedder, batcher: Batcher) -> None:
     log.info("ready: %s, %d-d", emb.info.name, emb.info.dim)
 
 
+# How often a service told not to follow its index (poll 0) still looks for a first one.
+FIRST_INDEX_POLL_S = 2.0
+
+
 async def _follow_index(searcher: Searcher | None, every_s: float) -> None:
-    """Swap in the index's new snapshot after each committed change (``IndexSnapshots``)."""
-    if not isinstance(searcher, IndexSnapshots) or every_s <= 0:
+    """Swap in the index's new snapshot after each committed change (``IndexSnapshots``).
+
+    ``every_s`` 0 follows no change, but a service still waiting for its first index looks
+    for it every ``FIRST_INDEX_POLL_S`` until it is there: it could never be ready otherwise.
+    """
+    if not isinstance(searcher, IndexSnapshots):
         return
-    while True:
-        await asyncio.sleep(every_s)
+    while every_s > 0 or searcher.missing is not None:
+        await asyncio.sleep(every_s if every_s > 0 else FIRST_INDEX_POLL_S)
         try:
             await asyncio.to_thread(searcher.refresh)
         except asyncio.CancelledError:

@@ -293,3 +293,24 @@ def test_a_first_index_of_another_dimension_is_refused(tmp_path: Path) -> None:
     assert snapshots.refresh() is False
     assert snapshots.missing is not None and f"served model makes {DIM + 8}-d" in snapshots.missing
     snapshots.close()
+
+
+def test_poll_zero_still_waits_for_a_first_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``BINDSEARCH_INDEX_POLL_SECONDS=0`` follows no change, but a service with no index yet
+    still looks for its first one (else /readyz's "served as soon as the build ends" is false)."""
+    import service.app
+
+    monkeypatch.setattr(service.app, "FIRST_INDEX_POLL_S", 0.05)
+    root = tmp_path / "idx"
+    snapshots = load_searcher(root, wait=True)
+    assert isinstance(snapshots, IndexSnapshots)
+    app = create_app(ServiceSettings(index_poll_seconds=0), FakeEmbedder(DIM), snapshots)
+    with TestClient(app) as client:
+        until(lambda: bool(app.state.bindsearch.ready), "the model is ready", 30)
+        assert client.get("/readyz").status_code == 503
+        make_index(root, 5)
+        until(lambda: client.get("/readyz").status_code == 200, "the first index served", 30)
+        assert snapshots.missing is None
+    snapshots.close()
