@@ -179,7 +179,7 @@ def tune(
     nprobes = [1 << i for i in range(int(math.log2(nlist)) + 1)]
     nprobes += [nlist] if nprobes[-1] != nlist else []
     reranks = [f * k for f in RERANK_FACTORS]
-    tried: list[tuple[int, float]] = []
+    tried: list[tuple[int | tuple[int, int], float]] = []
     best: tuple[float, int, int] = (-1.0, 1, reranks[0])
     for nprobe in nprobes:
         ivf.nprobe = nprobe
@@ -188,7 +188,7 @@ def tune(
         for rerank in reranks:
             got = _top(scores[:, : rerank + 1], cand[:, : rerank + 1], k + 1)
             r = recall_at_k(drop_self(got, query_ids, k), truth, k)
-            tried.append((nprobe * 10_000 + rerank, r))  # read as nprobe, rerank
+            tried.append(((nprobe, rerank), r))
             if r > best[0] + 1e-9:
                 best = (r, nprobe, rerank)
             if r >= target_recall:

@@ -112,7 +112,8 @@ class RecallReport:
     vectors: int
     target: float
     search_params: Mapping[str, int]
-    tried: Sequence[tuple[int, float]]  # (parameter value, recall) in the order tried
+    # (parameter value, recall) in the order tried; on-disk IVF-PQ: ((nprobe, rerank), recall)
+    tried: Sequence[tuple[int | tuple[int, int], float]]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,7 +123,7 @@ class RecallReport:
             "vectors": self.vectors,
             "target": self.target,
             "search_params": dict(self.search_params),
-            "tried": [[v, round(r, 4)] for v, r in self.tried],
+            "tried": [[list(v) if isinstance(v, tuple) else v, round(r, 4)] for v, r in self.tried],
             "oracle": "exact inner-product search (IndexFlatIP); queries held out of training, "
             "each query's own vector excluded",
         }
