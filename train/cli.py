@@ -254,8 +254,43 @@ def train(
     device: Annotated[
         str, typer.Option(help="Where to train: cpu, cuda or cuda:N (data stay on the CPU).")
     ] = "cpu",
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            help="Start from these weights: a preset with its weights (imagebind_demo, "
+            "imagebind_huge) or a checkpoint file (with --config). Only --train-towers "
+            "learn (stage 2, --stage2-steps steps); the rest stay bit-identical.",
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="Architecture of an --init checkpoint file."),
+    ] = None,
+    train_towers: Annotated[
+        str | None,
+        typer.Option(
+            "--train-towers",
+            help="With --init: the towers that learn, e.g. audio,imu (audio, depth, thermal, imu).",
+        ),
+    ] = None,
+    reinit: Annotated[
+        bool,
+        typer.Option(
+            "--reinit", help="With --init: re-initialise the --train-towers first (bind anew)."
+        ),
+    ] = False,
 ) -> None:
-    """Train an ImageBind model: image-text (stage 1), then each modality to images only."""
+    """Train an ImageBind model: image-text (stage 1), then each modality to images only.
+
+    With --init, bind or fine-tune some towers of an existing model, everything else frozen.
+    """
+    if init is not None or train_towers is not None or reinit or config is not None:
+        _train_init(
+            init, config, train_towers, reinit, out, manifest, world, world_seed, stage2_steps,
+            batch_size, lr, seed, checkpoint_every, resume, threads, export, device,
+        )  # fmt: skip
+        return
     try:
         log = run_train(
             out,
@@ -277,6 +312,61 @@ def train(
     except _ERRORS as e:
         _fail(str(e).strip("'\""))
     typer.echo(f"trained in {log['seconds_total']:.0f} s; weights {log['weights']}", err=True)
+
+
+def _train_init(
+    init: str | None,
+    config: str | None,
+    train_towers: str | None,
+    reinit: bool,
+    out: Path,
+    manifest: Path | None,
+    world: int,
+    world_seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    checkpoint_every: int,
+    resume: bool,
+    threads: int | None,
+    export: Path | None,
+    device: str,
+) -> None:
+    from .init import TRAINABLE_TOWERS, run_train_init
+
+    if init is None:
+        _fail("--train-towers, --reinit and --config need --init WEIGHTS (the model to start from)")
+    if train_towers is None:
+        _fail(f"--init needs --train-towers (a comma list of {', '.join(TRAINABLE_TOWERS)})")
+    try:
+        card = run_train_init(
+            init,
+            out,
+            train_towers,
+            config=config,
+            reinit=reinit,
+            world=world,
+            world_seed=world_seed,
+            manifest=manifest,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            threads=threads,
+            export=export,
+            device=device,
+            log=lambda s: typer.echo(s, err=True),
+        )
+    except _ERRORS as e:
+        _fail(str(e).strip("'\""))
+    typer.echo(
+        f"trained {', '.join(card['towers_changed'])} in {card['seconds_total']:.0f} s; "
+        f"weights {card['path']} (licence: {card['licence']})",
+        err=True,
+    )
 
 
 # `bindsearch demo eval-generate`: the demo decoder (train/decoder.py) judged on held-out data.

@@ -57,6 +57,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "export_weights",
+    "freeze_except",
     "from_manifest",
     "from_world",
     "train",
@@ -158,6 +159,10 @@ class TrainConfig:
     choice_weight: float = 1.0
     # Add the rows' swapped captions (``NEG_TEXT``) to stage 1's candidates.
     swapped_negatives: bool = True
+    # Identity of the weights training starts from (``bindsearch train --init``: the init
+    # file's ``sha256:<hex>``, with ``+reinit`` when the trained towers were re-initialised);
+    # None: random initialisation. A resume checks it like every other field.
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if self.stage1_steps < 0 or self.stage2_steps < 0:
@@ -439,6 +444,7 @@ def train(
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
     device: str = "cpu",
+    init: ImageBind | None = None,
 ) -> TrainResult:
     """Run both stages on ``data``; checkpoints go to ``out/checkpoint.pt``.
 
@@ -450,17 +456,23 @@ def train(
             are done, e.g. to fit a time slot; ``resume`` continues from there.
         device: where to train ("cpu", "cuda"); data stay on the CPU, batches move. Batches
             and initialisation do not depend on it; the arithmetic does (numerics differ).
+        init: start from this model (fp32, every tower) instead of random weights
+            (``train --init``, ``train.init``); it is trained in place. Set ``tc.init`` to its
+            identity so that a resume can check it.
     """
     t0 = time.perf_counter()
-    cfg = resolve_config(tc.preset)
+    cfg = resolve_config(tc.preset) if init is None else init.cfg
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
     say = log or (lambda s: None)
 
     torch.manual_seed(tc.seed)
-    model = ImageBind(cfg, device="meta").to_empty(device="cpu")
-    init_weights(model, seed=tc.seed)
+    if init is None:
+        model = ImageBind(cfg, device="meta").to_empty(device="cpu")
+        init_weights(model, seed=tc.seed)
+    else:
+        model = init
     dev = torch.device(device)
     model.to(dev)
     losses: dict[str, list[float]] = {"stage1": []}
@@ -577,10 +589,7 @@ def train(
     # ---- stage 2: each other modality <-> frozen vision embeddings (never text)
     mods = [m for m in tc.modalities if len(data.rows(m, _anchor(m, data)))]
     if tc.stage2_steps and mods:
-        model.requires_grad_(False)
-        for m in mods:
-            for name in ("modality_preprocessors", "modality_trunks", "modality_heads"):
-                getattr(model, name)[m].requires_grad_(True)
+        freeze_except(model, mods)
         anchors = {a: cache_embeddings(model, data, a) for a in {_anchor(m, data) for m in mods}}
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
@@ -634,6 +643,14 @@ def train(
     return TrainResult(model, losses, time.perf_counter() - t0)
 
 
+def freeze_except(model: ImageBind, towers: Sequence[str]) -> None:
+    """Freeze every parameter but those of ``towers``' stems, trunks and heads (stage 2)."""
+    model.requires_grad_(False)
+    for m in towers:
+        for name in ("modality_preprocessors", "modality_trunks", "modality_heads"):
+            getattr(model, name)[m].requires_grad_(True)
+
+
 def _anchor(m: str, data: PairedData) -> str:
     a = ANCHORS.get(m, "vision")
     return a if len(data.rows(m, a)) else "vision"
@@ -651,6 +668,8 @@ def _mean(xs: Sequence[float]) -> float:
 def _tc_dict(tc: TrainConfig) -> dict[str, Any]:
     d = asdict(tc)
     d["modalities"] = list(tc.modalities)
+    if d["init"] is None:
+        del d["init"]  # checkpoints from before ``init`` existed still resume
     return d
 
 

@@ -1,0 +1,282 @@
+"""``bindsearch train --init``: bind or adapt some towers of an existing model, the rest frozen.
+
+The recipe's stage 2 (``train.recipe.train``) run from loaded weights instead of random ones:
+each named tower learns against the frozen image tower's cached embeddings (InfoNCE both ways,
+the recipe's own loss and steps), every other parameter is frozen (``requires_grad`` False, not
+in the optimizer) and comes out bit-identical in the exported weights, which are written in the
+init file's dtype. ``reinit`` re-initialises the named towers first (binding a modality anew);
+otherwise they are fine-tuned.
+
+The exported model says what it is: beside ``OUT/<name>.safetensors`` a JSON sidecar
+``OUT/<name>.json`` (the same object is in the safetensors metadata under ``"init"``) with its
+config, the init weights' sha256, the towers that changed, the data source and the licence,
+which is the init weights' licence: the frozen towers are theirs, and the trained ones are
+derived from them (or bound to them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from encoders.config import list_presets
+from encoders.model import ImageBind, init_weights
+from encoders.models import ModelRef
+
+from .recipe import STAGE2_MODALITIES
+
+__all__ = [
+    "TOWER_MODULES",
+    "TRAINABLE_TOWERS",
+    "is_tower_key",
+    "parse_towers",
+    "reinit_towers",
+    "resolve_init",
+    "run_train_init",
+    "sidecar_path",
+]
+
+# The towers `--train-towers` accepts: those stage 2 binds to the frozen image tower. The
+# vision tower is the anchor every other tower is trained against (its cached embeddings are
+# the targets), so it cannot learn in this stage; text is bound to images in stage 1, with the
+# vision tower learning too, which is not a frozen-anchor binding.
+TRAINABLE_TOWERS = STAGE2_MODALITIES
+# The module dicts a tower's keys live under (``<module>.<tower>.<rest>``).
+TOWER_MODULES = (
+    "modality_preprocessors",
+    "modality_trunks",
+    "modality_heads",
+    "modality_postprocessors",
+)
+
+
+def parse_towers(text: str) -> tuple[str, ...]:
+    """``"audio,imu"`` -> ``("audio", "imu")``; a one-line ``ValueError`` for anything else."""
+    names = [t.strip().lower() for t in text.split(",")]
+    names = [t for t in names if t]
+    accepted = ", ".join(TRAINABLE_TOWERS)
+    if not names:
+        raise ValueError(f"--train-towers is empty; accepted: a comma list of {accepted}")
+    for t in names:
+        if t in ("vision", "image", "video"):
+            raise ValueError(
+                f"--train-towers {t}: the vision tower is the frozen anchor the other towers "
+                f"are bound to and cannot be trained here; accepted: {accepted}"
+            )
+        if t == "text":
+            raise ValueError(
+                "--train-towers text: text is bound to images in stage 1 (both towers "
+                f"learning), not against a frozen anchor; accepted: {accepted}"
+            )
+        if t not in TRAINABLE_TOWERS:
+            raise ValueError(f"--train-towers: unknown modality {t!r}; accepted: {accepted}")
+    return tuple(dict.fromkeys(names))
+
+
+def is_tower_key(key: str, towers: Sequence[str]) -> bool:
+    """Whether a state-dict key belongs to one of ``towers`` (stem, trunk, head, postprocessor)."""
+    parts = key.split(".")
+    return len(parts) > 2 and parts[0] in TOWER_MODULES and parts[1] in towers
+
+
+@torch.no_grad()
+def reinit_towers(model: ImageBind, towers: Sequence[str], seed: int = 0) -> None:
+    """Give ``towers`` fresh random weights (the model's own ``init_weights``), in place."""
+    fresh = ImageBind(model.cfg, tuple(towers), device="meta").to_empty(device="cpu")
+    init_weights(fresh, seed=seed)
+    new = fresh.state_dict()
+    for key, t in model.state_dict().items():
+        if is_tower_key(key, towers):
+            t.copy_(new[key])
+
+
+def resolve_init(init: str, config: str | Path | None = None) -> ModelRef:
+    """``--init``: a preset with its weights (shipped or downloaded), or a checkpoint file.
+
+    A file is read with ``config`` (default: the project's default model, as elsewhere); when
+    it was exported by ``train --init`` (its sidecar names its sha256), the sidecar's licence
+    is its licence, so a model trained from a trained model keeps the licence of the first.
+    """
+    from dataclasses import replace
+
+    from encoders import resolve_model
+
+    path = Path(init)
+    if path.is_file():
+        ref = resolve_model(config, path)
+        card = _read_sidecar(path)
+        if card is not None and card.get("sha256") == ref.sha256 and "licence" in card:
+            return replace(ref, licence=card["licence"], licence_url=card.get("licence_url"))
+        return ref
+    if init in list_presets():
+        if config is not None:
+            raise ValueError(
+                f"--config is for a checkpoint file; --init {init} is a preset and brings its own"
+            )
+        return resolve_model(init)
+    raise ValueError(
+        f"--init {init}: neither a weights file nor a preset ({', '.join(list_presets())})"
+    )
+
+
+def sidecar_path(weights: str | Path) -> Path:
+    """The JSON that describes exported weights: ``model.safetensors`` -> ``model.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def run_train_init(
+    init: str,
+    out: Path,
+    train_towers: str,
+    config: str | Path | None = None,
+    reinit: bool = False,
+    world: int = 6000,
+    world_seed: int = 0,
+    manifest: Path | None = None,
+    steps: int = 400,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    threads: int | None = None,
+    export: Path | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+    stop_after: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``train_towers`` of the ``init`` model (the rest frozen); export it and its sidecar.
+
+    Writes ``out/checkpoint.pt`` as it goes (``resume`` continues from it), then
+    ``out/<name>.safetensors`` (or ``export``), its sidecar (``sidecar_path``) and
+    ``out/train_log.json``; returns the sidecar's object.
+    """
+    from encoders import load_encoder
+    from encoders.checkpoint import sha256_file
+
+    from .recipe import TrainConfig, export_weights, from_manifest, from_world
+    from .recipe import train as train_model
+
+    t0 = time.perf_counter()
+    towers = parse_towers(train_towers)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; accepted: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    ref = resolve_init(init, config)
+    assert ref.weights is not None and ref.sha256 is not None
+    model = load_encoder(ref, device="cpu", dtype="fp32").model
+    init_sd = _init_tensors(ref.weights)
+    dtype = _float_dtype(init_sd)
+    if reinit:
+        reinit_towers(model, towers, seed=seed)
+
+    cfg = model.cfg
+    if manifest is not None:
+        data = from_manifest(manifest, cfg, progress=progress)
+        source: dict[str, Any] = {
+            "kind": "manifest",
+            "path": str(manifest),
+            "sha256": sha256_file(manifest),
+        }
+    else:
+        data = from_world(world, cfg, seed=world_seed, progress=progress)
+        source = {"kind": "demo world", "n": world, "seed": world_seed}
+    for m in towers:
+        anchor = "video" if m == "imu" and len(data.rows("imu", "video")) else "vision"
+        if not len(data.rows(m, anchor)):
+            raise ValueError(
+                f"the training data has no ({anchor}, {m}) pairs to train the {m} tower on"
+            )
+    identity = ref.identity + ("+reinit" if reinit else "")
+    tc = TrainConfig(
+        preset=ref.config_name,
+        stage1_steps=0,
+        stage2_steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        stage2_lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        modalities=towers,
+        init=identity,
+    )
+    result = train_model(
+        data,
+        tc,
+        out,
+        resume=resume,
+        progress=progress,
+        log=log,
+        device=str(dev),
+        init=model,
+        stop_after=stop_after,
+    )
+    name = Path(ref.config_name).stem if ref.config_name.endswith(".json") else ref.config_name
+    target = export or (Path(out) / f"{name}.safetensors")
+    changed = [m for m in model.modalities if m.value in towers]
+    card: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "init": {
+            "name": ref.name,
+            "weights": str(ref.weights),
+            "sha256": ref.sha256,
+            "licence": ref.licence,
+        },
+        "init_sha256": ref.sha256,
+        "towers_changed": [m.value for m in changed],
+        "towers_frozen": [m.value for m in model.modalities if m.value not in towers],
+        "reinit": reinit,
+        "data_source": source,
+        "steps": 0,
+        "licence": ref.licence,
+        "licence_url": ref.licence_url,
+    }
+    card["steps"] = max((len(v) for k, v in result.losses.items() if k != "stage1"), default=0)
+    export_weights(result.model, target, dtype=dtype, metadata={"init": json.dumps(card)})
+    card["weights"] = target.name
+    card["sha256"] = sha256_file(target)
+    sidecar_path(target).write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    train_log = {
+        "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tc).items()},
+        "device": str(dev),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+        "loss_first": {k: v[:10] for k, v in result.losses.items()},
+        "loss_last": {k: v[-10:] for k, v in result.losses.items()},
+        "weights": str(target),
+    }
+    (Path(out) / "train_log.json").write_text(json.dumps(train_log, indent=1), encoding="utf-8")
+    return {**card, "path": str(target), "seconds_total": train_log["seconds_total"]}
+
+
+def _read_sidecar(weights: Path) -> dict[str, Any] | None:
+    try:
+        card = json.loads(sidecar_path(weights).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) else None
+
+
+def _init_tensors(path: Path) -> dict[str, Tensor]:
+    from encoders.checkpoint import read_state_dict, remap_imagebind_keys
+
+    return remap_imagebind_keys(read_state_dict(path))
+
+
+def _float_dtype(sd: dict[str, Tensor]) -> torch.dtype:
+    """The dtype of the init file's floating tensors: exporting in it keeps frozen ones exact."""
+    dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return torch.float32  # mixed: fp32 holds every one of them exactly
