@@ -14,6 +14,7 @@ default model is named here and nowhere else (``DEFAULT_MODEL``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,4 +207,30 @@ def _given(name: str, cfg: ModelConfig, path: Path) -> ModelRef:
     if spec is not None:
         # Converted from the official file: its licence binds however the file is named.
         return ModelRef(name, cfg, path, sha, "given", spec.name, spec.licence, spec.licence_url)
+    card = weights_card(path, sha)
+    if card is not None and isinstance(card.get("licence"), str):
+        # Exported by ``train --init``: the licence of the weights it started from.
+        url = card.get("licence_url")
+        return ModelRef(
+            name, cfg, path, sha, "given", path.stem, card["licence"], url if url else None
+        )
     return ModelRef(name, cfg, path, sha, "given", path.stem, GIVEN_LICENCE)
+
+
+def card_path(weights: str | Path) -> Path:
+    """The JSON card that describes exported weights: ``model.safetensors`` -> ``model.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def weights_card(weights: str | Path, sha256: str | None = None) -> dict[str, Any] | None:
+    """The card beside ``weights`` (``train --init`` writes it: config, init weights, towers
+    changed, data, licence), or None when there is none or it describes another file
+    (its ``sha256`` is not ``sha256``, default: the file's)."""
+    try:
+        card = json.loads(card_path(weights).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(card, dict):
+        return None
+    want = sha256 if sha256 is not None else file_sha256(Path(weights))
+    return card if card.get("sha256") == want else None

@@ -220,3 +220,17 @@ def test_bad_options_are_one_error_line(tmp_path: Path, args: list[str], says: s
     assert len(lines) == 1 and lines[0].startswith("error: "), res.output
     assert says in lines[0]
     assert "accepted" in lines[0] or "--" in lines[0]
+
+
+def test_every_command_reads_the_licence_of_an_exported_model(tmp_path: Path) -> None:
+    # resolve_model (what embed, index, serve and /v1/info use) reads the card beside weights
+    # that train --init exported: a re-bound demo tower stays Apache-2.0, not "unknown".
+    out = run_train_init(DEMO, tmp_path / "r", "depth", reinit=True, steps=0, **SMALL)  # type: ignore[arg-type]
+    path = Path(out["path"])
+    assert SHIPPED is not None and out["sha256"] != resolve_model(DEMO).sha256  # new weights
+    assert resolve_model(DEMO, path).licence == BUNDLED_LICENCE
+    card = sidecar_path(path)
+    card.write_text(json.dumps({**json.loads(card.read_text()), "sha256": "0" * 64}))
+    assert resolve_model(DEMO, path).licence == GIVEN_LICENCE  # a card of another file
+    card.unlink()
+    assert resolve_model(DEMO, path).licence == GIVEN_LICENCE

@@ -101,19 +101,14 @@ def resolve_init(init: str, config: str | Path | None = None) -> ModelRef:
 
     A file is read with ``config`` (default: the project's default model, as elsewhere); when
     it was exported by ``train --init`` (its sidecar names its sha256), the sidecar's licence
-    is its licence, so a model trained from a trained model keeps the licence of the first.
+    is its licence (``encoders.models.weights_card``, read by ``resolve_model`` for every
+    command), so a model trained from a trained model keeps the licence of the first.
     """
-    from dataclasses import replace
-
     from encoders import resolve_model
 
     path = Path(init)
     if path.is_file():
-        ref = resolve_model(config, path)
-        card = _read_sidecar(path)
-        if card is not None and card.get("sha256") == ref.sha256 and "licence" in card:
-            return replace(ref, licence=card["licence"], licence_url=card.get("licence_url"))
-        return ref
+        return resolve_model(config, path)
     if init in list_presets():
         if config is not None:
             raise ValueError(
@@ -127,7 +122,9 @@ def resolve_init(init: str, config: str | Path | None = None) -> ModelRef:
 
 def sidecar_path(weights: str | Path) -> Path:
     """The JSON that describes exported weights: ``model.safetensors`` -> ``model.json``."""
-    return Path(weights).with_suffix(".json")
+    from encoders.models import card_path
+
+    return card_path(weights)
 
 
 def run_train_init(
@@ -258,14 +255,6 @@ def run_train_init(
     }
     (Path(out) / "train_log.json").write_text(json.dumps(train_log, indent=1), encoding="utf-8")
     return {**card, "path": str(target), "seconds_total": train_log["seconds_total"]}
-
-
-def _read_sidecar(weights: Path) -> dict[str, Any] | None:
-    try:
-        card = json.loads(sidecar_path(weights).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return card if isinstance(card, dict) else None
 
 
 def _init_tensors(path: Path) -> dict[str, Tensor]:
