@@ -68,6 +68,14 @@ def eval_cmd(
         str,
         typer.Option(help=f"How the any-to-any section merges modalities: {', '.join(MERGES)}."),
     ] = "calibrated",
+    query_template: Annotated[
+        str | None,
+        typer.Option(
+            "--query-template",
+            help='Also make text queries from label combinations, e.g. "a {colour} {class} in '
+            "the {scene}\", and report docs/ranking.md's three figures for --merge.",
+        ),
+    ] = None,
     max_queries: Annotated[
         int,
         typer.Option("--max-queries", min=1, help="Queries per modality (a seeded sample beyond)."),
@@ -109,6 +117,7 @@ def eval_cmd(
         label_key=label_key,
         prompts=tuple(prompt or DEFAULT_PROMPTS),
         merge=merge,
+        query_template=query_template,
         max_queries=max_queries,
         seed=seed,
         soundtrack=soundtrack,

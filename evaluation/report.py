@@ -75,6 +75,19 @@ def format_report(report: dict[str, Any]) -> str:
             single = f"{_num(v['top1_vs_best_single'])} ({v['best_single'] or '-'})"
             row = [single, _num(v["modalities_in_top_k"]), _num(v["matched_vs_raw"])]
             lines.append(f"  {m:8s} " + "  ".join(f"{c:>20s}" for c in row))
+    t = report.get("template_queries")
+    if t:
+        lines.append("")
+        lines.append(
+            f"{t['queries']} text queries {t['template']!r} (labels of {t['source']} items), "
+            f"every modality, merge {t['merge']}, top {t['k']}:"
+        )
+        lines.append(
+            f"  top-1 matches all: {t['top1']:.3f}, {_num(t['top1_ratio'])}x the best single "
+            f"modality ({t['best_single']}, {t['best_single_top1']:.3f}); modalities in the "
+            f"top {t['k']}: {t['distinct']:.2f}; matched labels {t['matched']:.3f}, "
+            f"{_num(t['matched_ratio'])}x the raw merge's"
+        )
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ item is which come from the manifest, read by the index's own reader (``index.co
 from __future__ import annotations
 
 import hashlib
+import string
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ class EvalOptions:
     label_key: str | None = None  # binary relevance on this key; None: graded over every key
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     merge: str = "calibrated"
+    # Text queries made from label combinations ("a {colour} {class} in the {scene}"): the
+    # three ranking figures of docs/ranking.md (``index.ranking_eval``) for ``merge``.
+    query_template: str | None = None
     max_queries: int = 2000  # per query modality, a seeded sample beyond it
     seed: int = 0
     soundtrack: bool = True  # build: a video's soundtrack is also an audio item
@@ -64,6 +68,19 @@ class EvalOptions:
         if not self.prompts:
             raise ValueError("give at least one --prompt")
         check_merge(self.merge)
+        if self.query_template is not None and not template_keys(self.query_template):
+            raise ValueError(
+                f"--query-template {self.query_template!r} names no label key: "
+                'write them in braces, e.g. "a {colour} {class} in the {scene}"'
+            )
+
+
+def template_keys(template: str) -> list[str]:
+    """The label keys a query template names (``{colour}`` ...), in order, or [] if none."""
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError:  # unbalanced braces
+        return []
 
 
 def check_merge(merge: str) -> None:
@@ -212,6 +229,9 @@ def run_eval(
                 qm.value: _any_to_any(searcher, qm, q, sets, targets, keys, opts, "raw", None)
                 for qm, q in picked.items()
             }
+        templated = None
+        if opts.query_template is not None:
+            templated = _templated(searcher, embed_text, opts, keys, targets)
         bar.close()
     return {
         "manifest": str(path),
@@ -234,7 +254,39 @@ def run_eval(
             "by_query": any_to_any,
             "against": _against(any_to_any, raw, pairs),
         },
+        "template_queries": templated,
     }
+
+
+def _templated(
+    searcher: IndexSearcher,
+    embed_text: Callable[[Sequence[str]], np.ndarray],
+    opts: EvalOptions,
+    keys: list[str],
+    targets: list[Modality],
+) -> dict[str, Any]:
+    """docs/ranking.md's figures for text queries made from ``opts.query_template``: one per
+    combination of its keys present among the items of the first target modality that has
+    them (vision first), all targets, merged by ``opts.merge`` (``index.ranking_eval``)."""
+    from index.ranking_eval import ranking_figures, text_queries
+
+    assert opts.query_template is not None
+    wanted = template_keys(opts.query_template)
+    unknown = [w for w in wanted if w not in keys]
+    if unknown:
+        raise ValueError(
+            f"--query-template names {', '.join(unknown)}, no label key of the manifest "
+            f"({', '.join(keys)})"
+        )
+    k = max(opts.k)
+    for source in [m for m in targets if m is not Modality.TEXT]:
+        queries = text_queries(searcher, embed_text, opts.query_template, wanted, source.value)
+        if queries:
+            got = ranking_figures(searcher, queries, opts.merge, k)
+            return {"template": opts.query_template, "source": source.value, **got.to_dict()}
+    raise ValueError(
+        f"--query-template: no item carries all of {', '.join(wanted)} to make a query from"
+    )
 
 
 def _against(

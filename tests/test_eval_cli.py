@@ -159,6 +159,8 @@ def test_table_on_stdout(runs: dict[str, Any]) -> None:
             "error: unknown --merge 'best'; accepted: calibrated, raw, rrf, per_modality",
         ),
         (["--label-key", "size"], "error: --label-key 'size' is no label of the manifest"),
+        (["--query-template", "a cat"], "error: --query-template 'a cat' names no label key"),
+        (["--query-template", "a {size} cat"], "error: --query-template names size, no label"),
         (["--prompt", "a {size} {}"], "error: prompt 'a {size} {}' names 'size'"),
         (["--plot", "/nonexistent/dir/p.png"], "error: --plot /nonexistent/dir/p.png"),
     ],
@@ -246,3 +248,44 @@ def test_an_index_of_another_model_is_refused(runs: dict[str, Any]) -> None:
         res.output.startswith("error: the index at ") and "built with another model" in res.output
     )
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_query_template_reports_the_ranking_figures_of_the_index(runs: dict[str, Any]) -> None:
+    # docs/ranking.md's three figures, as tests/test_ranking.py computes them on the demo
+    # index: bindsearch eval prints them for any labelled manifest and merge.
+    from encoders import Modality
+    from index.ranking_eval import ranking_figures, text_queries
+    from index.search import open_index
+
+    template = "a {colour} {class} in the {scene}"
+    index = runs["still"]["index"]
+    got = {}
+    for merge in ("calibrated", "raw"):
+        report = _eval(
+            str(runs["corpus"]),
+            "--index",
+            index,
+            "-k",
+            "10",
+            "--query-template",
+            template,
+            "--merge",
+            merge,
+        )
+        got[merge] = report["template_queries"]
+    enc = load_encoder(demo_weights_path(), config="imagebind_demo", modalities=[Modality.TEXT])
+    with open_index(index) as s:
+        queries = text_queries(s, lambda t: enc.embed_items(Modality.TEXT, list(t)), template)
+        assert queries and got["raw"]["queries"] == len(queries) == got["calibrated"]["queries"]
+        for merge, figures in got.items():
+            want = ranking_figures(s, queries, merge, k=10).to_dict()
+            assert figures["source"] == "vision" and figures["template"] == template
+            for name in ("top1", "best_single_top1", "distinct", "matched", "raw_matched"):
+                assert figures[name] == pytest.approx(want[name], abs=1e-9), (merge, name)
+    # The raw merge is its own reference; the calibrated one brings more modalities.
+    assert got["raw"]["matched_ratio"] == pytest.approx(1.0)
+    assert got["calibrated"]["distinct"] > got["raw"]["distinct"]
+    res = CliRunner().invoke(
+        app, ["eval", str(runs["corpus"]), "--index", index, "--query-template", template]
+    )
+    assert res.exit_code == 0 and "the best single modality (" in res.stdout, res.output
