@@ -168,6 +168,28 @@ def test_web_page_search_upload_and_mix(server: str, tmp_path: Path) -> None:
             assert segment.startswith("00:00–00:0"), segment
             sync_api.expect(page.locator("#echo")).to_contain_text("“a red ring in the snow”")
 
+            # The default order: every modality interleaved by calibrated relevance (issue
+            # #18), each result showing it beside its cosine, and the page says what it means.
+            relevance = results.evaluate_all(
+                "els => els.map(e => parseFloat("
+                "e.querySelector('.relevance').textContent.replace('relevance ', '')))"
+            )
+            assert relevance == sorted(relevance, reverse=True), relevance
+            assert all(0.0 <= r <= 1.0 for r in relevance), relevance
+            sync_api.expect(page.locator("#score-help")).to_contain_text("calibrated per pair")
+            # Grouped: each modality's top k under its own heading, one list after another.
+            page.locator("#merge").select_option("per_modality")
+            page.locator("#k").fill("3")
+            page.get_by_role("button", name="Search").click()
+            sync_api.expect(page.locator("#echo")).to_contain_text("grouped by modality")
+            heads = page.locator("#results > li.group h3")
+            sync_api.expect(heads).to_have_count(6)
+            sync_api.expect(results).to_have_count(18)
+            mods = results.evaluate_all("els => els.map(e => e.dataset.modality)")
+            assert all(mods[i : i + 3] == [mods[i]] * 3 for i in range(0, 18, 3)), mods
+            assert [h.lower() for h in heads.all_inner_texts()] == mods[::3]  # CSS capitalises
+            page.locator("#merge").select_option("calibrated")
+
             # An image through the file input, alone: the modality is sniffed by the server.
             page.get_by_role("button", name="Remove term 1").click()
             page.locator("#file-input").set_input_files(str(ring))
