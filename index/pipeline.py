@@ -491,14 +491,7 @@ class IndexWriter:
             if e.error is None and e.modality is not None
         ]
         sent = {t.seq for t in tasks}
-        bar = tqdm(
-            total=len(self._todo),
-            unit="file",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=not self._show_progress(),
-            smoothing=0.1,
-        )
+        bar = self._bar()
         files = engine.run(tasks, self.known) if tasks else iter(())
         try:
             self._drain(bar)  # files the scan rejected come first, maybe
@@ -519,6 +512,17 @@ class IndexWriter:
             self.summary.model_s += engine.model_s
             self.summary.decode_wait_s += engine.decode_wait_s
 
+    def _bar(self) -> tqdm[Any]:
+        """The progress bar of one write: a tick per file to do."""
+        return tqdm(
+            total=len(self._todo),
+            unit="file",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not self._show_progress(),
+            smoothing=0.1,
+        )
+
     def write_loaded(
         self, entries: Sequence[CorpusEntry], load: Callable[[CorpusEntry], EmbeddedFile]
     ) -> None:
@@ -528,14 +532,7 @@ class IndexWriter:
         entries that are new or changed, one at a time, so only one is held at once.
         """
         self._todo = self._select(entries)
-        bar = tqdm(
-            total=len(self._todo),
-            unit="file",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=not self._show_progress(),
-            smoothing=0.1,
-        )
+        bar = self._bar()
         try:
             self._drain(bar)
             while self._head < len(self._todo):
