@@ -46,7 +46,8 @@ __all__ = [
 CALIBRATION_VERSION = 1
 Merge = Literal["calibrated", "raw", "rrf", "per_modality"]
 MERGES: tuple[str, ...] = ("calibrated", "raw", "rrf", "per_modality")
-# How a pair's score becomes a relevance; "platt" is what ``calibrated`` uses (docs/ranking.md).
+# How a pair's score becomes a relevance; ``DEFAULT_METHOD`` is what ``calibrated`` uses
+# (docs/ranking.md says why).
 Method = Literal["zscore", "tail", "platt", "isotonic", "graded"]
 METHODS: tuple[str, ...] = ("zscore", "tail", "platt", "isotonic", "graded")
 DEFAULT_METHOD: Method = "graded"
