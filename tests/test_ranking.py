@@ -253,6 +253,15 @@ def test_service_search_takes_merge_and_answers_relevance(tiny_index: Path) -> N
             assert len(mods) == 2 * len(s.modalities) and 0 not in [
                 h["id"] for h in r.json()["results"]
             ]
+            # A vector query has no modality: calibrated against every query modality the
+            # index measured, equally, exactly as IndexSearcher.search without one.
+            v = s.vector(0)
+            r = client.post("/v1/search", json={"vector": v.tolist(), "k": 5})
+            assert r.status_code == 200, r.text
+            want = s.search(v[None], 5)[0]
+            got = r.json()["results"]
+            assert [h["id"] for h in got] == [h.item.id for h in want]
+            assert [h["relevance"] for h in got] == pytest.approx([h.relevance for h in want])
             r = client.post("/v1/search", json={"item_id": 0, "merge": "best"})
             assert r.status_code == 400, r.text
             assert "calibrated" in r.json()["error"]["message"]

@@ -141,7 +141,9 @@ async def search(
             targets,
             q.tags,
             q.merge,
-            query_modalities(q.terms),
+            # A bare vector has no modality: every measured query modality, equally weighted,
+            # as IndexSearcher.search (and `index query --vector`) does without one.
+            query_modalities(q.terms) or None,
         )
     )[0]
     # Up to k results in all; per_modality: up to k of each modality.
