@@ -57,9 +57,15 @@ class _Proc:
 
 
 def _start(
-    tmp: Path, args: list[str], env: dict[str, str], port_by_env: bool = False
+    tmp: Path,
+    args: list[str],
+    env: dict[str, str],
+    port_by_env: bool = False,
+    wait_for: str = "/readyz",
+    log_level: str = "warning",
 ) -> tuple[Server, _Proc]:
-    """``serve`` on a free port (``--port``, or ``BINDSEARCH_PORT`` with ``port_by_env``)."""
+    """``serve`` on a free port (``--port``, or ``BINDSEARCH_PORT`` with ``port_by_env``),
+    once ``wait_for`` answers 200 (``/readyz``: ready; ``/healthz``: up, ready or not)."""
     port = _free_port()
     port_args = ["--port", str(port)]
     if port_by_env:
@@ -76,7 +82,7 @@ def _start(
         CONFIG,
         *port_args,
         "--log-level",
-        "warning",
+        log_level,
         *args,
     ]
     with log.open("wb") as f:
@@ -89,7 +95,7 @@ def _start(
         if proc.poll() is not None:
             raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
+            if httpx.get(f"{server.url}{wait_for}", timeout=5).status_code == 200:
                 return server, _Proc(proc, log)
         except httpx.TransportError:
             pass
