@@ -46,6 +46,15 @@ Config = Annotated[
     typer.Option(help=f"Model preset or JSON config (default: {DEFAULT_MODEL}, or the index's)."),
 ]
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
+Factory = Annotated[
+    str, typer.Option(help="'auto' (from size and memory budget) or a FAISS factory string.")
+]
+MemoryBudget = Annotated[
+    str, typer.Option("--memory-budget", help="Memory the index may use, e.g. 4GB.")
+]
+TargetRecall = Annotated[
+    float, typer.Option(help="Recall@10 the auto recipe tunes its search for.")
+]
 Workers = Annotated[int, typer.Option(min=0, help="Decode processes (0: decode in-process).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Items per model call.")]
 ChunkSize = Annotated[
@@ -94,15 +103,9 @@ def build(
         list[str] | None,
         typer.Option("--modalities", help="Only these item modalities (repeat or comma-separate)."),
     ] = None,
-    factory: Annotated[
-        str, typer.Option(help="'auto' (from size and memory budget) or a FAISS factory string.")
-    ] = "auto",
-    memory_budget: Annotated[
-        str, typer.Option("--memory-budget", help="Memory the index may use, e.g. 4GB.")
-    ] = "4GB",
-    target_recall: Annotated[
-        float, typer.Option(help="Recall@10 the auto recipe tunes its search for.")
-    ] = 0.95,
+    factory: Factory = "auto",
+    memory_budget: MemoryBudget = "4GB",
+    target_recall: TargetRecall = 0.95,
     workers: Workers = 2,
     batch_size: BatchSize = 16,
     chunk_size: ChunkSize = 512,
@@ -206,15 +209,9 @@ def import_(
             "otherwise): the index is then searched by vector only.",
         ),
     ] = None,
-    factory: Annotated[
-        str, typer.Option(help="'auto' (from size and memory budget) or a FAISS factory string.")
-    ] = "auto",
-    memory_budget: Annotated[
-        str, typer.Option("--memory-budget", help="Memory the index may use, e.g. 1GB.")
-    ] = "4GB",
-    target_recall: Annotated[
-        float, typer.Option(help="Recall@10 the auto recipe tunes its search for.")
-    ] = 0.95,
+    factory: Factory = "auto",
+    memory_budget: MemoryBudget = "4GB",
+    target_recall: TargetRecall = 0.95,
     chunk_size: Annotated[
         int,
         typer.Option("--chunk-size", min=1, help="Vectors per committed slice (resume unit)."),
