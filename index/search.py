@@ -24,6 +24,7 @@ from encoders import Modality
 from .calibration import MERGES, Calibration, Merge, merge_ranked, query_weights
 from .errors import DimensionMismatch, IndexCorrupt, IndexIncomplete
 from .fingerprint import check_fingerprint, encoder_fingerprint
+from .flat import FlatVectors
 from .ondisk import OnDiskIndex, check_overrides, list_ids, read_ondisk
 from .results import Hit, IndexInfo, Item
 from .spec import (
@@ -69,36 +70,13 @@ SCAN_BLOCK_BYTES = 1 << 26  # scores held at once: (rows in a block) x (queries)
 FILTER_EXACT_MAX = 16384
 
 
-class FlatScan:
+class FlatScan(FlatVectors):
     """Exact inner-product top-k over the vectors of a CPU ``IDMap2(Flat)`` index, in place."""
-
-    def __init__(self, index: faiss.Index, ids: np.ndarray | None = None) -> None:
-        """``ids``: the index's ``index_ids`` when the caller has them already."""
-        inner: Any = faiss.downcast_index(index.index)  # type: ignore[attr-defined]
-        n, d = int(inner.ntotal), int(inner.d)
-        self._owner = index  # ``vectors`` is a view of its memory
-        self.vectors = faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d)
-        self.ids = index_ids(index) if ids is None else ids
-        self._order = np.argsort(self.ids, kind="stable")  # rows by ascending id
-
-    @staticmethod
-    def supports(index: faiss.Index) -> bool:
-        """A CPU ``IDMap2`` over an inner-product ``IndexFlat`` holding vectors."""
-        if not isinstance(index, faiss.IndexIDMap2) or index.ntotal == 0:
-            return False
-        inner = faiss.downcast_index(index.index)
-        ip = inner.metric_type == faiss.METRIC_INNER_PRODUCT
-        return isinstance(inner, faiss.IndexFlat) and ip
 
     @staticmethod
     def wants(queries: int) -> bool:
         """Whether this scan beats FAISS's own search for a batch of ``queries``."""
         return queries == 1 or 16 <= queries <= 64
-
-    def rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """Row positions of ``ids`` (all held by the index), ascending."""
-        pos = np.searchsorted(self.ids[self._order], ids)
-        return np.sort(self._order[pos])
 
     def search(
         self, q: np.ndarray, k: int, rows: np.ndarray | None = None

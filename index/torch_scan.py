@@ -9,11 +9,10 @@ against FAISS on CPU). IVF and HNSW indexes stay on CPU FAISS.
 
 from __future__ import annotations
 
-from typing import Any
-
 import faiss
 import numpy as np
 
+from .flat import FlatVectors
 from .spec import gpu_available
 
 SCAN_BLOCK_BYTES = 256 << 20  # scores of one block of stored vectors: (queries, rows) float32
@@ -36,32 +35,20 @@ class TorchScan:
         """``ids``: the index's ids (``index_ids``), in its row order."""
         import torch
 
-        inner: Any = faiss.downcast_index(index.index)  # type: ignore[attr-defined]
-        n, d = int(inner.ntotal), int(inner.d)
-        host = faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but torch sees no CUDA GPU")
-        # On the CPU a view of the index's memory (kept alive through _owner), else one copy.
-        self._owner = index
-        self.vectors = torch.from_numpy(host).to(self.device)
-        self.ids = np.asarray(ids, dtype=np.int64)
+        self._host = FlatVectors(index, ids)
+        # On the CPU a view of the index's memory (kept alive through _host), else one copy.
+        self.vectors = torch.from_numpy(self._host.vectors).to(self.device)
+        self.ids = self._host.ids
         self._ids = torch.from_numpy(self.ids).to(self.device)
-        self._order = np.argsort(self.ids, kind="stable")
 
-    @staticmethod
-    def supports(index: faiss.Index) -> bool:
-        """A CPU ``IDMap2`` over an inner-product ``IndexFlat`` holding vectors."""
-        if not isinstance(index, faiss.IndexIDMap2) or index.ntotal == 0:
-            return False
-        inner = faiss.downcast_index(index.index)
-        ip = inner.metric_type == faiss.METRIC_INNER_PRODUCT
-        return isinstance(inner, faiss.IndexFlat) and ip
+    supports = staticmethod(FlatVectors.supports)
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row positions of ``ids`` (all held by the index), ascending."""
-        pos = np.searchsorted(self.ids[self._order], ids)
-        return np.sort(self._order[pos])
+        return self._host.rows_of(ids)
 
     def search(
         self, q: np.ndarray, k: int, rows: np.ndarray | None = None
