@@ -19,7 +19,6 @@ them in line with the database, so rerunning any interrupted command repairs the
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -378,9 +377,14 @@ class IndexStore:
     def __init__(self, root: Path, conn: sqlite3.Connection) -> None:
         self.root = root
         self.conn = conn
-        self._mmaps: OrderedDict[int, np.ndarray] = OrderedDict()
-        # A snapshot reads chunks whole (no mmap): a chunk truncated under a mapping is SIGBUS.
-        self._map_chunks = True
+        # Open chunk files, least recently used first. Vectors are read with ``preadv`` into
+        # private buffers: never a mapping (a chunk truncated under one is SIGBUS, and mapped
+        # pages count in the process's resident set, fault-around included), never a whole chunk
+        # for a few rows (re-ranking reads ``rerank`` rows per query, not gigabytes).
+        self._chunk_fds: OrderedDict[int, _ChunkFile] = OrderedDict()
+        # A snapshot checks each chunk file against its recorded sha256 when it opens it, and
+        # keeps reading that file (that inode) even once a rebuild renames another into place.
+        self._verify_chunks = False
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -480,15 +484,20 @@ class IndexStore:
         except BaseException:
             shutil.rmtree(private, ignore_errors=True)
             raise
-        store._map_chunks = False
+        store._verify_chunks = True
         # The open connection keeps reading the unlinked copy: nothing is left behind, even
         # when the process is killed.
         shutil.rmtree(private, ignore_errors=True)
         return store
 
     def close(self) -> None:
-        self._mmaps.clear()
+        self._close_chunk_files()
         self.conn.close()
+
+    def _close_chunk_files(self) -> None:
+        while self._chunk_fds:
+            _, cf = self._chunk_fds.popitem()
+            os.close(cf.fd)
 
     def __enter__(self) -> IndexStore:
         return self
@@ -659,7 +668,9 @@ class IndexStore:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-        self._mmaps.pop(chunk, None)
+        stale = self._chunk_fds.pop(chunk, None)
+        if stale is not None:
+            os.close(stale.fd)
         return sha256_path(path)
 
     def drop_orphan_chunks(self) -> None:
@@ -784,8 +795,9 @@ class IndexStore:
         ).fetchone()
         if row is None:
             return None
-        vectors = self.chunk_vectors(int(row[0]))
-        return np.array(vectors[int(item_id) - int(row[1])], dtype=np.float32)
+        local = np.array([int(item_id) - int(row[1])], dtype=np.int64)
+        vector: np.ndarray = self._read_rows(int(row[0]), local)[0]
+        return vector
 
     def check_files(self, manifest: IndexManifest) -> None:
         """Check every chunk file against its recorded sha256 (cached by size and mtime).
@@ -824,46 +836,83 @@ class IndexStore:
         arr = np.array([tuple(r) for r in rows], dtype=np.int64).reshape(-1, 3)
         return arr[:, 0], arr[:, 1], arr[:, 2]
 
-    def chunk_vectors(self, chunk: int) -> np.ndarray:
-        """A chunk's (count, dim) float32 vectors, memory-mapped (a few kept open).
+    def _chunk_file(self, chunk: int) -> _ChunkFile:
+        """The open file of a committed chunk (a few kept open, least recently used closed)."""
+        cf = self._chunk_fds.get(chunk)
+        if cf is not None:
+            self._chunk_fds.move_to_end(chunk)
+            return cf
+        cf = self._open_chunk(chunk)
+        self._chunk_fds[chunk] = cf
+        if len(self._chunk_fds) > MAX_OPEN_CHUNKS:
+            _, old = self._chunk_fds.popitem(last=False)
+            os.close(old.fd)
+        return cf
 
-        Raises ``IndexCorrupt`` naming the file when it is missing, unreadable (truncated, a
-        pickle) or not the (count, dim) float32 array its row says.
+    def _open_chunk(self, chunk: int) -> _ChunkFile:
+        """Open a chunk file and check it is the (count, dim) float32 ``.npy`` its row says.
+
+        Raises ``IndexCorrupt`` naming the file when it is missing, unreadable, not a plain
+        ``.npy`` (a pickle, an archive), of another shape or dtype, or shorter than its header
+        says; a snapshot also when its bytes are not the ones recorded.
         """
-        arr = self._mmaps.get(chunk)
-        if arr is None:
-            arr = self._load_chunk(chunk)
-            self._mmaps[chunk] = arr
-            if len(self._mmaps) > 32:
-                self._mmaps.popitem(last=False)
-        else:
-            self._mmaps.move_to_end(chunk)
-        return arr
-
-    def _load_chunk(self, chunk: int) -> np.ndarray:
         path = self.chunk_path(chunk)
         row = self.conn.execute(
             "SELECT count, sha256 FROM chunks WHERE chunk = ?", (chunk,)
         ).fetchone()
-        count = None if row is None else int(row[0])
         try:
-            if self._map_chunks:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            else:  # a snapshot: read whole, and only the bytes it was opened with
-                data = path.read_bytes()
-                if row is not None and hashlib.sha256(data).hexdigest() != row[1]:
-                    raise _damaged(path, "does not match its recorded sha256", self.root)
-                arr = np.load(io.BytesIO(data), allow_pickle=False)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise _damaged(path, "is missing", self.root) from None
-        except (OSError, ValueError, EOFError) as e:
+        except OSError as e:
             raise _damaged(path, f"cannot be read ({_reason(e)})", self.root) from None
-        if not isinstance(arr, np.ndarray):  # an .npz archive
-            raise _damaged(path, "is not a .npy array", self.root)
-        if arr.dtype != np.float32 or arr.shape != (count, self.dim):
-            what = f"holds {arr.shape} {arr.dtype}, not ({count}, {self.dim}) float32"
-            raise _damaged(path, what, self.root)
-        return arr
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                if self._verify_chunks and row is not None:
+                    if hashlib.file_digest(f, "sha256").hexdigest() != row[1]:
+                        raise _damaged(path, "does not match its recorded sha256", self.root)
+                    f.seek(0)
+                offset, shape, dtype = _npy_header(f, path, self.root)
+            count = None if row is None else int(row[0])
+            if dtype != np.dtype("<f4") or shape != (count, self.dim):
+                what = f"holds {shape} {dtype}, not ({count}, {self.dim}) float32"
+                raise _damaged(path, what, self.root)
+            size = os.fstat(fd).st_size
+            if size < offset + int(np.prod(shape)) * 4:
+                raise _damaged(path, "is truncated", self.root)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _ChunkFile(fd, offset, int(shape[0]), path)
+
+    def _read_rows(self, chunk: int, rows: np.ndarray) -> np.ndarray:
+        """Vectors of a chunk's ``rows`` (positions in it), (len(rows), dim) float32, in order.
+
+        Consecutive rows are read in one ``preadv`` straight into the result.
+        """
+        cf = self._chunk_file(chunk)
+        want, inverse = np.unique(rows, return_inverse=True)
+        if len(want) and (want[0] < 0 or want[-1] >= cf.count):
+            raise IndexCorrupt(f"{cf.path} has no row {int(want[-1])}")
+        buf = np.empty((len(want), self.dim), dtype=np.float32)
+        row_bytes = self.dim * 4
+        breaks = np.flatnonzero(np.diff(want) != 1) + 1
+        starts = np.concatenate(([0], breaks)).astype(np.int64)
+        ends = np.concatenate((breaks, [len(want)])).astype(np.int64)
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            if a == b:
+                continue
+            view = memoryview(buf[a:b].data).cast("B")
+            at = cf.offset + int(want[a]) * row_bytes
+            try:
+                got = os.preadv(cf.fd, [view], at)
+            except OSError as e:
+                raise _damaged(cf.path, f"cannot be read ({_reason(e)})", self.root) from None
+            if got != len(view):  # cut short since it was opened
+                raise _damaged(cf.path, "is truncated", self.root)
+        if np.array_equal(want, rows):  # already sorted and unique: no copy
+            return buf
+        return buf[inverse.reshape(-1)]
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Vectors of the given ids, (len(ids), dim) float32, in the order given."""
@@ -877,7 +926,7 @@ class IndexStore:
             raise IndexCorrupt("an item id has no vector in any chunk")
         for p in np.unique(pos):
             sel = np.nonzero(pos == p)[0]
-            out[sel] = self.chunk_vectors(int(chunks[p]))[ids[sel] - firsts[p]]
+            out[sel] = self._read_rows(int(chunks[p]), ids[sel] - firsts[p])
         return out
 
     # --- FAISS files and the manifest ---------------------------------------------------------
@@ -1225,6 +1274,37 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e).split("\n")[0] or type(e).__name__
+
+
+MAX_OPEN_CHUNKS = 64  # chunk files an open store keeps open
+
+
+@dataclass(frozen=True)
+class _ChunkFile:
+    """An open chunk file: where its (count, dim) float32 rows start."""
+
+    fd: int
+    offset: int
+    count: int
+    path: Path
+
+
+def _npy_header(f: Any, path: Path, root: Path) -> tuple[int, tuple[int, ...], np.dtype[Any]]:
+    """(data offset, shape, dtype) of a C-ordered ``.npy``; ``IndexCorrupt`` for anything else."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"npy format version {version}")
+    except (OSError, ValueError, EOFError) as e:
+        raise _damaged(path, f"is not a .npy array ({_reason(e)})", root) from None
+    if fortran or dtype.hasobject:
+        raise _damaged(path, "is not a plain C-ordered .npy array", root)
+    return f.tell(), tuple(shape), dtype
 
 
 def storable_id(item_id: int) -> bool:
