@@ -168,6 +168,12 @@ def key_modality(key: str) -> Modality | None:
         return None
 
 
+def state_dict_towers(sd: Mapping[str, Tensor]) -> tuple[Modality, ...]:
+    """The towers a state dict has keys of, in ``TOWERS`` order."""
+    present = {key_modality(k) for k in sd}
+    return tuple(m for m in TOWERS if m in present)
+
+
 def select_modalities(
     sd: Mapping[str, Tensor], modalities: Iterable[Modality]
 ) -> dict[str, Tensor]:

@@ -24,11 +24,20 @@ weights_app = typer.Typer(help="Model weights: download, inspect.", no_args_is_h
 
 @weights_app.command("list")
 def list_weights() -> None:
-    """List the model presets this build knows."""
+    """List the model presets this build knows, with their weights and the weights' licence."""
     from .config import PRESETS
+    from .weights import BUNDLED, BUNDLED_LICENCE, weights_for_config
 
     for name, cfg in sorted(PRESETS.items()):
-        typer.echo(f"{name}\tdim={cfg.embed_dim}\tvision={cfg.vision.width}x{cfg.vision.depth}")
+        spec = weights_for_config(name)
+        if spec is not None:
+            weights = f"weights={spec.name} (download)\tlicence={spec.licence}"
+        elif name in BUNDLED:
+            weights = f"weights=shipped\tlicence={BUNDLED_LICENCE.split(' ')[0]}"
+        else:
+            weights = "weights=none (random or --checkpoint)"
+        dims = f"dim={cfg.embed_dim}\tvision={cfg.vision.width}x{cfg.vision.depth}"
+        typer.echo(f"{name}\t{dims}\t{weights}")
 
 
 CacheDir = Annotated[
@@ -46,7 +55,11 @@ def download(
         str | None, typer.Option(help="Expected sha256 of the file (hex), overriding ours.")
     ] = None,
     keep_pth: Annotated[
-        bool, typer.Option(help="Keep the downloaded .pth next to its safetensors copy.")
+        bool,
+        typer.Option(
+            help="Keep the downloaded file (.pth, or open_clip's .safetensors) next to its "
+            "converted copy."
+        ),
     ] = False,
 ) -> None:
     """Download published weights (resumable), check them, convert them to safetensors."""

@@ -23,10 +23,15 @@ class TrunkConfig:
     heads: int
     drop_path: float = 0.0  # training only; inert in eval
     mlp_ratio: int = 4
+    # LayerNorm epsilon of the trunk's blocks, its pre-norm and its head. ImageBind uses 1e-6;
+    # OpenCLIP 1e-5 (``openclip_vit_h14_bind``, whose vision and text towers are OpenCLIP's).
+    norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.depth <= 0 or self.heads <= 0:
             raise ValueError(f"trunk sizes must be positive, got {self}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
 
@@ -130,8 +135,17 @@ class ModelConfig:
         return p.context_length
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (``from_dict`` reads it back)."""
-        return dataclasses.asdict(self)
+        """A JSON-able dict (``from_dict`` reads it back).
+
+        A trunk's ``norm_eps`` is written only when it is not the default, so the configs of
+        every model made before the field existed (and the index fingerprints that hash them)
+        stay the same.
+        """
+        d = dataclasses.asdict(self)
+        for m in TOWERS:
+            if d[m.value]["norm_eps"] == _DEFAULT_NORM_EPS:
+                del d[m.value]["norm_eps"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -201,6 +215,10 @@ class ModelConfig:
         )
 
 
+_DEFAULT_NORM_EPS = TrunkConfig(1, 1, 1).norm_eps
+# OpenCLIP's LayerNorm (torch's default epsilon), in its ViT and text transformer alike.
+OPENCLIP_NORM_EPS = 1e-5
+
 # The official constructor's defaults (ImageBindModel.__init__), used for missing arguments.
 OFFICIAL_DEFAULTS: dict[str, Any] = {
     "video_frames": 2,
@@ -244,6 +262,14 @@ PRESETS: dict[str, ModelConfig] = {
         embed_dim=1024,
         vision=TrunkConfig(1280, 32, 16),
         text=TrunkConfig(1024, 24, 16),
+    ),
+    # ImageBind-huge with OpenCLIP ViT-H-14's image and text towers (MIT weights, LAION's
+    # laion2b_s32b_b79k, converted by encoders.openclip): the towers ImageBind itself froze,
+    # with OpenCLIP's LayerNorm epsilon. The other towers are bound by `train --init`.
+    "openclip_vit_h14_bind": ModelConfig(
+        embed_dim=1024,
+        vision=TrunkConfig(1280, 32, 16, norm_eps=OPENCLIP_NORM_EPS),
+        text=TrunkConfig(1024, 24, 16, norm_eps=OPENCLIP_NORM_EPS),
     ),
     # Tiny, for tests: real input geometry, toy widths.
     "imagebind_test": ModelConfig(

@@ -11,7 +11,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import check_state_dict, read_state_dict, remap_imagebind_keys, select_modalities
+from .checkpoint import (
+    check_state_dict,
+    read_state_dict,
+    remap_imagebind_keys,
+    select_modalities,
+    state_dict_towers,
+)
 from .config import ModelConfig, PreprocessConfig
 from .dtype import choose_dtype, offered_towers, quantize_int8
 from .errors import CheckpointError
@@ -191,8 +197,11 @@ def load_encoder(
 
     The model is built on the ``meta`` device, so no memory is allocated until the checkpoint's
     tensors are assigned (strictly: every key of the requested towers, with the official
-    names and shapes). Only the towers of ``modalities`` are built and loaded. Without a
-    checkpoint the weights are random (seeded): for tests and benchmarks.
+    names and shapes). Only the towers of ``modalities`` are built and loaded. A checkpoint
+    that holds only some towers (``openclip_vit_h14_bind`` before ``train --init`` binds the
+    rest) loads those when ``modalities`` is None; asking it for another tower is a one-line
+    ``CheckpointError`` that says how to bind it. Without a checkpoint the weights are random
+    (seeded): for tests and benchmarks.
 
     Args:
         checkpoint: a ``ModelRef`` (``resolve_model``; ``config`` and ``seed`` are then
@@ -234,14 +243,16 @@ def load_encoder(
         if modalities is None
         else tuple(dict.fromkeys(Modality.parse(m).tower for m in modalities))
     )
+    sd = None if ref.weights is None else remap_imagebind_keys(read_state_dict(ref.weights))
+    if sd is not None:
+        wanted = _towers_to_load(ref, sd, wanted, modalities is None)
     model = ImageBind(cfg, wanted, device="meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}
 
-    if ref.weights is None:
+    if sd is None:
         model = model.to_empty(device="cpu")
         init_weights(model, seed=seed)
     else:
-        sd = remap_imagebind_keys(read_state_dict(ref.weights))
         sd = select_modalities(sd, model.modalities)
         check_state_dict(sd, expected)
         # assign=True: the checkpoint's tensors become the parameters (no second copy).
@@ -263,6 +274,37 @@ def load_encoder(
         if m in reduced and choice.quantized:
             model.modality_trunks[m.value] = quantize_int8(model.modality_trunks[m.value])
     return Encoder(model, dev, dt, ref, choice.name, tower_dtypes, note)
+
+
+def _towers_to_load(
+    ref: ModelRef, sd: Mapping[str, Tensor], wanted: tuple[Modality, ...], every: bool
+) -> tuple[Modality, ...]:
+    """The towers to build: ``wanted``, or (``every``) those the checkpoint has.
+
+    A tower the checkpoint has no key of is not a damaged checkpoint but one not bound yet:
+    the error says how to bind it. A checkpoint with no tower at all is left to
+    ``select_modalities`` (foreign keys) and ``check_state_dict`` (missing keys).
+    """
+    present = state_dict_towers(sd)
+    if not present:
+        return wanted
+    if every:
+        return present
+    absent = [m for m in wanted if m not in present]
+    if not absent:
+        return wanted
+    m = absent[0]
+    held = ", ".join(t.value for t in present)
+    if ref.source in ("downloaded", "shipped"):
+        what, init = ref.config_name, ref.config_name
+    else:
+        what, init = str(ref.weights), f"{ref.weights} --config {ref.config_name}"
+    if m in (Modality.VISION, Modality.TEXT):
+        raise CheckpointError(f"{what} has no {m.value} tower (it holds {held})")
+    raise CheckpointError(
+        f"the {m.value} tower of {what} is not bound yet (it holds {held}): bind it with "
+        f"`bindsearch train --init {init} --train-towers {m.value} --reinit ...`"
+    )
 
 
 def _tower_parts(model: ImageBind, m: Modality) -> list[torch.nn.Module]:

@@ -148,17 +148,20 @@ class Trunk(nn.Module):
         pre_norm: bool = False,
         bias_kv: bool = False,
         drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
         **fk: Any,
     ) -> None:
         super().__init__()
+        norm = partial(nn.LayerNorm, eps=norm_eps)
         if pre_norm:
-            self.pre_transformer_layer = nn.Sequential(LayerNorm6(dim, **fk))
+            self.pre_transformer_layer = nn.Sequential(norm(dim, **fk))
         else:
             self.pre_transformer_layer = nn.Sequential()
         # Drop path grows linearly over depth (training only).
         rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path]
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, bias_kv=bias_kv, drop_path=r, **fk) for r in rates
+            Block(dim, heads, mlp_ratio, bias_kv=bias_kv, drop_path=r, norm_layer=norm, **fk)
+            for r in rates
         )
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -350,9 +353,10 @@ class SelectToken(nn.Module):
 class TextHead(nn.Module):
     """Pick the end-of-text token (the argmax of the ids), then LayerNorm and project."""
 
-    def __init__(self, dim: int, out: int, **fk: Any) -> None:
+    def __init__(self, dim: int, out: int, norm_eps: float = 1e-6, **fk: Any) -> None:
         super().__init__()
-        self.proj = nn.Sequential(LayerNorm6(dim, **fk), nn.Linear(dim, out, bias=False, **fk))
+        norm = nn.LayerNorm(dim, eps=norm_eps, **fk)
+        self.proj = nn.Sequential(norm, nn.Linear(dim, out, bias=False, **fk))
 
     def forward(self, x: Tensor, eot: Tensor) -> Tensor:
         out: Tensor = self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
@@ -443,22 +447,25 @@ class ImageBind(nn.Module):
             pre_norm=m is Modality.VISION,
             bias_kv=m not in (Modality.VISION, Modality.TEXT),
             drop_path=t.drop_path,
+            norm_eps=t.norm_eps,
             **fk,
         )
 
         out = cfg.embed_dim
         if m is Modality.TEXT:
-            head: nn.Module = TextHead(D, out, **fk)
+            head: nn.Module = TextHead(D, out, norm_eps=t.norm_eps, **fk)
         elif m is Modality.IMU:  # an inert Dropout sits before the projection (key index 3)
             head = nn.Sequential(
-                LayerNorm6(D, **fk),
+                nn.LayerNorm(D, eps=t.norm_eps, **fk),
                 SelectToken(0),
                 nn.Dropout(0.5),
                 nn.Linear(D, out, bias=False, **fk),
             )
         else:
             head = nn.Sequential(
-                LayerNorm6(D, **fk), SelectToken(0), nn.Linear(D, out, bias=False, **fk)
+                nn.LayerNorm(D, eps=t.norm_eps, **fk),
+                SelectToken(0),
+                nn.Linear(D, out, bias=False, **fk),
             )
         self.modality_heads[m.value] = head
 

@@ -32,6 +32,7 @@ from .weights import (
     cache_root,
     cached_weights_path,
     downloaded_spec,
+    weights_for_config,
 )
 
 # The model every command, the service and the demo use when none is named.
@@ -117,11 +118,12 @@ def resolve_model(
         if not shipped.is_file():
             raise DownloadError(f"the shipped {name} weights are missing from {shipped}")
         return _shipped(name, cfg, shipped)
-    spec = WEIGHTS.get(name)
+    spec = weights_for_config(name)
     if spec is None:
+        downloadable = ", ".join(sorted(s.config for s in WEIGHTS.values()))
         raise UnknownWeights(
             f"no weights for config {name!r}: pass --checkpoint FILE (weights ship with "
-            f"{', '.join(sorted(BUNDLED))}; {', '.join(sorted(WEIGHTS))} can be downloaded)"
+            f"{', '.join(sorted(BUNDLED))}; {downloadable} can be downloaded)"
         )
     try:
         path = cached_weights_path(spec)

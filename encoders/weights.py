@@ -7,6 +7,9 @@ The cache lives in ``$BINDSEARCH_CACHE`` (default ``~/.cache/bindsearch``)::
     weights/imagebind_huge.pth.sha256        checksum recorded on first use (no official one)
     weights/imagebind_huge.safetensors       what the encoder loads
 
+Weights published in another layout (``layout="open_clip"``) are checked and mapped onto our
+keys in the same conversion (``encoders.openclip``).
+
 HTTP goes through ``urllib.request`` only: no extra dependency for one download.
 """
 
@@ -26,6 +29,7 @@ from typing import Literal
 from torch import Tensor
 
 from .checkpoint import read_state_dict, save_safetensors, sha256_file
+from .config import resolve_config
 from .errors import DownloadError, EncoderError, UnknownWeights
 
 CACHE_ENV = "BINDSEARCH_CACHE"
@@ -48,6 +52,9 @@ class WeightsSpec:
             download records one, see ``download_weights``).
         size: bytes, when known; checked against the server's Content-Length.
         licence_notice: one paragraph shown before downloading.
+        layout: the key layout of the published file: ``imagebind`` (ours, the official
+            one) or ``open_clip`` (open_clip's CLIP layout, mapped onto the vision and text
+            towers of ``config`` by ``encoders.openclip``).
     """
 
     name: str
@@ -59,13 +66,17 @@ class WeightsSpec:
     licence: str
     licence_url: str
     licence_notice: str
+    layout: Literal["imagebind", "open_clip"] = "imagebind"
 
     @property
     def stem(self) -> str:
-        return Path(self.filename).stem
+        """The converted file's name without suffix: ``<name>.safetensors``."""
+        return self.name
 
 
 _CC_BY_NC_4 = "https://creativecommons.org/licenses/by-nc/4.0/"
+_MIT = "https://opensource.org/license/mit"
+_OPENCLIP_H14 = "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 WEIGHTS: dict[str, WeightsSpec] = {
     "imagebind_huge": WeightsSpec(
@@ -87,6 +98,30 @@ WEIGHTS: dict[str, WeightsSpec] = {
             "bindsearch's: it covers the weights and anything you publish that is derived "
             "from them, such as embeddings and indexes. Downloading them means accepting it."
         ),
+    ),
+    # OpenCLIP ViT-H-14 trained on LAION-2B (laion2b_s32b_b79k): the image and text towers of
+    # openclip_vit_h14_bind, published by LAION as safetensors in open_clip's layout.
+    "openclip_vit_h14": WeightsSpec(
+        name="openclip_vit_h14",
+        config="openclip_vit_h14_bind",
+        url=f"{_OPENCLIP_H14}/resolve/main/open_clip_model.safetensors",
+        filename="openclip_vit_h14.open_clip_model.safetensors",
+        # The checksum of this file could not be read from its publisher here (only from
+        # third-party copies): the first download records the one it computed.
+        sha256=None,
+        size=None,
+        licence="MIT",
+        licence_url=_MIT,
+        licence_notice=(
+            "The OpenCLIP ViT-H-14 laion2b_s32b_b79k weights are published by LAION under the "
+            f"MIT licence ({_MIT}; model card: {_OPENCLIP_H14}). You may use, copy, modify "
+            "and distribute them, commercially too, keeping the copyright and permission "
+            "notice. Their model card adds advice that is not a licence term: the model is a "
+            "research output, and deployed use without thorough in-domain testing is out of "
+            "scope. Only the image and text towers come from these weights; bindsearch binds "
+            "the other towers with `bindsearch train --init openclip_vit_h14_bind`."
+        ),
+        layout="open_clip",
     ),
 }
 
@@ -155,6 +190,14 @@ def read_recorded_sha256(spec: WeightsSpec, cache_dir: str | Path | None = None)
     if not text or not _HEX64.match(text[0]):
         raise DownloadError(f"{path} is not a sha256 record; delete it and download again")
     return text[0].lower()
+
+
+def weights_for_config(config: str) -> WeightsSpec | None:
+    """The registered weights made for a preset (``WeightsSpec.config``), or None."""
+    spec = WEIGHTS.get(config)
+    if spec is not None and spec.config == config:
+        return spec
+    return next((s for s in WEIGHTS.values() if s.config == config), None)
 
 
 def cached_weights_path(
@@ -236,7 +279,7 @@ def fetch_weights(
             )
 
     try:
-        _convert(pth, target, {META_SHA256: got, META_URL: src_url})
+        _convert(spec, pth, target, {META_SHA256: got, META_URL: src_url})
     except EncoderError:
         if expected is None:
             # Nothing vouches for this file and it is not a usable checkpoint: do not keep
@@ -435,9 +478,15 @@ def _read_source_meta(path: Path) -> dict[str, str] | None:
     return dict(meta) if META_SHA256 in meta else None
 
 
-def _convert(pth: Path, target: Path, metadata: dict[str, str]) -> None:
-    """Write the tensors of ``pth`` to ``target`` as safetensors, atomically."""
+def _convert(spec: WeightsSpec, pth: Path, target: Path, metadata: dict[str, str]) -> None:
+    """Write the tensors of ``pth`` to ``target`` as safetensors in our layout, atomically."""
     sd = read_state_dict(pth)  # weights_only: never unpickles code
+    if spec.layout == "open_clip":
+        from .openclip import openclip_to_bindsearch
+
+        # Checks every key and shape of the open_clip layout first (one-line CheckpointError).
+        sd = openclip_to_bindsearch(sd, resolve_config(spec.config))
+        metadata = {**metadata, "source_layout": spec.layout}
     tensors = _unshared(sd)
     del sd
     # Readable as the umask says: a cache shared between users serves them all.

@@ -309,7 +309,7 @@ def test_cli_unknown_name_is_one_line() -> None:
     result = CliRunner().invoke(app, ["weights", "download", "imagebind_giant"])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        "error: unknown weights 'imagebind_giant'; known: imagebind_huge"
+        "error: unknown weights 'imagebind_giant'; known: imagebind_huge, openclip_vit_h14"
     )
 
 

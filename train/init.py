@@ -5,7 +5,9 @@ each named tower learns against the frozen image tower's cached embeddings (Info
 the recipe's own loss and steps), every other parameter is frozen (``requires_grad`` False, not
 in the optimizer) and comes out bit-identical in the exported weights, which are written in the
 init file's dtype. ``reinit`` re-initialises the named towers first (binding a modality anew);
-otherwise they are fine-tuned.
+otherwise they are fine-tuned. Init weights that lack a tower (``openclip_vit_h14_bind``: only
+OpenCLIP's image and text towers) gain it, freshly initialised, with ``reinit``; the export
+holds the init file's towers and the trained ones.
 
 The exported model says what it is: beside ``OUT/<name>.safetensors`` a JSON sidecar
 ``OUT/<name>.json`` (the same object is in the safetensors metadata under ``"init"``) with its
@@ -34,6 +36,7 @@ from .recipe import STAGE2_MODALITIES
 __all__ = [
     "TOWER_MODULES",
     "TRAINABLE_TOWERS",
+    "add_towers",
     "is_tower_key",
     "parse_towers",
     "reinit_towers",
@@ -96,6 +99,21 @@ def reinit_towers(model: ImageBind, towers: Sequence[str], seed: int = 0) -> Non
             t.copy_(new[key])
 
 
+@torch.no_grad()
+def add_towers(model: ImageBind, towers: Sequence[str], seed: int = 0) -> ImageBind:
+    """``model`` with ``towers`` added (fresh random weights, as ``reinit_towers`` gives them)."""
+    have = {m.value for m in model.modalities}
+    new = [t for t in towers if t not in have]
+    if not new:
+        return model
+    bigger = ImageBind(model.cfg, [*have, *new], device="meta").to_empty(device="cpu")
+    result = bigger.load_state_dict(model.state_dict(), strict=False)
+    if result.unexpected_keys or not all(is_tower_key(k, new) for k in result.missing_keys):
+        raise RuntimeError(f"adding towers {new} did not keep the model's own keys: {result}")
+    reinit_towers(bigger, new, seed=seed)
+    return bigger
+
+
 def resolve_init(init: str, config: str | Path | None = None) -> ModelRef:
     """``--init``: a preset with its weights (shipped or downloaded), or a checkpoint file.
 
@@ -156,7 +174,7 @@ def run_train_init(
     ``out/train_log.json``; returns the sidecar's object.
     """
     from encoders import load_encoder
-    from encoders.checkpoint import sha256_file
+    from encoders.checkpoint import sha256_file, state_dict_towers
 
     from .recipe import TrainConfig, export_weights, from_manifest, from_world
     from .recipe import train as train_model
@@ -173,10 +191,19 @@ def run_train_init(
         raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     ref = resolve_init(init, config)
     assert ref.weights is not None and ref.sha256 is not None
-    model = load_encoder(ref, device="cpu", dtype="fp32").model
     init_sd = _init_tensors(ref.weights)
+    held = [m.value for m in state_dict_towers(init_sd)]
+    absent = [t for t in towers if held and t not in held]
+    if absent and not reinit:
+        raise ValueError(
+            f"--init {init} has no {absent[0]} tower to fine-tune (it holds "
+            f"{', '.join(held)}); bind it anew with --reinit"
+        )
+    # Every tower of the init file, whether it holds them all or (open_clip) only some.
+    model = load_encoder(ref, device="cpu", dtype="fp32").model
     dtype = _float_dtype(init_sd)
     if reinit:
+        model = add_towers(model, absent, seed=seed)
         reinit_towers(model, towers, seed=seed)
 
     cfg = model.cfg
