@@ -23,6 +23,7 @@ from typing import Any, Literal
 from .checkpoint import sha256_file
 from .config import PRESETS, ModelConfig, resolve_config
 from .errors import CheckpointError, DownloadError, UnknownWeights
+from .modality import TOWERS, Modality
 from .weights import (
     BUNDLED,
     BUNDLED_LICENCE,
@@ -80,6 +81,14 @@ class ModelRef:
         if self.sha256 is None:
             return f"random:{self.seed}"
         return f"sha256:{self.sha256}"
+
+    @property
+    def towers(self) -> dict[str, str]:
+        """Per tower, what its weights are (``tower_hashes``); ``random:<seed>`` for each
+        tower of random weights. Computed on first use, then cached (``tower_hashes``)."""
+        if self.weights is None or self.sha256 is None:
+            return {t.value: self.identity for t in TOWERS}
+        return tower_hashes(self.weights, self.sha256)
 
 
 def resolve_model(
@@ -171,6 +180,108 @@ def file_sha256(path: str | Path) -> str:
     except OSError:
         pass  # a read-only cache only costs the next run a re-hash
     return sha
+
+
+# The module dicts a tower's state-dict keys live under (``<module>.<tower>.<rest>``): stem,
+# trunk, head, postprocessor. ``train --init`` freezes by it and the index fingerprints by it.
+TOWER_MODULES = (
+    "modality_preprocessors",
+    "modality_trunks",
+    "modality_heads",
+    "modality_postprocessors",
+)
+TOWER_HASH_VERSION = 1
+_TOWER_HASHES: dict[str, dict[str, str]] = {}  # weights sha256 -> tower_hashes, this process
+
+
+def tower_of_key(key: str) -> str | None:
+    """The tower a state-dict key belongs to (``modality_trunks.audio.x`` -> ``audio``), or None
+    for a key outside every tower."""
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0] in TOWER_MODULES:
+        return parts[1]
+    return None
+
+
+def tower_config(config: ModelConfig, tower: Modality | str) -> dict[str, Any]:
+    """The part of ``config`` that shapes one tower's vectors: its trunk, patching, logit scale,
+    the shared embedding width and its own preprocessing constants (video's for vision)."""
+    t = Modality.parse(tower).tower.value
+    d = config.to_dict()
+    prefixes = {"vision": ("image_", "video_"), "text": ("context_length", "vocab_size")}
+    pre = {k: v for k, v in d["preprocess"].items() if k.startswith(prefixes.get(t, (t + "_",)))}
+    own = {k: v for k, v in d.items() if k == t or k.startswith(t + "_")}
+    return {
+        "arch": d["arch"],
+        "embed_dim": d["embed_dim"],
+        "max_logit_scale": d["max_logit_scale"],
+        **own,
+        "preprocess": pre,
+    }
+
+
+def tower_hashes(weights: str | Path, sha256: str | None = None) -> dict[str, str]:
+    """Per tower, the sha256 of its tensors in a weights file (names, dtypes, shapes, bytes).
+
+    Keys outside every tower (none in ImageBind's layout) count for every tower. Hashed once per
+    file content: remembered in this process, in the card of exported weights
+    (``weights_card``: ``towers``) and, for a file of 64 MB or more, in
+    ``$BINDSEARCH_CACHE/towers/<sha256>.json``, so the official 4.5 GB are not read again.
+    """
+    sha = sha256 if sha256 is not None else file_sha256(weights)
+    known = _TOWER_HASHES.get(sha)
+    if known is not None:
+        return dict(known)
+    card = weights_card(weights, sha)
+    hashes = _valid_tower_hashes(card.get("towers") if card else None)
+    big = Path(weights).stat().st_size >= _PERSIST_SHA_BYTES
+    record = cache_root() / "towers" / f"{sha}.json"
+    if hashes is None and big:
+        try:
+            hashes = _valid_tower_hashes(json.loads(record.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            hashes = None
+    if hashes is None:
+        hashes = _hash_towers(Path(weights))
+        if big:
+            try:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                tmp = record.with_name(f".{sha}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(hashes, sort_keys=True) + "\n", encoding="utf-8")
+                os.replace(tmp, record)
+            except OSError:
+                pass  # a read-only cache only costs the next run a re-hash
+    _TOWER_HASHES[sha] = hashes
+    return dict(hashes)
+
+
+def _valid_tower_hashes(value: object) -> dict[str, str] | None:
+    names = {t.value for t in TOWERS}
+    if (
+        isinstance(value, dict)
+        and set(value) == names
+        and all(isinstance(h, str) and len(h) == 64 for h in value.values())
+    ):
+        return dict(value)
+    return None
+
+
+def _hash_towers(path: Path) -> dict[str, str]:
+    import torch
+
+    from .checkpoint import read_state_dict, remap_imagebind_keys
+
+    sd = remap_imagebind_keys(read_state_dict(path))
+    hashers = {t.value: hashlib.sha256(f"towers v{TOWER_HASH_VERSION}".encode()) for t in TOWERS}
+    for key in sorted(sd):
+        t = sd[key]
+        tower = tower_of_key(key)
+        head = f"{key}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode()
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        for name in [tower] if tower in hashers else list(hashers):
+            hashers[name].update(head)
+            hashers[name].update(data.data)
+    return {name: h.hexdigest() for name, h in hashers.items()}
 
 
 def _config_name(spec: str | Path | ModelConfig | dict[str, Any], cfg: ModelConfig) -> str:

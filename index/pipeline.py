@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from encoders import Encoder, Modality, ModelConfig, ModelRef, load_encoder, preprocess
 from encoders.dtype import choose_dtype
+from encoders.models import tower_hashes
 
 from ._decode import Decoded, DecodeTask, decode, init_worker
 from .calibration import Calibration, compute_calibration
@@ -51,7 +52,7 @@ from .engine import (
     nothing_known,
 )
 from .errors import IndexStoreError
-from .fingerprint import checkpoint_identity, model_fingerprint
+from .fingerprint import checkpoint_identity, model_fingerprint, ref_fingerprint
 from .spec import DEFAULT_MEMORY_BUDGET, TARGET_RECALL
 from .store import (
     FileRecord,
@@ -190,6 +191,10 @@ class ModelSource:
         return self._identity
 
     def fingerprint(self) -> dict[str, Any]:
+        if self.ref is not None:
+            return ref_fingerprint(self.ref)
+        if self.checkpoint is not None:
+            return model_fingerprint(self.config, self.identity, tower_hashes(self.checkpoint))
         return model_fingerprint(self.config, self.identity)
 
     def load(self, modalities: Iterable[Modality]) -> EncoderLike:
@@ -376,7 +381,11 @@ def _open_for_update(
     try:
         from .fingerprint import check_fingerprint
 
-        check_fingerprint(store.fingerprint, model.fingerprint(), str(root))
+        # Refused when a tower that made the index's vectors changed; accepted otherwise, and
+        # the index then records this model (its held towers are the same, bit for bit).
+        current = model.fingerprint()
+        held = read_manifest(root).modalities
+        check_fingerprint(store.fingerprint, current, str(root), holds=held)
         opts = options or BuildOptions()
         opts.check()
         # Segmenting must stay as built: the stored settings win over the options.
@@ -384,6 +393,8 @@ def _open_for_update(
         opts.segment_seconds = float(settings.get("segment_seconds", opts.segment_seconds))
         opts.soundtrack = bool(settings.get("soundtrack", opts.soundtrack))
         with store.transaction():
+            if store.fingerprint.get("digest") != current["digest"]:
+                store.set_meta("fingerprint", current)
             record_dtype(store, model.dtype_name())
     except Exception:
         store.close()

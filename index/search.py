@@ -9,6 +9,7 @@ ids carrying the tags come from SQLite and restrict the search itself (see ``sea
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -200,6 +201,9 @@ class IndexSearcher:
         self._store = store
         self._lock = threading.Lock()
         self._indexes = indexes
+        # Towers of the querying model that differ from the index's (``check_fingerprint``):
+        # the calibration of queries they embed was measured with the old tower.
+        self.stale_towers: frozenset[str] = frozenset()
 
     @property
     def dim(self) -> int:
@@ -207,17 +211,48 @@ class IndexSearcher:
 
     @property
     def calibration(self) -> Calibration | None:
-        """The index's calibration per modality pair; None for an index built before it."""
-        return self.manifest.calibration
+        """The index's calibration per modality pair; None for an index built before it.
+
+        Pairs whose query modality is embedded by a ``stale_towers`` tower are left out: such
+        queries are ranked as an unmeasured pair is, by raw cosine (``calibration_note``).
+        """
+        cal = self.manifest.calibration
+        if cal is None or not self.stale_towers:
+            return cal
+        pairs = {
+            (q, t): p
+            for (q, t), p in cal.pairs.items()
+            if Modality.parse(q).tower.value not in self.stale_towers
+        }
+        return dataclasses.replace(cal, pairs=pairs)
+
+    @property
+    def stale_pairs(self) -> list[str]:
+        """The calibrated ``query->target`` pairs left out for ``stale_towers``."""
+        cal = self.manifest.calibration
+        if cal is None:
+            return []
+        return sorted(
+            f"{q}->{t}" for q, t in cal.pairs if Modality.parse(q).tower.value in self.stale_towers
+        )
 
     @property
     def calibration_note(self) -> str | None:
-        """Why results are not calibrated, when they are not (an index built before it)."""
-        if self.manifest.calibration is not None:
+        """Why results are not calibrated, when they are not (an index built before it, or a
+        query tower changed since the calibration was measured)."""
+        if self.manifest.calibration is None:
+            return (
+                f"the index at {self.root} has no calibration (built by an older bindsearch): "
+                "results are merged by raw cosine; `bindsearch index sync` or a rebuild adds it"
+            )
+        stale = self.stale_pairs
+        if not stale:
             return None
+        towers = ", ".join(sorted(self.stale_towers))
         return (
-            f"the index at {self.root} has no calibration (built by an older bindsearch): "
-            "results are merged by raw cosine; `bindsearch index sync` or a rebuild adds it"
+            f"the index at {self.root} was calibrated with another {towers} tower: the "
+            f"{', '.join(stale)} pairs are stale and ranked by raw cosine; "
+            "`bindsearch index sync` with this model measures them again"
         )
 
     @property
@@ -274,7 +309,7 @@ class IndexSearcher:
             raise ValueError(f"k must be at least 1, got {k}")
         if merge not in MERGES:
             raise ValueError(f"merge is {merge!r}; accepted: {', '.join(MERGES)}")
-        calibration = self.manifest.calibration
+        calibration = self.calibration
         weights = query_weights(
             query_modalities,
             known=sorted({qm for qm, _ in calibration.pairs}) if calibration else (),
@@ -444,8 +479,15 @@ def open_index(
     """
     root = Path(path)
     manifest = read_manifest(root)
+    stale: frozenset[str] = frozenset()
     if encoder is not None:
-        check_fingerprint(dict(manifest.model), encoder_fingerprint(encoder, checkpoint), str(root))
+        # Only the towers that made the index's vectors must match (per-tower fingerprints).
+        stale = check_fingerprint(
+            manifest.model,
+            encoder_fingerprint(encoder, checkpoint),
+            str(root),
+            holds=manifest.modalities,
+        )
     unreadable = IndexCorrupt(
         f"the index at {root} is damaged: {META} cannot be read; "
         f"run `bindsearch index verify {root}`, then rebuild it"
@@ -465,6 +507,7 @@ def open_index(
         store.close()
         raise
     searcher = IndexSearcher(root, manifest, store, indexes)
+    searcher.stale_towers = stale
     for mi in indexes.values():
         if mi.ondisk is not None:
             mi.ondisk.gather = searcher._gather  # re-ranking reads the store under its lock

@@ -36,6 +36,7 @@ import faiss
 import numpy as np
 
 from encoders import Modality, sha256_file
+from encoders.modality import TOWERS
 
 from .calibration import Calibration
 from .errors import IndexCorrupt, IndexIncomplete, IndexNotFound, IndexStoreError, SettingsMismatch
@@ -286,8 +287,18 @@ class IndexManifest:
                 calibration = Calibration.from_dict(r.obj(d["calibration"], "calibration"))
             except (KeyError, TypeError, ValueError) as err:
                 r.fail(f"calibration is not a calibration ({err})")
+        model = r.obj(r.key(d, "model"), "model")
+        towers = model.get("towers")
+        if towers is not None:
+            # per-tower digests (``index.fingerprint``); absent from an index built before them
+            tw = r.obj(towers, "model.towers")
+            names = [t.value for t in TOWERS]
+            for name in tw:
+                if name not in names:
+                    r.fail(f"model.towers.{name} is not a tower ({', '.join(names)})")
+                r.str_(tw, name, "model.towers")
         return cls(
-            model=r.obj(r.key(d, "model"), "model"),
+            model=model,
             dim=r.int_(d, "dim"),
             modalities=mods,
             counts={k: r.int_(counts, k, "counts") for k in counts},

@@ -510,7 +510,7 @@ def searcher_has_model(searcher: Searcher | IndexSearcher) -> bool:
 
 
 def check_index_model(searcher: Searcher | IndexSearcher, ref: ModelRef) -> None:
-    """Refuse (one line) an index built with another model than the one being served."""
+    """Refuse (one line) an index whose vectors another model made (``check_fingerprint``)."""
     from index.search import IndexSearcher
 
     if not isinstance(searcher, IndexSearcher | IndexSnapshots):
@@ -521,4 +521,9 @@ def check_index_model(searcher: Searcher | IndexSearcher, ref: ModelRef) -> None
         return  # imported vectors without a model: searched by vector only
     from index.fingerprint import check_fingerprint, ref_fingerprint
 
-    check_fingerprint(searcher.fingerprint, ref_fingerprint(ref), "the index")
+    # Accepted when the towers that made the index's vectors are the model's: a model whose
+    # other towers were retrained serves it, its stale calibration pairs left out.
+    served = searcher.current if isinstance(searcher, IndexSnapshots) else searcher
+    served.stale_towers = check_fingerprint(
+        served.fingerprint, ref_fingerprint(ref), "the index", holds=served.modalities
+    )

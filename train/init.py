@@ -29,7 +29,7 @@ from torch import Tensor
 
 from encoders.config import list_presets
 from encoders.model import ImageBind, init_weights
-from encoders.models import ModelRef
+from encoders.models import TOWER_MODULES, ModelRef, tower_hashes, tower_of_key
 
 from .recipe import STAGE2_MODALITIES
 
@@ -50,13 +50,6 @@ __all__ = [
 # the targets), so it cannot learn in this stage; text is bound to images in stage 1, with the
 # vision tower learning too, which is not a frozen-anchor binding.
 TRAINABLE_TOWERS = STAGE2_MODALITIES
-# The module dicts a tower's keys live under (``<module>.<tower>.<rest>``).
-TOWER_MODULES = (
-    "modality_preprocessors",
-    "modality_trunks",
-    "modality_heads",
-    "modality_postprocessors",
-)
 
 
 def parse_towers(text: str) -> tuple[str, ...]:
@@ -84,8 +77,7 @@ def parse_towers(text: str) -> tuple[str, ...]:
 
 def is_tower_key(key: str, towers: Sequence[str]) -> bool:
     """Whether a state-dict key belongs to one of ``towers`` (stem, trunk, head, postprocessor)."""
-    parts = key.split(".")
-    return len(parts) > 2 and parts[0] in TOWER_MODULES and parts[1] in towers
+    return tower_of_key(key) in towers
 
 
 @torch.no_grad()
@@ -271,6 +263,9 @@ def run_train_init(
     export_weights(result.model, target, dtype=dtype, metadata={"init": json.dumps(card)})
     card["weights"] = target.name
     card["sha256"] = sha256_file(target)
+    # Per tower, the hash of its tensors (what an index's per-tower fingerprint is made of):
+    # read from here, the exported file need not be hashed again by every command.
+    card["towers"] = tower_hashes(target, card["sha256"])
     sidecar_path(target).write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
     train_log = {
         "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(tc).items()},
