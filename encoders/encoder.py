@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .adapters import apply_card_adapters
 from .checkpoint import check_state_dict, read_state_dict, remap_imagebind_keys, select_modalities
 from .config import ModelConfig, PreprocessConfig
 from .dtype import choose_dtype, offered_towers, quantize_int8
@@ -242,6 +243,8 @@ def load_encoder(
         init_weights(model, seed=seed)
     else:
         sd = remap_imagebind_keys(read_state_dict(ref.weights))
+        # Adapters kept beside the weights (``train --init --keep-adapters``): merged now.
+        sd = apply_card_adapters(sd, ref.weights, ref.sha256)
         sd = select_modalities(sd, model.modalities)
         check_state_dict(sd, expected)
         # assign=True: the checkpoint's tensors become the parameters (no second copy).
