@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .adapters import apply_card_adapters
 from .checkpoint import (
     check_state_dict,
     read_state_dict,
@@ -245,6 +246,9 @@ def load_encoder(
     )
     sd = None if ref.weights is None else remap_imagebind_keys(read_state_dict(ref.weights))
     if sd is not None:
+        # Adapters kept beside the weights (``train --init --keep-adapters``): merged now.
+        assert ref.weights is not None
+        sd = apply_card_adapters(sd, ref.weights, ref.sha256)
         wanted = _towers_to_load(ref, sd, wanted, modalities is None)
     model = ImageBind(cfg, wanted, device="meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}

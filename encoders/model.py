@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .modality import TOWERS, Modality
@@ -137,7 +138,14 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-    """A stack of blocks, with the vision tower's extra LayerNorm in front."""
+    """A stack of blocks, with the vision tower's extra LayerNorm in front.
+
+    ``grad_checkpointing`` (training only, timm's switch): each block's activations are
+    recomputed in the backward pass instead of kept (``torch.utils.checkpoint``), so a huge
+    tower trains on one GPU; the loss and gradients are the same.
+    """
+
+    grad_checkpointing: bool = False
 
     def __init__(
         self,
@@ -166,8 +174,12 @@ class Trunk(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = self.pre_transformer_layer(x)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, mask)
+            if recompute:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return x
 
 

@@ -280,17 +280,56 @@ def train(
             "--reinit", help="With --init: re-initialise the --train-towers first (bind anew)."
         ),
     ] = False,
+    lora_rank: Annotated[
+        int,
+        typer.Option(
+            "--lora-rank",
+            min=0,
+            help="With --init: train rank-R adapters on the towers' trunk projections "
+            "(plus their LayerNorms and biases) instead of every weight; 0: off.",
+        ),
+    ] = 0,
+    lora_alpha: Annotated[
+        float, typer.Option("--lora-alpha", help="LoRA scale numerator (scale alpha/R).")
+    ] = 16.0,
+    keep_adapters: Annotated[
+        bool,
+        typer.Option(
+            "--keep-adapters",
+            help="With --lora-rank: keep the adapters apart (OUT/<name>.adapters.safetensors, "
+            "merged at load) instead of merged into the exported weights.",
+        ),
+    ] = False,
+    grad_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="With --init: recompute trunk blocks in the backward pass (less memory). "
+            "Default: on for trunks of 10M parameters or more.",
+        ),
+    ] = None,
 ) -> None:
     """Train an ImageBind model: image-text (stage 1), then each modality to images only.
 
     With --init, bind or fine-tune some towers of an existing model, everything else frozen.
     """
+    lora = {
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "keep_adapters": keep_adapters,
+        "grad_checkpointing": grad_checkpointing,
+    }
     if init is not None or train_towers is not None or reinit or config is not None:
         _train_init(
             init, config, train_towers, reinit, out, manifest, world, world_seed, stage2_steps,
-            batch_size, lr, seed, checkpoint_every, resume, threads, export, device,
+            batch_size, lr, seed, checkpoint_every, resume, threads, export, device, lora,
         )  # fmt: skip
         return
+    if lora_rank or keep_adapters or grad_checkpointing is not None:
+        _fail(
+            "--lora-rank, --keep-adapters and --grad-checkpointing are for --init WEIGHTS "
+            "(adapting the towers of a trained model)"
+        )
     try:
         log = run_train(
             out,
@@ -332,6 +371,7 @@ def _train_init(
     threads: int | None,
     export: Path | None,
     device: str,
+    lora: dict[str, Any],
 ) -> None:
     from .init import TRAINABLE_TOWERS, run_train_init
 
@@ -359,6 +399,7 @@ def _train_init(
             export=export,
             device=device,
             log=lambda s: typer.echo(s, err=True),
+            **lora,
         )
     except _ERRORS as e:
         _fail(str(e).strip("'\""))

@@ -34,6 +34,7 @@ from encoders.models import TOWER_MODULES, ModelRef, tower_hashes, tower_of_key
 from .recipe import STAGE2_MODALITIES
 
 __all__ = [
+    "BIG_TRUNK",
     "TOWER_MODULES",
     "TRAINABLE_TOWERS",
     "add_towers",
@@ -44,6 +45,10 @@ __all__ = [
     "run_train_init",
     "sidecar_path",
 ]
+
+# Gradient checkpointing is on by default for a tower whose trunk has at least this many
+# parameters (every ``imagebind_huge`` tower that can train; not the demo or test towers).
+BIG_TRUNK = 10_000_000
 
 # The towers `--train-towers` accepts: those stage 2 binds to the frozen image tower. The
 # vision tower is the anchor every other tower is trained against (its cached embeddings are
@@ -158,21 +163,41 @@ def run_train_init(
     device: str = "cpu",
     stop_after: int | None = None,
     log: Callable[[str], None] | None = None,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    keep_adapters: bool = False,
+    grad_checkpointing: bool | None = None,
 ) -> dict[str, Any]:
     """Train ``train_towers`` of the ``init`` model (the rest frozen); export it and its sidecar.
 
     Writes ``out/checkpoint.pt`` as it goes (``resume`` continues from it), then
     ``out/<name>.safetensors`` (or ``export``), its sidecar (``sidecar_path``) and
     ``out/train_log.json``; returns the sidecar's object.
+
+    ``lora_rank``: train low-rank adapters (``train.lora``) instead of every weight; they are
+    merged into the export, or with ``keep_adapters`` written apart to
+    ``out/<name>.adapters.safetensors`` (named in the sidecar; ``load_encoder`` merges them).
+    ``grad_checkpointing``: None turns it on for big trunks (``BIG_TRUNK``). bf16 autocast is
+    on when training on CUDA.
     """
     from encoders import load_encoder
-    from encoders.checkpoint import sha256_file, state_dict_towers
+    from encoders.adapters import merge_adapters
+    from encoders.checkpoint import save_safetensors, sha256_file, state_dict_towers
 
-    from .recipe import TrainConfig, export_weights, from_manifest, from_world
+    from .recipe import TrainConfig, from_manifest, from_world, save_state_dict
     from .recipe import train as train_model
 
     t0 = time.perf_counter()
     towers = parse_towers(train_towers)
+    if lora_rank < 0:
+        raise ValueError(f"--lora-rank must be at least 1, got {lora_rank}")
+    if lora_rank and reinit:
+        raise ValueError(
+            "--lora-rank with --reinit: adapters on a frozen random trunk cannot bind a "
+            "tower; bind it with --reinit alone (every weight learns), then adapt it with LoRA"
+        )
+    if keep_adapters and not lora_rank:
+        raise ValueError("--keep-adapters keeps LoRA adapters apart: it needs --lora-rank R")
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -227,7 +252,14 @@ def run_train_init(
         checkpoint_every=checkpoint_every,
         modalities=towers,
         init=identity,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
     )
+    if grad_checkpointing is None:
+        grad_checkpointing = any(
+            sum(p.numel() for p in model.modality_trunks[m].parameters()) >= BIG_TRUNK
+            for m in towers
+        )
     result = train_model(
         data,
         tc,
@@ -238,6 +270,8 @@ def run_train_init(
         device=str(dev),
         init=model,
         stop_after=stop_after,
+        grad_checkpointing=grad_checkpointing,
+        autocast=dev.type == "cuda",
     )
     name = Path(ref.config_name).stem if ref.config_name.endswith(".json") else ref.config_name
     target = export or (Path(out) / f"{name}.safetensors")
@@ -260,7 +294,28 @@ def run_train_init(
         "licence_url": ref.licence_url,
     }
     card["steps"] = max((len(v) for k, v in result.losses.items() if k != "stage1"), default=0)
-    export_weights(result.model, target, dtype=dtype, metadata={"init": json.dumps(card)})
+    card["lora_rank"] = lora_rank
+    adapters: dict[str, Tensor] = {}
+    if lora_rank:
+        from .lora import count_trainable, split_adapters
+
+        card["lora_alpha"] = lora_alpha
+        card["trainable_params"] = count_trainable(result.model, towers).to_dict()
+        sd, adapters = split_adapters(result.model.state_dict())
+        if not keep_adapters:
+            sd = merge_adapters(sd, adapters, lora_alpha / lora_rank)
+    else:
+        sd = result.model.state_dict()
+        n = sum(p.numel() for k, p in sd.items() if _trained_key(k, towers))
+        card["trainable_params"] = {"trainable": n, "full_finetune": n, "fraction": 1.0}
+    if keep_adapters:
+        apart = target.with_name(f"{target.stem}.adapters.safetensors")
+        meta = {"scale": repr(lora_alpha / lora_rank), "rank": str(lora_rank)}
+        meta["alpha"] = repr(lora_alpha)
+        save_safetensors({k: v.detach().float().cpu() for k, v in adapters.items()}, apart, meta)
+        card["adapters"] = apart.name
+        card["adapters_sha256"] = sha256_file(apart)
+    save_state_dict(sd, cfg, target, dtype=dtype, metadata={"init": json.dumps(card)})
     card["weights"] = target.name
     card["sha256"] = sha256_file(target)
     # Per tower, the hash of its tensors (what an index's per-tower fingerprint is made of):
@@ -277,6 +332,11 @@ def run_train_init(
     }
     (Path(out) / "train_log.json").write_text(json.dumps(train_log, indent=1), encoding="utf-8")
     return {**card, "path": str(target), "seconds_total": train_log["seconds_total"]}
+
+
+def _trained_key(key: str, towers: Sequence[str]) -> bool:
+    """A key a full fine-tune of ``towers`` trains (stem, trunk, head; not the logit scale)."""
+    return is_tower_key(key, towers) and not key.startswith("modality_postprocessors.")
 
 
 def _init_tensors(path: Path) -> dict[str, Tensor]:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from encoders.config import ModelConfig, resolve_config
-from encoders.model import ImageBind, init_weights
+from encoders.model import ImageBind, Trunk, init_weights
 from encoders.transforms.text import trim_to_longest
 
 # The preset the demo world and the shipped demo weights are made for (what `bindsearch train`,
@@ -60,7 +60,9 @@ __all__ = [
     "freeze_except",
     "from_manifest",
     "from_world",
+    "save_state_dict",
     "train",
+    "trainable_optimizer",
 ]
 
 # Text keys and the vision keys they caption (a video's caption may name its motion).
@@ -163,8 +165,19 @@ class TrainConfig:
     # file's ``sha256:<hex>``, with ``+reinit`` when the trained towers were re-initialised);
     # None: random initialisation. A resume checks it like every other field.
     init: str | None = None
+    # Stage 2 with low-rank adapters on the trained towers' trunks (``train.lora``; 0: every
+    # weight of those towers learns). ``lora_alpha / lora_rank`` scales the adapters.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if self.lora_rank and self.stage1_steps:
+            raise ValueError(
+                "LoRA adapts the towers of a trained model (train --init, stage 2 only); "
+                "stage 1 trains the image and text towers in full"
+            )
         if self.stage1_steps < 0 or self.stage2_steps < 0:
             raise ValueError("step budgets must be non-negative")
         if not 0.0 <= self.hard_negatives <= 1.0:
@@ -445,6 +458,8 @@ def train(
     stop_after: int | None = None,
     device: str = "cpu",
     init: ImageBind | None = None,
+    grad_checkpointing: bool = False,
+    autocast: bool = False,
 ) -> TrainResult:
     """Run both stages on ``data``; checkpoints go to ``out/checkpoint.pt``.
 
@@ -458,7 +473,12 @@ def train(
             and initialisation do not depend on it; the arithmetic does (numerics differ).
         init: start from this model (fp32, every tower) instead of random weights
             (``train --init``, ``train.init``); it is trained in place. Set ``tc.init`` to its
-            identity so that a resume can check it.
+            identity so that a resume can check it. With ``tc.lora_rank`` its stage-2 towers
+            get adapters (``train.lora``) before anything else; the model returned keeps them
+            (``train.lora.merged_state_dict`` merges them).
+        grad_checkpointing: recompute the trained towers' trunk blocks in the backward pass
+            (``Trunk.grad_checkpointing``): less memory, the same loss and gradients.
+        autocast: bf16 autocast of the forward passes on CUDA (ignored on other devices).
     """
     t0 = time.perf_counter()
     cfg = resolve_config(tc.preset) if init is None else init.cfg
@@ -473,8 +493,13 @@ def train(
         init_weights(model, seed=tc.seed)
     else:
         model = init
+    if tc.lora_rank:
+        from .lora import add_adapters
+
+        add_adapters(model, tc.modalities, tc.lora_rank, tc.lora_alpha, seed=tc.seed)
     dev = torch.device(device)
     model.to(dev)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=autocast and dev.type == "cuda")
     losses: dict[str, list[float]] = {"stage1": []}
     state: dict[str, Any] | None = None
     if resume:
@@ -589,12 +614,17 @@ def train(
     # ---- stage 2: each other modality <-> frozen vision embeddings (never text)
     mods = [m for m in tc.modalities if len(data.rows(m, _anchor(m, data)))]
     if tc.stage2_steps and mods:
-        freeze_except(model, mods)
+        if tc.lora_rank:
+            from .lora import set_lora_trainable
+
+            set_lora_trainable(model, mods)
+        else:
+            freeze_except(model, mods)
+        for m in mods:
+            trunk: Trunk = model.modality_trunks[m]  # type: ignore[assignment]
+            trunk.grad_checkpointing = grad_checkpointing
         anchors = {a: cache_embeddings(model, data, a) for a in {_anchor(m, data) for m in mods}}
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(
-            _param_groups(params, tc.weight_decay), lr=tc.stage2_lr, betas=(0.9, 0.98)
-        )
+        opt = trainable_optimizer(model, tc.stage2_lr, tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup, tc.stage2_steps))
         start = 0
         if state is not None and state["stage"] == 2 and state["step"] > 0:
@@ -613,10 +643,11 @@ def train(
             for m in mods:
                 a = _anchor(m, data)
                 idx = torch.from_numpy(_batch(data.rows(m, a), tc.batch_size, rng))
-                emb = model.embed_one(m, data.tensors[m][idx].to(dev), scaled=False)
+                with amp:
+                    emb = model.embed_one(m, data.tensors[m][idx].to(dev), scaled=False)
                 scale = model.logit_scale(m)
                 assert scale is not None
-                loss = info_nce(emb, anchors[a][idx].to(dev), scale)
+                loss = info_nce(emb.float(), anchors[a][idx].to(dev), scale)
                 total = total + loss
                 losses[f"stage2/{m}"].append(float(loss.detach()))
                 shown[m] = f"{float(loss.detach()):.2f}"
@@ -641,6 +672,12 @@ def train(
         _save(ckpt_path, _state(model, None, None, 3, 0, tc, losses))
     model.requires_grad_(False).eval()
     return TrainResult(model, losses, time.perf_counter() - t0)
+
+
+def trainable_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Stage 2's AdamW over the parameters that require grad (frozen ones get no state)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW(_param_groups(params, weight_decay), lr=lr, betas=(0.9, 0.98))
 
 
 def freeze_except(model: ImageBind, towers: Sequence[str]) -> None:
@@ -670,6 +707,8 @@ def _tc_dict(tc: TrainConfig) -> dict[str, Any]:
     d["modalities"] = list(tc.modalities)
     if d["init"] is None:
         del d["init"]  # checkpoints from before ``init`` existed still resume
+    if not d["lora_rank"]:
+        del d["lora_rank"], d["lora_alpha"]  # ... and from before LoRA
     return d
 
 
@@ -703,8 +742,19 @@ def export_weights(
 
     fp16 halves the file; the text tower's 49408-token embedding is most of it.
     """
+    return save_state_dict(model.state_dict(), model.cfg, path, dtype, metadata)
+
+
+def save_state_dict(
+    sd: dict[str, Tensor],
+    cfg: ModelConfig,
+    path: str | Path,
+    dtype: torch.dtype = torch.float16,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """``export_weights`` of a state dict (e.g. one with LoRA adapters merged in)."""
     from encoders.checkpoint import save_safetensors
 
-    sd = {k: v.detach().cpu().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    meta = {"config": json.dumps(model.cfg.to_dict()), **(metadata or {})}
-    return save_safetensors(sd, path, meta)
+    out = {k: v.detach().cpu().to(dtype).contiguous() for k, v in sd.items()}
+    meta = {"config": json.dumps(cfg.to_dict()), **(metadata or {})}
+    return save_safetensors(out, path, meta)
