@@ -151,7 +151,7 @@ def build(
             "--shard-files",
             min=1,
             help="--engine ray: files per staged shard, on average (the unit of work and "
-            "resume; default 64).",
+            "resume; default: about 32 shards per build, at most 256 files each).",
         ),
     ] = None,
 ) -> None:
@@ -187,11 +187,9 @@ def build(
         if factory != "auto":  # a bad factory string fails now, not after embedding
             _check_factory(factory, model.config.embed_dim)
         if engine is Engine.RAY:
-            from .ray_engine import SHARD_FILES, RayOptions, build_index_ray
+            from .ray_engine import RayOptions, build_index_ray
 
-            ropts = RayOptions(
-                address=address, num_actors=ray_num_actors, shard_files=shard_files or SHARD_FILES
-            )
+            ropts = RayOptions(address=address, num_actors=ray_num_actors, shard_files=shard_files)
             return build_index_ray(corpus, output, model, opts, ropts, log=_log)
         return build_index(corpus, output, model, opts, log=_log)
 

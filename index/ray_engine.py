@@ -60,7 +60,9 @@ from .pipeline import BuildOptions, BuildSummary, LocalEngine, Log, ModelSource,
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'bindsearch[ray]'"
 SHARDS = "shards"  # INDEX/shards/<name>/: the staged shards of a build in progress
-SHARD_FILES = 64  # files per shard, on average (a shard is the unit of work and of resume)
+SHARDS_PER_BUILD = 32  # by default, about this many shards (several per actor) ...
+MAX_SHARD_FILES = 256  # ... of at most this many files on average (a big corpus: more shards)
+PLAN = "plan.json"  # in INDEX/shards/: the files per shard chosen, kept for the reruns
 DONE = "done.json"  # the completion marker, written last inside a shard's temporary folder
 IN_FLIGHT = 2  # shards queued per actor, so that one starts as the other is acknowledged
 
@@ -76,14 +78,14 @@ class RayOptions:
     address: str | None = None  # None: a local Ray instance; "auto"; "ray://head:10001"
     num_actors: int | None = None  # embedding actors; None: one per GPU, else by CPUs
     gpus_per_actor: float = 1.0  # when the cluster has GPUs
-    shard_files: int = SHARD_FILES
+    shard_files: int | None = None  # files per shard on average; None: auto_shard_files
 
     def check(self) -> None:
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError(f"--ray-num-actors must be >= 1, got {self.num_actors}")
         if not 0 < self.gpus_per_actor <= 8:
             raise ValueError(f"GPUs per actor must be in (0, 8], got {self.gpus_per_actor}")
-        if self.shard_files < 1:
+        if self.shard_files is not None and self.shard_files < 1:
             raise ValueError(f"--shard-files must be >= 1, got {self.shard_files}")
 
 
@@ -208,6 +210,36 @@ class ShardPlan:
 
     name: str
     tasks: tuple[FileTask, ...]
+
+
+def auto_shard_files(n_files: int) -> int:
+    """Files per shard for a build of ``n_files``: about ``SHARDS_PER_BUILD`` shards.
+
+    A power of two, at most ``MAX_SHARD_FILES``. Chosen once per build and recorded beside
+    the shards, so that a rerun with fewer files to do cuts them the same way.
+    """
+    target = max(1, n_files // SHARDS_PER_BUILD)
+    return min(MAX_SHARD_FILES, 1 << (target.bit_length() - 1))
+
+
+def choose_shard_files(staging: Path, n_todo: int, explicit: int | None) -> int:
+    """``explicit`` (--shard-files), else what the build being resumed chose, else automatic.
+
+    The choice is recorded in ``staging/plan.json`` for the next rerun.
+    """
+    recorded = staging / PLAN
+    n = explicit
+    if n is None:
+        try:
+            n = int(json.loads(recorded.read_text(encoding="utf-8"))["shard_files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            n = None
+    if n is None or n < 1:
+        n = auto_shard_files(n_todo)
+    tmp = staging / f".{PLAN}.tmp"
+    tmp.write_text(json.dumps({"shard_files": n}), encoding="utf-8")
+    os.replace(tmp, recorded)
+    return n
 
 
 def plan_shards(todo: Sequence[FileTask], shard_files: int, salt: str) -> list[ShardPlan]:
@@ -486,9 +518,10 @@ class RayEngine:
             [self.model.fingerprint(), self.opts.settings(), self.model.config.embed_dim],
             sort_keys=True,
         )
-        plans = plan_shards(todo, self.ropts.shard_files, salt)
         staging.mkdir(parents=True, exist_ok=True)
-        _clear_other(staging, {p.name for p in plans})
+        per_shard = choose_shard_files(staging, len(todo), self.ropts.shard_files)
+        plans = plan_shards(todo, per_shard, salt)
+        _clear_other(staging, {p.name for p in plans} | {PLAN})
         done = {p.name for p in plans if shard_complete(staging, p.name)}
         self.shards_reused = len(done)
         missing = [p for p in plans if p.name not in done]

@@ -28,7 +28,14 @@ from index.engine import (
 )
 from index.importer import import_embeddings
 from index.pipeline import LocalEngine, run_build
-from index.ray_engine import plan_shards, read_shard, shard_complete, write_shard
+from index.ray_engine import (
+    auto_shard_files,
+    choose_shard_files,
+    plan_shards,
+    read_shard,
+    shard_complete,
+    write_shard,
+)
 
 from .test_index_media import mixed_corpus
 
@@ -129,6 +136,15 @@ def test_shard_boundaries_follow_the_paths_not_the_positions() -> None:
     names = {p.name for p in plans}
     assert sum(p.name in names for p in later) >= len(later) - 2  # the cut shard, maybe one more
     assert plan_shards(todo, 8, "another model")[0].name != plans[0].name
+
+
+def test_the_files_per_shard_are_chosen_once_per_build(tmp_path: Path) -> None:
+    assert [auto_shard_files(n) for n in (1, 40, 128, 1000, 10**7)] == [1, 1, 4, 16, 256]
+    assert choose_shard_files(tmp_path, 1000, None) == 16
+    # A rerun has fewer files to do (a committed prefix): it keeps the first run's choice.
+    assert choose_shard_files(tmp_path, 100, None) == 16
+    assert choose_shard_files(tmp_path, 100, 5) == 5  # --shard-files wins, and is recorded
+    assert choose_shard_files(tmp_path, 100, None) == 5
 
 
 # --- any order, one writer ---------------------------------------------------------------------
