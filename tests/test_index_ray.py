@@ -418,6 +418,7 @@ def test_cli_output_has_no_ray_chatter_and_a_real_model_busy_figure(tmp_path: Pa
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "embedded 3 items from 3 files" in out
+    assert re.search(r"^shards: [1-9]\d* built, 0 reused$", out, re.MULTILINE), out
     assert "core_worker" not in out and "Token authentication" not in out, out
     busy = re.search(r"model busy ([0-9.]+) s", out)
     assert busy is not None and float(busy[1]) > 0, out  # the actors' time in Encoder.embed
