@@ -10,7 +10,7 @@ rep by rep in alternating order. Reported:
 * **overhead per item**: ``(t_ray - t_local) / n`` at the larger corpus size (what the brief
   asks: the whole difference, actor start included, spread over the items), and the marginal
   figure from two corpus sizes, ``((t_ray - t_local)(n2) - (t_ray - t_local)(n1)) / (n2 - n1)``,
-  which leaves out the fixed cost per build (actor start, dataset planning).
+  which leaves out the fixed cost per build (actor start, shard planning).
 
 The Ray instance is started once, before timing (a cluster is already up in real use); each
 timed Ray build still starts its embedding actor and loads the model in it.
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     local_model = ModelSource(cfg, None, encoder=enc)
     ray_model = ModelSource(cfg, None)  # each actor builds the same seeded random weights
     opts: dict[str, Any] = {"batch_size": 16, "chunk_items": 64, "progress": False}
-    # Local: the model in this process and cpus - 1 decode workers. Ray: cpus // 2 actors,
-    # the rest decoding (its default). Both use every CPU given.
+    # Local: the model in this process and cpus - 1 decode workers. Ray: one actor per CPU,
+    # each decoding and embedding its shards (its default with workers=0). Both use every CPU.
     local_workers = max(1, args.cpus - 1)
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))

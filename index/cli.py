@@ -127,7 +127,8 @@ def build(
     follow_symlinks: FollowSymlinks = False,
     allow_outside: AllowOutside = False,
     engine: Annotated[
-        Engine, typer.Option(help="local: this machine; ray: Ray Data (bindsearch[ray]).")
+        Engine,
+        typer.Option(help="local: this machine; ray: Ray actors, sharded (bindsearch[ray])."),
     ] = Engine.LOCAL,
     address: Annotated[
         str | None,
@@ -141,7 +142,16 @@ def build(
         typer.Option(
             "--ray-num-actors",
             min=1,
-            help="--engine ray: embedding actors (default: one per GPU, else CPUs/2).",
+            help="--engine ray: embedding actors (default: one per GPU, else CPUs/(1+workers)).",
+        ),
+    ] = None,
+    shard_files: Annotated[
+        int | None,
+        typer.Option(
+            "--shard-files",
+            min=1,
+            help="--engine ray: files per staged shard, on average (the unit of work and "
+            "resume; default: about 32 shards per build, at most 256 files each).",
         ),
     ] = None,
 ) -> None:
@@ -149,8 +159,10 @@ def build(
     from .pipeline import BuildOptions, build_index
     from .spec import parse_size
 
-    if engine is Engine.LOCAL and (address is not None or ray_num_actors is not None):
-        _fail("--address and --ray-num-actors need --engine ray")
+    if engine is Engine.LOCAL and (
+        address is not None or ray_num_actors is not None or shard_files is not None
+    ):
+        _fail("--address, --ray-num-actors and --shard-files need --engine ray")
 
     def run() -> Any:
         if engine is Engine.RAY:  # a missing extra is the first thing to hear about
@@ -177,7 +189,7 @@ def build(
         if engine is Engine.RAY:
             from .ray_engine import RayOptions, build_index_ray
 
-            ropts = RayOptions(address=address, num_actors=ray_num_actors)
+            ropts = RayOptions(address=address, num_actors=ray_num_actors, shard_files=shard_files)
             return build_index_ray(corpus, output, model, opts, ropts, log=_log)
         return build_index(corpus, output, model, opts, log=_log)
 

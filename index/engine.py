@@ -6,9 +6,16 @@
     refresh           -> FAISS files + manifest (IndexStore.refresh)
 
 An engine only turns files into vectors: the local engine with decode worker processes
-(``pipeline.LocalEngine``), the Ray engine with Ray Data (``ray_engine.RayEngine``). Both embed
+(``pipeline.LocalEngine``), the Ray engine with Ray actors (``ray_engine.RayEngine``). Both embed
 through one ``Batcher``; what reaches the index is decided by the one writer alone, so both
 engines give the same ids.
+
+A ``StagingEngine`` (the Ray engine) has its workers write their results to disk beside the
+index, in shards, instead of sending them back; its ``run`` then reads the shards back, one at
+a time and in scan order, and yields the same ``EmbeddedFile``s to the same writer. The build
+tells it where the index being written is (``stage_in``) before ``run``, and calls
+``committed`` once the writer has committed every file ``run`` returned, so the staged shards
+can go (docs/ray.md, "Sharded build").
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -35,6 +43,7 @@ __all__ = [
     "Engine",
     "FileTask",
     "KnownContent",
+    "StagingEngine",
     "needed_modalities",
     "nothing_known",
 ]
@@ -114,6 +123,24 @@ class Engine(Protocol):
     def run(
         self, todo: Sequence[FileTask], known: KnownContent = nothing_known
     ) -> Iterator[EmbeddedFile]: ...
+
+
+@runtime_checkable
+class StagingEngine(Engine, Protocol):
+    """An ``Engine`` whose workers stage their results on disk, beside the index being written.
+
+    ``stage_in(index_dir)`` is called before ``run``; ``committed()`` after the writer has
+    committed every file ``run`` returned (the staged results are no longer needed). A build
+    killed before that leaves them for the rerun. ``shards_built`` and ``shards_reused`` are
+    read after ``committed`` (the build summary).
+    """
+
+    shards_built: int
+    shards_reused: int
+
+    def stage_in(self, index_dir: Path) -> None: ...
+
+    def committed(self) -> None: ...
 
 
 def needed_modalities(todo: Iterable[FileTask], soundtrack: bool) -> set[Modality]:

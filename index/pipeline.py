@@ -48,6 +48,7 @@ from .engine import (
     Engine,
     FileTask,
     KnownContent,
+    StagingEngine,
     needed_modalities,
     nothing_known,
 )
@@ -117,6 +118,8 @@ class BuildSummary:
     removed_items: int = 0
     items_by_modality: Counter[str] = field(default_factory=Counter)
     chunks: int = 0
+    shards_built: int = 0  # a staging engine's shards embedded by this run (--engine ray)
+    shards_reused: int = 0  # ... and those a killed run had left complete
     wall_s: float = 0.0
     model_s: float = 0.0  # time inside Encoder.embed
     decode_wait_s: float = 0.0  # time the main process waited for a decoded file
@@ -143,6 +146,8 @@ class BuildSummary:
                 f"re-embedded {self.replaced_files} changed files; removed {self.removed_files} "
                 f"files ({self.removed_items} items)"
             )
+        if self.shards_built or self.shards_reused:
+            out.append(f"shards: {self.shards_built} built, {self.shards_reused} reused")
         if self.wall_s:
             out.append(
                 f"{self.wall_s:.1f} s; model busy {_seconds(self.model_s)} s "
@@ -282,7 +287,13 @@ def run_build(
         raise
     with store:
         summary = BuildSummary(scanned=len(entries))
+        staged = engine if isinstance(engine, StagingEngine) else None
+        if staged is not None:
+            staged.stage_in(work)
         IndexWriter(store, options, summary, log).write(entries, engine)
+        if staged is not None:  # every file it returned is committed: its shards can go
+            staged.committed()
+            summary.shards_built, summary.shards_reused = staged.shards_built, staged.shards_reused
         summary.manifest = store.refresh(
             options.factory,
             options.memory_budget,
@@ -736,8 +747,11 @@ class LocalEngine:
     batches are flushed whenever a chunk's worth of items waits for them).
     """
 
-    def __init__(self, model: ModelSource, options: BuildOptions) -> None:
+    def __init__(
+        self, model: ModelSource, options: BuildOptions, keep_workers: bool = False
+    ) -> None:
         self.model, self.opts = model, options
+        self.keep_workers = keep_workers  # the decode processes outlive a run (close() ends them)
         self.cfg = model.config.preprocess
         self.model_s = 0.0
         self.decode_wait_s = 0.0
@@ -751,14 +765,15 @@ class LocalEngine:
     ) -> Iterator[EmbeddedFile]:
         if not todo:
             return
-        self._needed = needed_modalities(todo, self.opts.soundtrack)
+        self._needed |= needed_modalities(todo, self.opts.soundtrack)
+        self._seen = {}
         batcher = Batcher(self._load, self.opts.batch_size)
         max_ahead = max(2, 2 * self.opts.workers)
         it = iter(todo)
         slots: deque[_Slot] = deque()  # decoding
         waiting: deque[EmbeddedFile] = deque()  # decoded, some items still in the batcher
         try:
-            if self.opts.workers > 0:
+            if self.opts.workers > 0 and self._pool is None:
                 self._pool = self._new_pool()
             while True:
                 while len(slots) < max_ahead and (task := next(it, None)) is not None:
@@ -781,9 +796,14 @@ class LocalEngine:
             yield from waiting
         finally:
             self.model_s += batcher.model_s
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+            if not self.keep_workers:
+                self.close()
+
+    def close(self) -> None:
+        """End the decode processes (a run does unless ``keep_workers``)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def _load(self) -> EncoderLike:
         if self._encoder is None:

@@ -1,54 +1,54 @@
-"""``bindsearch index build --engine ray``: the build's engine on Ray Data (``index.engine``).
+"""``bindsearch index build --engine ray``: a sharded build on Ray actors (docs/ray.md).
 
-    FileTasks (scan order, chosen by the writer: committed files are skipped, as locally)
-      -> ray.data.from_items                     one row per file
-      -> map_batches(decode_files)   Ray tasks   a file -> one row per item + a header row
-      -> map_batches(Embedder)       actors      one per GPU (num_gpus=1), else CPU actors;
-                                                 each embeds through the shared Batcher
-      -> iter_batches on the driver              the output blocks (the shards), in any order
-      -> EmbeddedFile per file, once all its rows are in -> the build's one IndexWriter
+    driver: FileTasks (scan order, chosen by the writer: committed files are skipped)
+      -> plan_shards: runs of contiguous files, each named by the hash of its files and model
+      -> shards complete in INDEX/shards/ from a killed run are kept; the rest go to
+    actors (one per GPU, else by CPUs): each runs the local engine (decode + Batcher) on a
+      shard's files and writes the shard: items.npy + items.jsonl + files.jsonl + done.json,
+      into a temporary folder renamed into place; the driver gets back a few numbers
+    driver: reads the complete shards back in plan order, one at a time (vectors memory-mapped)
+      -> EmbeddedFile per file -> the build's one IndexWriter (ids, duplicates, chunks)
+      -> committed: the staged shards are deleted
 
-Ray Data's output blocks arrive in whatever order the cluster finishes them; the writer puts
-the files back in scan order and commits them, so chunks, ids, duplicates and rejections come
-out exactly as a local build of the same corpus gives them (vectors agree within float
-tolerance: batches differ).
+Vectors never pass through the driver's Ray connection; the driver holds one shard's
+metadata (and a chunk's vectors, as any build) at a time. Ids come from scan order alone, so
+the index is the one a local build gives (vectors within float tolerance: batches differ).
 
-Resume: only committed chunks count. A build killed at any moment and rerun skips the
-committed files and redoes the rest; results that had been embedded but not committed are
-embedded again, never committed twice (a chunk commit is one transaction). A dead worker or
-actor inside a run is Ray's business: tasks are retried and actors restarted.
+Resume: a complete shard (its folder renamed into place, ``done.json`` inside) is never
+embedded again; a shard being written when its worker or the driver died is redone from
+scratch. Shard boundaries depend on the files' paths, not on their position, so a rerun after
+a kill during the merge (some files committed, so fewer to do) still finds the later shards
+under the same names. A dead actor is restarted by Ray and its shard retried.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
+import hashlib
+import json
 import logging
-import math
 import os
 import re
+import shutil
 import sys
 import threading
-import time
-import warnings
+import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from encoders import Modality, PreprocessConfig
+from encoders import Modality
 
-from ._decode import Decoded, DecodedItem, DecodeTask, decode
 from .engine import (
-    TEXT_BUCKET_BATCHES,
-    Batcher,
+    DecodedItem,
     EmbeddedFile,
     EmbeddedItem,
-    EncoderLike,
     FileTask,
     KnownContent,
     needed_modalities,
@@ -56,11 +56,15 @@ from .engine import (
 )
 from .errors import IndexStoreError
 from .fingerprint import checkpoint_identity
-from .pipeline import BuildOptions, BuildSummary, Log, ModelSource, run_build
+from .pipeline import BuildOptions, BuildSummary, LocalEngine, Log, ModelSource, run_build
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'bindsearch[ray]'"
-DECODE_TASK_MEMORY = 512 << 20  # logical memory per decode task: a worker with torch + one part
-MAX_BLOCKS_PER_CPU = 8  # input blocks (decode tasks) per cluster CPU, at most one per file
+SHARDS = "shards"  # INDEX/shards/<name>/: the staged shards of a build in progress
+SHARDS_PER_BUILD = 32  # by default, about this many shards (several per actor) ...
+MAX_SHARD_FILES = 256  # ... of at most this many files on average (a big corpus: more shards)
+PLAN = "plan.json"  # in INDEX/shards/: the files per shard chosen, kept for the reruns
+DONE = "done.json"  # the completion marker, written last inside a shard's temporary folder
+IN_FLIGHT = 2  # shards queued per actor, so that one starts as the other is acknowledged
 
 
 class RayUnavailable(IndexStoreError):
@@ -72,21 +76,23 @@ class RayOptions:
     """Where and how wide the Ray build runs; none of it changes the vectors."""
 
     address: str | None = None  # None: a local Ray instance; "auto"; "ray://head:10001"
-    num_actors: int | None = None  # embedding actors; None: one per GPU, else CPUs // 2
+    num_actors: int | None = None  # embedding actors; None: one per GPU, else by CPUs
     gpus_per_actor: float = 1.0  # when the cluster has GPUs
+    shard_files: int | None = None  # files per shard on average; None: auto_shard_files
 
     def check(self) -> None:
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError(f"--ray-num-actors must be >= 1, got {self.num_actors}")
         if not 0 < self.gpus_per_actor <= 8:
             raise ValueError(f"GPUs per actor must be in (0, 8], got {self.gpus_per_actor}")
+        if self.shard_files is not None and self.shard_files < 1:
+            raise ValueError(f"--shard-files must be >= 1, got {self.shard_files}")
 
 
 def import_ray() -> ModuleType:
-    """``ray`` with Ray Data, or ``RayUnavailable`` saying how to install it."""
+    """``ray``, or ``RayUnavailable`` saying how to install it."""
     try:
         import ray
-        import ray.data  # the extra, not just the core
     except ImportError as e:
         raise RayUnavailable(f"{INSTALL_HINT} ({e})") from None
     return ray
@@ -100,12 +106,13 @@ def build_index_ray(
     ray_options: RayOptions | None = None,
     log: Log | None = None,
 ) -> BuildSummary:
-    """``build_index`` on Ray Data: same index, same ids; rerun to finish an interrupted build.
+    """``build_index`` on Ray: same index, same ids; rerun to finish an interrupted build.
 
     Uses the Ray instance this process is connected to, if any; otherwise connects to
     ``ray_options.address`` (or starts a local instance) for the build and disconnects after
-    (not at all when every file is committed already).
-    Corpus paths and the checkpoint must be readable at the same paths on every node.
+    (not at all when every file is committed or staged already). Corpus paths, the
+    checkpoint and ``out`` must be at the same paths on every node (the workers write their
+    shards into ``out/shards/``).
     """
     ray = import_ray()
     opts = options or BuildOptions()
@@ -117,8 +124,8 @@ def build_index_ray(
 
 # Ray's own lines a build's output leaves out (docs/ray.md, "Output"): the notice that a new
 # local instance uses token authentication (it does, as it should), and the error-level line
-# the driver's C++ core worker writes for each embedding actor because Ray Data keeps actor
-# constructor arguments in the object store (its choice, harmless while the driver holds
+# the driver's C++ core worker writes for each embedding actor because actor constructor
+# arguments (the model) travel through the object store (harmless while the driver holds
 # them). Any other line, ours or Ray's, and the workers' output still get through.
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _KNOWN_NOISE = re.compile(
@@ -194,145 +201,254 @@ def _session(ray: ModuleType, address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-# --- the rows that travel through Ray -----------------------------------------------------------
-#
-# One Arrow schema for every block, so blocks of any file mix concatenate: a header row per file
-# (what part 0 learnt: hash, size, error, how many items) and one row per item. ``None`` travels
-# as "" (strings) or NaN (floats), because a block of all-None would otherwise get a null type.
+# --- the plan -----------------------------------------------------------------------------------
 
 
-def _schema(last: str) -> Any:
-    import pyarrow as pa
+@dataclass(frozen=True)
+class ShardPlan:
+    """A run of contiguous files (scan order) embedded and staged together, and its name."""
 
-    return pa.schema(
-        [
-            ("seq", pa.int64()),
-            ("header", pa.bool_()),
-            ("n_items", pa.int64()),
-            ("sha256", pa.string()),
-            ("size", pa.int64()),
-            ("mtime_ns", pa.int64()),
-            ("error", pa.string()),
-            ("note", pa.string()),
-            ("modality", pa.string()),
-            ("rank_a", pa.int64()),
-            ("rank_b", pa.float64()),
-            ("start_s", pa.float64()),
-            ("end_s", pa.float64()),
-            ("duration_s", pa.float64()),
-            (last, pa.large_binary()),  # "data": the model input as .npy; "vector": float32 bytes
-            *([("model_s", pa.float64())] if last == "vector" else []),
-        ]
-    )
+    name: str
+    tasks: tuple[FileTask, ...]
 
 
-def _nan(x: float | None) -> float:
-    return math.nan if x is None else float(x)
+def auto_shard_files(n_files: int) -> int:
+    """Files per shard for a build of ``n_files``: about ``SHARDS_PER_BUILD`` shards.
 
-
-def _none(x: float) -> float | None:
-    return None if math.isnan(x) else x
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _item_row(seq: int, d: DecodedItem) -> dict[str, Any]:
-    return {
-        "seq": seq,
-        "header": False,
-        "n_items": 0,
-        "sha256": "",
-        "size": 0,
-        "mtime_ns": 0,
-        "error": "",
-        "note": "",
-        "modality": d.modality,
-        "rank_a": int(d.rank[0]),
-        "rank_b": float(d.rank[1]),
-        "start_s": _nan(d.start_s),
-        "end_s": _nan(d.end_s),
-        "duration_s": _nan(d.duration_s),
-        "data": _npy(d.array),
-    }
-
-
-def _header_row(seq: int, first: Decoded | None, n_items: int, error: str | None) -> dict[str, Any]:
-    return {
-        "seq": seq,
-        "header": True,
-        "n_items": n_items,
-        "sha256": (first.sha256 if first else None) or "",
-        "size": first.size if first else 0,
-        "mtime_ns": first.mtime_ns if first else 0,
-        "error": error or "",
-        "note": (first.note if first else None) or "",
-        "modality": "",
-        "rank_a": 0,
-        "rank_b": 0.0,
-        "start_s": math.nan,
-        "end_s": math.nan,
-        "duration_s": math.nan,
-        "data": b"",
-    }
-
-
-def decode_files(
-    batch: Any, cfg: PreprocessConfig, segment_seconds: float, soundtrack: bool
-) -> Iterator[Any]:
-    """The decode task: each file of ``batch`` (columns seq, path, modality) -> its rows.
-
-    A generator: a long video leaves one part (a few segments) at a time, so a task never
-    holds a whole film. The header row comes last; a failed part turns the file's header
-    into an error and the driver drops the items it had already received.
+    A power of two, at most ``MAX_SHARD_FILES``. Chosen once per build and recorded beside
+    the shards, so that a rerun with fewer files to do cuts them the same way.
     """
-    import pyarrow as pa
-    import torch
-
-    torch.set_num_threads(1)  # a task per CPU: the tasks are the parallelism
-    schema = _schema("data")
-    for job in batch.to_pylist():
-        seq = int(job["seq"])
-        task = DecodeTask(seq, job["path"], job["modality"], cfg, segment_seconds, soundtrack)
-        first: Decoded | None = None
-        n_items, error = 0, None
-        todo = [task]
-        while todo and error is None:
-            part = todo.pop(0)
-            res = decode(part)
-            if res.error is not None:
-                error = res.error
-                break
-            if res.part == 0:
-                first = res
-                todo += [
-                    dataclasses.replace(task, part=i + 1, spans=spans, duration=res.duration)
-                    for i, spans in enumerate(res.later)
-                ]
-            rows = []
-            for d in res.items:
-                if d.duration_s is None and d.modality == Modality.VIDEO.value:
-                    d.duration_s = part.duration
-                rows.append(_item_row(seq, d))
-            n_items += len(rows)
-            if rows:
-                yield pa.Table.from_pylist(rows, schema=schema)
-        yield pa.Table.from_pylist([_header_row(seq, first, n_items, error)], schema=schema)
+    target = max(1, n_files // SHARDS_PER_BUILD)
+    return min(MAX_SHARD_FILES, 1 << (target.bit_length() - 1))
 
 
-class Embedder:
-    """The actor: loads the model once, embeds the item rows of each batch with a ``Batcher``.
+def choose_shard_files(staging: Path, n_todo: int, explicit: int | None) -> int:
+    """``explicit`` (--shard-files), else what the build being resumed chose, else automatic.
 
-    Header rows pass through; item rows leave with their vector instead of their input. A
-    batch holds up to ``TEXT_BUCKET_BATCHES`` model batches, so its text is length-bucketed
-    as in the local engine.
+    The choice is recorded in ``staging/plan.json`` for the next rerun.
+    """
+    recorded = staging / PLAN
+    n = explicit
+    if n is None:
+        try:
+            n = int(json.loads(recorded.read_text(encoding="utf-8"))["shard_files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            n = None
+    if n is None or n < 1:
+        n = auto_shard_files(n_todo)
+    tmp = staging / f".{PLAN}.tmp"
+    tmp.write_text(json.dumps({"shard_files": n}), encoding="utf-8")
+    os.replace(tmp, recorded)
+    return n
+
+
+def plan_shards(todo: Sequence[FileTask], shard_files: int, salt: str) -> list[ShardPlan]:
+    """``todo`` (scan order) cut into shards of about ``shard_files`` files.
+
+    A shard ends before a file whose path hashes to 0 modulo ``shard_files`` (or at twice
+    that many files), so boundaries follow the paths: a rerun that has fewer files to do
+    (a committed prefix) cuts the rest where the first run did. A shard's name is the hash of
+    ``salt`` (the model and settings) and its files' paths, modalities, sizes and mtimes.
+    """
+    plans: list[ShardPlan] = []
+    run: list[FileTask] = []
+    for t in todo:
+        cut = int.from_bytes(hashlib.sha256(os.fsencode(t.path)).digest()[:8], "big")
+        if run and (cut % shard_files == 0 or len(run) >= 2 * shard_files):
+            plans.append(_plan(run, salt))
+            run = []
+        run.append(t)
+    if run:
+        plans.append(_plan(run, salt))
+    return plans
+
+
+def _plan(tasks: list[FileTask], salt: str) -> ShardPlan:
+    h = hashlib.sha256(salt.encode())
+    for t in tasks:
+        try:
+            st = os.stat(t.path, follow_symlinks=False)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except (OSError, ValueError):
+            stamp = "-"  # the worker records why it cannot be read
+        h.update(os.fsencode(t.path) + b"\0" + f"{t.modality.value}:{stamp}".encode() + b"\0")
+    return ShardPlan(h.hexdigest()[:24], tuple(tasks))
+
+
+# --- a shard on disk ----------------------------------------------------------------------------
+#
+#   <name>/items.npy     (n, D) float32, the unit vectors of the shard's items, in file order
+#   <name>/items.jsonl   one row per vector: path, start, end (``index import``'s layout), and
+#                        file (its row in files.jsonl), modality, duration, rank
+#   <name>/files.jsonl   one row per file of the plan, in order: path, modality, sha256, size,
+#                        mtime_ns, error (rejected), note, skipped (a duplicate), items
+#   <name>/done.json     name, files, items, dim: written last; the folder is renamed into place
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None else float(x)
+
+
+def write_shard(staging: Path, plan: ShardPlan, engine: LocalEngine, dim: int) -> dict[str, Any]:
+    """Embed ``plan``'s files with ``engine`` and stage them as ``staging/<name>/``.
+
+    Returns the acknowledgement the driver gets: counts and times, no vectors. A shard that
+    another attempt completed meanwhile is kept and this one dropped.
+    """
+    final = staging / plan.name
+    tmp = staging / f".{plan.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir(parents=True)
+    model_s, wait_s = engine.model_s, engine.decode_wait_s
+    vectors: list[np.ndarray] = []
+    try:
+        with (
+            open(tmp / "files.jsonl", "w", encoding="utf-8") as files,
+            open(tmp / "items.jsonl", "w", encoding="utf-8") as items,
+        ):
+            got = {f.seq: f for f in engine.run(plan.tasks)}
+            for k, t in enumerate(plan.tasks):
+                f = got.get(t.seq)
+                if f is None:
+                    raise IndexStoreError(f"internal: the local engine returned no {t.path}")
+                live = (
+                    [] if f.error is not None or f.skipped else [i for i in f.items if not i.dead]
+                )
+                for it in live:
+                    d = it.decoded
+                    if it.vector is None:
+                        raise IndexStoreError(f"internal: {t.path} has an item without a vector")
+                    row = {
+                        "path": t.path,
+                        "start": _num(d.start_s),
+                        "end": _num(d.end_s),
+                        "file": k,
+                        "modality": d.modality,
+                        "duration": _num(d.duration_s),
+                        "rank": [int(d.rank[0]), float(d.rank[1])],
+                    }
+                    items.write(json.dumps(row) + "\n")
+                    vectors.append(it.vector)
+                row = {
+                    "path": t.path,
+                    "modality": t.modality.value,
+                    "sha256": f.sha256,
+                    "size": f.size,
+                    "mtime_ns": f.mtime_ns,
+                    "error": f.error,
+                    "note": f.note,
+                    "skipped": f.skipped,
+                    "items": len(live),
+                }
+                files.write(json.dumps(row) + "\n")
+        arr = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
+        np.save(tmp / "items.npy", arr, allow_pickle=False)
+        done = {"name": plan.name, "files": len(plan.tasks), "items": len(arr), "dim": dim}
+        (tmp / DONE).write_text(json.dumps(done), encoding="utf-8")
+        for p in tmp.iterdir():
+            _fsync(p)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / DONE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another attempt finished it first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "name": plan.name,
+        "files": len(plan.tasks),
+        "items": len(vectors),
+        "model_s": engine.model_s - model_s,
+        "decode_wait_s": engine.decode_wait_s - wait_s,
+    }
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def shard_complete(staging: Path, name: str) -> bool:
+    """Whether ``staging/<name>`` is a complete shard (renamed into place, marker inside)."""
+    return (staging / name / DONE).is_file()
+
+
+def read_shard(staging: Path, plan: ShardPlan, dim: int) -> Iterator[EmbeddedFile]:
+    """The files of a complete shard, in plan order, as the writer takes them.
+
+    Reads the shard's metadata (one shard's worth) and memory-maps its vectors: each file's
+    vectors are copied out as it is handed on, so the mapped pages can be dropped.
+    """
+    folder = staging / plan.name
+    where = f"the staged shard {folder}"
+    try:
+        done = json.loads((folder / DONE).read_text(encoding="utf-8"))
+        with open(folder / "files.jsonl", encoding="utf-8") as fh:
+            file_rows = [json.loads(line) for line in fh]
+        with open(folder / "items.jsonl", encoding="utf-8") as fh:
+            item_rows = [json.loads(line) for line in fh]
+        vectors = np.load(folder / "items.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IndexStoreError(f"{where} is unreadable ({e}): delete it and rerun") from None
+    paths = [str(r["path"]) for r in file_rows]
+    if (
+        done.get("name") != plan.name
+        or paths != [t.path for t in plan.tasks]
+        or len(item_rows) != len(vectors)
+        or vectors.ndim != 2
+        or (len(vectors) and vectors.shape[1] != dim)
+    ):
+        raise IndexStoreError(f"{where} does not match its plan: delete it and rerun")
+    by_file: list[list[int]] = [[] for _ in file_rows]
+    for i, r in enumerate(item_rows):
+        by_file[int(r["file"])].append(i)
+    for t, r, rows in zip(plan.tasks, file_rows, by_file, strict=True):
+        if r["error"] is not None:
+            yield EmbeddedFile(t.seq, error=str(r["error"]))
+            continue
+        f = EmbeddedFile(
+            t.seq,
+            sha256=r["sha256"],
+            size=r["size"],
+            mtime_ns=r["mtime_ns"],
+            note=r["note"],
+            skipped=bool(r["skipped"]),
+        )
+        for i in rows:
+            ir = item_rows[i]
+            d = DecodedItem(
+                str(ir["modality"]),
+                np.empty(0, np.float32),
+                ir["start"],
+                ir["end"],
+                ir["duration"],
+                (int(ir["rank"][0]), float(ir["rank"][1])),
+            )
+            f.items.append(EmbeddedItem(d, np.array(vectors[i], dtype=np.float32)))
+        yield f
+
+
+# --- the workers --------------------------------------------------------------------------------
+
+
+class ShardWorker:
+    """The actor (``ray.remote`` at run time): loads the model once, embeds and stages shards.
+
+    Each shard runs through the local engine (``pipeline.LocalEngine``: decode processes when
+    ``options.workers`` > 0, the shared Batcher), so an actor embeds exactly as a local build.
     """
 
     def __init__(
-        self, model: ModelSource, needed: list[str], device: str, threads: int, batch_size: int
+        self,
+        model: ModelSource,
+        needed: list[str],
+        device: str,
+        threads: int,
+        options: BuildOptions,
     ) -> None:
         import torch
 
@@ -347,56 +463,23 @@ class Embedder:
                 )
         if device != model.device:
             model = dataclasses.replace(model, device=device)
-        self.encoder: EncoderLike = model.load({Modality.parse(m) for m in needed})
-        self.batch_size = batch_size
+        encoder = model.load({Modality.parse(m) for m in needed})
+        model = dataclasses.replace(model, encoder=encoder)  # type: ignore[arg-type]
+        self.dim = model.config.embed_dim
+        self.engine = LocalEngine(model, options, keep_workers=True)
 
-    def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
-        rows = batch.drop_columns(["data"]).to_pylist()
-        data = batch.column("data")
-        batcher = Batcher(lambda: self.encoder, self.batch_size)
-        items: list[tuple[int, EmbeddedItem]] = []
-        for i, r in enumerate(rows):
-            if not r["header"]:
-                x = np.load(io.BytesIO(data[i].as_py()), allow_pickle=False)
-                item = EmbeddedItem(DecodedItem(r["modality"], x))
-                items.append((i, item))
-                batcher.add(item)
-        batcher.flush()
-        vectors: list[bytes] = [b""] * len(rows)
-        for i, item in items:
-            if item.vector is None:
-                raise IndexStoreError("internal: the batcher left an item without a vector")
-            vectors[i] = item.vector.tobytes()
-        for i, r in enumerate(rows):
-            r["vector"] = vectors[i]
-            r["model_s"] = batcher.model_s if i == 0 else 0.0
-        return pa.Table.from_pylist(rows, schema=_schema("vector"))
+    def build(self, staging: str, plan: ShardPlan) -> dict[str, Any]:
+        return write_shard(Path(staging), plan, self.engine, self.dim)
 
 
 # --- the driver ---------------------------------------------------------------------------------
 
 
-@dataclass
-class _Pending:
-    """One file between its submission and its result: the rows seen so far."""
-
-    header: dict[str, Any] | None = None
-    items: dict[tuple[str, int, float], EmbeddedItem] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        if self.header is None:
-            return False
-        return bool(self.header["error"]) or len(self.items) == self.header["n_items"]
-
-
 class RayEngine:
-    """The ``Engine`` on Ray Data: decode tasks and embedding actors across a cluster.
+    """The ``StagingEngine`` on Ray: actors embed and stage shards; ``run`` reads them back.
 
-    Files come back as the cluster finishes them; every file is embedded (duplicates are
-    known only to the writer, after the fact). ``known`` is not asked.
+    Every file is embedded (duplicates across shards are known only to the writer, after the
+    fact); ``known`` is not asked.
     """
 
     def __init__(
@@ -411,154 +494,150 @@ class RayEngine:
         self.log = log
         self.model_s = 0.0
         self.decode_wait_s = 0.0
+        self.shards_built = 0
+        self.shards_reused = 0
+        self.staging: Path | None = None
+        self._model_ref: Any = None
+
+    def stage_in(self, index_dir: Path) -> None:
+        self.staging = Path(index_dir) / SHARDS
+
+    def committed(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def run(
         self, todo: Sequence[FileTask], known: KnownContent = nothing_known
     ) -> Iterator[EmbeddedFile]:
         if not todo:
             return
-        pending = {t.seq: _Pending() for t in todo}
-        jobs = [{"seq": t.seq, "path": t.path, "modality": t.modality.value} for t in todo]
+        if self.staging is None:
+            raise IndexStoreError("internal: the Ray engine runs only inside a build (stage_in)")
+        staging = self.staging
+        salt = json.dumps(
+            [self.model.fingerprint(), self.opts.settings(), self.model.config.embed_dim],
+            sort_keys=True,
+        )
+        staging.mkdir(parents=True, exist_ok=True)
+        per_shard = choose_shard_files(staging, len(todo), self.ropts.shard_files)
+        plans = plan_shards(todo, per_shard, salt)
+        _clear_other(staging, {p.name for p in plans} | {PLAN})
+        done = {p.name for p in plans if shard_complete(staging, p.name)}
+        self.shards_reused = len(done)
+        missing = [p for p in plans if p.name not in done]
+        merged = 0
+        dim = self.model.config.embed_dim
+
+        def merge() -> Iterator[EmbeddedFile]:
+            nonlocal merged
+            while merged < len(plans) and plans[merged].name in done:
+                yield from read_shard(staging, plans[merged], dim)
+                merged += 1
+
+        if not missing:
+            yield from merge()
+            return
         try:
-            for table in self._results(jobs, todo):
-                yield from self._take(pending, table)
+            with _session(self.ray, self.ropts.address):  # only when there is work for it
+                yield from self._embed(todo, plans, missing, done, merge)
         except self.ray.exceptions.RayError as e:
             # Ray's text is a remote traceback: keep its last line, the actual error.
             last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1:] or [repr(e)]
             raise IndexStoreError(f"the Ray build failed: {last[0].strip()}") from e
-        if pending:
-            path = next(t.path for t in todo if t.seq in pending)
-            raise IndexStoreError(f"internal: Ray returned no complete result for {path}")
+        if merged != len(plans):
+            raise IndexStoreError(f"internal: shard {plans[merged].name} was never staged")
 
-    def _results(self, jobs: list[dict[str, Any]], todo: Sequence[FileTask]) -> Iterator[Any]:
-        with _session(self.ray, self.ropts.address):  # only when there is work for the cluster
-            yield from self._run_dataset(jobs, todo)
+    def _embed(
+        self,
+        todo: Sequence[FileTask],
+        plans: list[ShardPlan],
+        missing: list[ShardPlan],
+        done: set[str],
+        merge: Any,
+    ) -> Iterator[EmbeddedFile]:
+        ray = self.ray
+        actors: list[Any] = []
+        queue = deque(missing)
+        inflight: dict[Any, tuple[Any, ShardPlan]] = {}
+        staging = str(self.staging)
 
-    def _run_dataset(self, jobs: list[dict[str, Any]], todo: Sequence[FileTask]) -> Iterator[Any]:
+        def submit(actor: Any) -> None:
+            plan = queue.popleft()
+            inflight[actor.build.remote(staging, plan)] = (actor, plan)
+
+        try:
+            with _stderr_without(_KNOWN_NOISE):  # Ray's line about each actor, as it starts
+                actors = self._start_actors(todo, plans, len(missing))
+                for _ in range(IN_FLIGHT):
+                    for a in actors:
+                        if queue:
+                            submit(a)
+                yield from merge()
+                while inflight:
+                    ready, _ = ray.wait(list(inflight), num_returns=1)
+                    for ref in ready:
+                        actor, plan = inflight.pop(ref)
+                        ack = ray.get(ref)  # a few numbers: the vectors are in the shard
+                        if ack["name"] != plan.name:
+                            raise IndexStoreError(
+                                f"internal: shard {plan.name} came back as {ack['name']}"
+                            )
+                        self.model_s += float(ack["model_s"])
+                        self.decode_wait_s += float(ack["decode_wait_s"])
+                        self.shards_built += 1
+                        done.add(plan.name)
+                        if queue:
+                            submit(actor)
+                    yield from merge()
+        finally:
+            for a in actors:
+                ray.kill(a)
+            self._model_ref = None
+
+    def _start_actors(
+        self, todo: Sequence[FileTask], plans: list[ShardPlan], n_missing: int
+    ) -> list[Any]:
         ray = self.ray
         resources = ray.cluster_resources()
-        cpus = max(1, int(resources.get("CPU", 1)))
+        cpus = max(1.0, float(resources.get("CPU", 1)))
         gpus = int(resources.get("GPU", 0))
+        # An actor runs the local engine: its decode processes and the model's thread.
+        want_cpus = 1.0 + self.opts.workers
         if gpus:
-            actors = self.ropts.num_actors or max(1, int(gpus / self.ropts.gpus_per_actor))
+            n = self.ropts.num_actors or max(1, int(gpus / self.ropts.gpus_per_actor))
             device = "cuda"
-            per_actor = {"num_cpus": 1, "num_gpus": self.ropts.gpus_per_actor}
         else:
             if self.model.device.startswith("cuda"):
                 raise IndexStoreError(
                     f"--device {self.model.device}, but the Ray cluster has no GPUs "
-                    f"(resources: {cpus} CPUs): use --device cpu or add GPU nodes"
+                    f"(resources: {int(cpus)} CPUs): use --device cpu or add GPU nodes"
                 )
-            # Half the CPUs embed, half decode (decoding a file costs about one model call).
-            actors = self.ropts.num_actors or max(1, cpus // 2)
+            n = self.ropts.num_actors or max(1, int(cpus // want_cpus))
             device = self.model.device
-            per_actor = {"num_cpus": 1}
-        needed = sorted(needed_modalities(todo, self.opts.soundtrack))
+        n = min(n, n_missing)
+        per_actor: dict[str, Any] = {"num_cpus": min(want_cpus, cpus / n)}  # all n must fit
+        if gpus:
+            per_actor["num_gpus"] = self.ropts.gpus_per_actor
         if self.log is not None:
             self.log(
-                f"ray: {len(jobs)} files, {actors} embedding actors on "
-                f"{'GPU' if gpus else 'CPU'} ({cpus} CPUs, {gpus} GPUs in the cluster)"
+                f"ray: {len(todo)} files in {len(plans)} shards ({n_missing} to embed), "
+                f"{n} embedding actors on {'GPU' if gpus else 'CPU'} "
+                f"({int(cpus)} CPUs, {gpus} GPUs in the cluster)"
             )
-        ctx = _data_context()
-        ds = ray.data.from_items(
-            jobs, override_num_blocks=min(len(jobs), MAX_BLOCKS_PER_CPU * cpus)
-        )
-        ds = ds.map_batches(
-            decode_files,
-            batch_size=1,
-            batch_format="pyarrow",
-            zero_copy_batch=True,
-            fn_kwargs={
-                "cfg": self.model.config.preprocess,
-                "segment_seconds": self.opts.segment_seconds,
-                "soundtrack": self.opts.soundtrack,
-            },
-            num_cpus=1,
-            # A task holds one part of a file (a few video segments). Asking for memory also
-            # keeps the decode tasks apart from the actors: Ray Data would otherwise fuse
-            # decoding into the actors, and the model would wait for every file.
-            memory=DECODE_TASK_MEMORY,
-        )
-        ds = ds.map_batches(
-            Embedder,
-            # Room for text's length buckets; the Batcher cuts model batches of batch_size.
-            batch_size=self.opts.batch_size * TEXT_BUCKET_BATCHES,
-            batch_format="pyarrow",
-            fn_constructor_args=(self._shippable_model(), needed, device, 1, self.opts.batch_size),
-            # Ray Data's actors restart (and their tasks are retried) when a worker dies.
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            **per_actor,
-        )
-        old = ctx.enable_progress_bars
-        ctx.enable_progress_bars = False  # one bar: ours, per file
-        logger = logging.getLogger("ray.data")
-        level = logger.level
-        logger.setLevel(logging.WARNING)  # Ray Data's progress reports, every few seconds
-        try:
-            with _stderr_without(_KNOWN_NOISE):  # the actors start in the first batch
-                wait = time.perf_counter()
-                for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    self.decode_wait_s += time.perf_counter() - wait
-                    yield table
-                    wait = time.perf_counter()
-        finally:
-            ctx.enable_progress_bars = old
-            logger.setLevel(level)
+        needed = sorted(m.value for m in needed_modalities(todo, self.opts.soundtrack))
+        _ = self.model.identity  # hash the checkpoint here, once, not in every actor
+        # The model (an encoder object, in tests) goes into the object store once; the driver
+        # holds the reference for the whole build, as a restarted actor reads it again.
+        self._model_ref = ray.put(self.model)
+        worker = ray.remote(ShardWorker).options(max_restarts=-1, max_task_retries=-1, **per_actor)
+        return [worker.remote(self._model_ref, needed, device, 1, self.opts) for _ in range(n)]
 
-    def _shippable_model(self) -> ModelSource:
-        # Resolve the identity here (hashing the checkpoint once), not in every actor.
-        _ = self.model.identity
-        return self.model
 
-    def _take(self, pending: dict[int, _Pending], table: Any) -> Iterator[EmbeddedFile]:
-        """The rows of one output block; every file they complete, as an ``EmbeddedFile``."""
-        for r in table.to_pylist():
-            seq = int(r["seq"])
-            self.model_s += float(r["model_s"])
-            p = pending.get(seq)
-            if p is None:
-                continue  # a retried task's copy of a file already handed on
-            if r["header"]:
-                p.header = r
+def _clear_other(staging: Path, keep: set[str]) -> None:
+    """Remove what a killed run left in ``staging`` that this plan will not read."""
+    for p in staging.iterdir():
+        if p.name not in keep:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
             else:
-                key = (str(r["modality"]), int(r["rank_a"]), float(r["rank_b"]))
-                # A retried task may deliver an item again: the first copy stands.
-                if key not in p.items:
-                    d = DecodedItem(
-                        key[0],
-                        np.empty(0),
-                        _none(r["start_s"]),
-                        _none(r["end_s"]),
-                        _none(r["duration_s"]),
-                        (key[1], key[2]),
-                    )
-                    vec = np.frombuffer(r["vector"], dtype=np.float32).copy()
-                    p.items[key] = EmbeddedItem(d, vec)
-            if p.complete:
-                del pending[seq]
-                yield _embedded_file(seq, p)
-
-
-def _embedded_file(seq: int, p: _Pending) -> EmbeddedFile:
-    h = p.header
-    if h is None:
-        raise IndexStoreError(f"internal: file #{seq} has no header row")
-    if h["error"]:
-        return EmbeddedFile(seq, error=str(h["error"]))
-    return EmbeddedFile(
-        seq,
-        sha256=h["sha256"] or None,
-        size=int(h["size"]),
-        mtime_ns=int(h["mtime_ns"]),
-        items=list(p.items.values()),
-        note=h["note"] or None,
-    )
-
-
-def _data_context() -> Any:
-    from ray.data import DataContext
-
-    # Creating the context trips Ray's own deprecation warnings about its defaults.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return DataContext.get_current()
+                p.unlink(missing_ok=True)

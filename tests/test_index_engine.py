@@ -1,19 +1,17 @@
 """The build's engine contract (``index.engine``): engines return files in any order and one
 writer gives the same index; text batches are length-bucketed on both engines (the local one
-and the Ray actor's code, run here without Ray); the Ray engine imports no private name."""
+and the Ray actor's shard, run here without Ray); the Ray engine imports no private name."""
 
 from __future__ import annotations
 
 import ast
-import io
+import dataclasses
 import random
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -28,8 +26,16 @@ from index.engine import (
     KnownContent,
     nothing_known,
 )
+from index.importer import import_embeddings
 from index.pipeline import LocalEngine, run_build
-from index.ray_engine import Embedder, decode_files
+from index.ray_engine import (
+    auto_shard_files,
+    choose_shard_files,
+    plan_shards,
+    read_shard,
+    shard_complete,
+    write_shard,
+)
 
 from .test_index_media import mixed_corpus
 
@@ -91,31 +97,54 @@ def test_local_engine_buckets_text_batches(encoder: Encoder, tmp_path: Path) -> 
     assert rec.batches[0][0] < rec.batches[3][-1]
 
 
-def test_ray_embedding_actor_buckets_text_batches(encoder: Encoder, tmp_path: Path) -> None:
-    """The actor Ray Data runs, on the rows its decode tasks give (no cluster needed)."""
+def test_a_ray_shard_is_embedded_as_locally_and_staged_for_import(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    """The Ray actor's work on one shard (no cluster needed): the local engine's batches, a
+    shard in ``index import``'s layout, read back by the driver with each text's vector."""
     corpus = text_corpus(tmp_path / "corpus")
-    jobs = pa.Table.from_pylist(
-        [
-            {"seq": i, "path": str(p), "modality": "text"}
-            for i, p in enumerate(sorted(corpus.iterdir()))
-        ]
-    )
-    rows = pa.concat_tables(list(decode_files(jobs, CONFIG.preprocess, 10.0, True)))
+    paths = sorted(corpus.iterdir())
+    todo = [FileTask(i, str(p), Modality.TEXT) for i, p in enumerate(paths)]
+    (plan,) = plan_shards(todo, 64, "salt")
     rec = LengthRecorder(encoder)
     source = ModelSource(CONFIG, None, encoder=rec)  # type: ignore[arg-type]
-    actor = Embedder(source, ["text"], "cpu", 1, batch_size=2)
-    # One actor call holds up to batch_size * TEXT_BUCKET_BATCHES item rows (plus headers).
-    first = rows.filter(pc.invert(rows.column("header"))).slice(0, 8)
-    arrival = [int(np.load(io.BytesIO(b)).argmax()) for b in first.column("data").to_pylist()]
-    assert arrival != sorted(arrival)  # long and short captions alternate
-    out = actor(first)
-    assert_bucketed(rec.batches, 2, 8)
-    assert sorted(n for b in rec.batches for n in b) == sorted(arrival)
-    # Each row leaves with its own text's vector, whatever batch it was embedded in.
-    texts = [Path(str(p)).read_text(encoding="utf-8") for p in sorted(corpus.iterdir())][:8]
-    want = encoder.embed_items("text", texts)
-    got = np.stack([np.frombuffer(v, np.float32) for v in out.column("vector").to_pylist()])
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    staging = tmp_path / "shards"
+    ack = write_shard(staging, plan, LocalEngine(source, BuildOptions(batch_size=2)), 16)
+    assert ack["name"] == plan.name and (ack["files"], ack["items"]) == (12, 12)
+    assert set(ack) == {"name", "files", "items", "model_s", "decode_wait_s"}  # no vectors
+    assert_bucketed(rec.batches, 2, 12)
+    assert shard_complete(staging, plan.name)
+    assert [p.name for p in staging.iterdir()] == [plan.name]  # no temporary folder left
+    files = list(read_shard(staging, plan, CONFIG.embed_dim))
+    assert [f.seq for f in files] == list(range(12))
+    texts = [p.read_text(encoding="utf-8") for p in paths]
+    got = np.stack([f.items[0].vector for f in files if f.items[0].vector is not None])
+    np.testing.assert_allclose(got, encoder.embed_items("text", texts), atol=1e-6)
+    # The staged shard is an embeddings folder `index import` reads (items.npy + items.jsonl).
+    s = import_embeddings(staging / plan.name, tmp_path / "imported", "text", dim=16)
+    assert s.embedded_items == 12 and s.items_by_modality == {"text": 12}
+
+
+def test_shard_boundaries_follow_the_paths_not_the_positions() -> None:
+    """A rerun with a committed prefix (fewer files to do) plans the later shards as before."""
+    todo = [FileTask(i, f"/corpus/f{i:04d}.txt", Modality.TEXT) for i in range(400)]
+    plans = plan_shards(todo, 8, "salt")
+    assert [t for p in plans for t in p.tasks] == todo  # contiguous, in scan order, all of them
+    assert len(plans) > 20 and max(len(p.tasks) for p in plans) <= 16
+    assert len({p.name for p in plans}) == len(plans)
+    later = plan_shards([dataclasses.replace(t, seq=t.seq - 37) for t in todo[37:]], 8, "salt")
+    names = {p.name for p in plans}
+    assert sum(p.name in names for p in later) >= len(later) - 2  # the cut shard, maybe one more
+    assert plan_shards(todo, 8, "another model")[0].name != plans[0].name
+
+
+def test_the_files_per_shard_are_chosen_once_per_build(tmp_path: Path) -> None:
+    assert [auto_shard_files(n) for n in (1, 40, 128, 1000, 10**7)] == [1, 1, 4, 16, 256]
+    assert choose_shard_files(tmp_path, 1000, None) == 16
+    # A rerun has fewer files to do (a committed prefix): it keeps the first run's choice.
+    assert choose_shard_files(tmp_path, 100, None) == 16
+    assert choose_shard_files(tmp_path, 100, 5) == 5  # --shard-files wins, and is recorded
+    assert choose_shard_files(tmp_path, 100, None) == 5
 
 
 # --- any order, one writer ---------------------------------------------------------------------
