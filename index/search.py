@@ -130,6 +130,21 @@ def top_k(
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids_, order, axis=1)
 
 
+@dataclass(frozen=True)
+class ModalitySearch:
+    """One target modality's part of a search: the top ``k`` of its items (among ``allowed``)."""
+
+    modality: Modality
+    k: int
+    allowed: np.ndarray | None = None  # ascending ids a tag filter leaves (all held); None: all
+
+
+# (nq, D) unit queries and a search plan -> per planned modality, (nq, k') scores and ids, best
+# first (k' <= k; an id of -1 is no result). ``IndexSearcher.run_search`` runs the plan here;
+# the sharded service runs it on its shards and joins their lists (``index.shard``).
+RunSearch = Callable[[np.ndarray, Sequence[ModalitySearch]], list[tuple[np.ndarray, np.ndarray]]]
+
+
 @dataclass
 class _ModalityIndex:
     index: faiss.Index
@@ -251,6 +266,7 @@ class IndexSearcher:
         | Modality
         | str
         | None = None,
+        run: RunSearch | None = None,
     ) -> list[list[Hit]]:
         """Top-``k`` items per query row over the ``targets`` modalities (default: all).
 
@@ -266,6 +282,9 @@ class IndexSearcher:
                 term modalities with their weights ({"text": 0.7, "vision": 0.3}); the
                 calibration of those (query, target) pairs is applied. None: all measured
                 query modalities, equally weighted.
+            run: who runs the per-modality vector searches (``RunSearch``); default: this
+                process (``run_search``). The sharded service passes its shards' fan-out, so
+                the plan, the metadata and the merge stay this one code path.
         Returns: per query, up to ``k`` hits (``per_modality``: ``k`` per target modality),
             each with its cosine ``score`` and calibrated ``relevance``.
         """
@@ -280,11 +299,12 @@ class IndexSearcher:
             known=sorted({qm for qm, _ in calibration.pairs}) if calibration else (),
         )
         chosen = self.modalities if targets is None else [Modality.parse(t) for t in targets]
-        scored: list[tuple[np.ndarray, np.ndarray, Modality]] = []
+        plan: list[ModalitySearch] = []
         for m in dict.fromkeys(chosen):
             mi = self._indexes.get(m)
             if mi is None or mi.index.ntotal == 0:
                 continue
+            allowed = None
             if tags:
                 with self._lock:
                     allowed = self._store.tagged_ids(m.value, tags)
@@ -292,16 +312,9 @@ class IndexSearcher:
                 allowed = allowed[np.isin(allowed, mi.ids, assume_unique=True)]
                 if not len(allowed):
                     continue
-                dist, ids = mi.search_among(q, k, allowed, self._gather)
-            else:
-                # Tombstoned ids (HNSW cannot remove) are fetched and dropped: over-fetch by them.
-                kk = min(k + len(mi.tombstones), int(mi.index.ntotal))
-                dist, ids = mi.search(q, kk)
-                if len(mi.tombstones):
-                    dead = np.isin(ids, mi.tombstones)
-                    ids = np.where(dead, -1, ids)
-                    dist = np.where(dead, -np.inf, dist)
-            scored.append((dist, ids, m))
+            plan.append(ModalitySearch(m, k, allowed))
+        found_lists = (run or self.run_search)(q, plan) if plan else []
+        scored = [(d, i, ms.modality) for ms, (d, i) in zip(plan, found_lists, strict=True)]
         if not scored:
             return [[] for _ in range(len(q))]
         cols = ["id", "path", "start_s", "end_s", "caption", "tags"]
@@ -323,6 +336,26 @@ class IndexSearcher:
                     for h in ranked
                 ]
             )
+        return out
+
+    def run_search(
+        self, q: np.ndarray, plan: Sequence[ModalitySearch]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The ``RunSearch`` of this process: each planned modality on its loaded index."""
+        out = []
+        for ms in plan:
+            mi = self._indexes[ms.modality]
+            if ms.allowed is not None:
+                out.append(mi.search_among(q, ms.k, ms.allowed, self._gather))
+                continue
+            # Tombstoned ids (HNSW cannot remove) are fetched and dropped: over-fetch by them.
+            kk = min(ms.k + len(mi.tombstones), int(mi.index.ntotal))
+            dist, ids = mi.search(q, kk)
+            if len(mi.tombstones):
+                dead = np.isin(ids, mi.tombstones)
+                ids = np.where(dead, -1, ids)
+                dist = np.where(dead, -np.inf, dist)
+            out.append((dist, ids))
         return out
 
     def item_ids(self, modality: Modality | str) -> np.ndarray:
