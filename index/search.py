@@ -215,6 +215,7 @@ class IndexSearcher:
         self._store = store
         self._lock = threading.Lock()
         self._indexes = indexes
+        self.holds_vectors = True  # False: opened with vectors=False (a sharded router)
 
     @property
     def dim(self) -> int:
@@ -302,7 +303,7 @@ class IndexSearcher:
         plan: list[ModalitySearch] = []
         for m in dict.fromkeys(chosen):
             mi = self._indexes.get(m)
-            if mi is None or mi.index.ntotal == 0:
+            if mi is None or not len(mi.ids):
                 continue
             allowed = None
             if tags:
@@ -342,6 +343,11 @@ class IndexSearcher:
         self, q: np.ndarray, plan: Sequence[ModalitySearch]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The ``RunSearch`` of this process: each planned modality on its loaded index."""
+        if not self.holds_vectors:
+            raise RuntimeError(
+                "this searcher was opened without its vectors (open_index(vectors=False)): "
+                "search it with run= (the shards' search)"
+            )
         out = []
         for ms in plan:
             mi = self._indexes[ms.modality]
@@ -456,6 +462,7 @@ def open_index(
     gpu: bool | None = None,
     snapshot: bool = False,
     device: str | None = None,
+    vectors: bool = True,
 ) -> IndexSearcher:
     """Load an index for searching; checks its files and that vector ids and metadata agree.
 
@@ -474,6 +481,9 @@ def open_index(
             and faiss-gpu is absent (unless ``gpu=False``), else none.
         snapshot: search a private copy of the database (``IndexStore.open_snapshot``), so
             that later changes to the index on disk never reach this searcher (the service).
+        vectors: False loads no FAISS file, only each modality's live ids: metadata, items
+            and search plans, with the vector search run elsewhere (``search(run=...)``, the
+            sharded service's router, whose shards hold the vectors).
     """
     root = Path(path)
     manifest = read_manifest(root)
@@ -490,7 +500,10 @@ def open_index(
     try:
         scan_device = device if device is not None else default_scan_device(gpu)
         use_gpu = gpu_available() if gpu is None else gpu
-        indexes = _load_indexes(root, manifest, store, use_gpu, scan_device)
+        if vectors:
+            indexes = _load_indexes(root, manifest, store, use_gpu, scan_device)
+        else:
+            indexes = _load_ids(root, manifest, store)
     except sqlite3.Error:
         store.close()
         raise unreadable from None
@@ -498,6 +511,7 @@ def open_index(
         store.close()
         raise
     searcher = IndexSearcher(root, manifest, store, indexes)
+    searcher.holds_vectors = vectors
     for mi in indexes.values():
         if mi.ondisk is not None:
             mi.ondisk.gather = searcher._gather  # re-ranking reads the store under its lock
@@ -546,6 +560,27 @@ def _load_indexes(
         out[m] = _ModalityIndex(index, entry.spec, np.sort(present), tombstones, scan, on_gpu)
         if device is not None and not on_gpu and TorchScan.supports(index):
             out[m].device_scan = TorchScan(index, device, present)
+    return out
+
+
+def _load_ids(
+    root: Path, manifest: IndexManifest, store: IndexStore
+) -> dict[Modality, _ModalityIndex]:
+    """Each modality's live ids, no vectors: an empty placeholder index stands for its FAISS
+    file (``open_index(vectors=False)``)."""
+    if store.generation != manifest.generation:
+        raise IndexIncomplete(
+            f"the index at {root} changed after its manifest was written (an update was "
+            "interrupted): rerun the command that was interrupted (build, add, remove or sync)"
+        )
+    store.check_files(manifest)  # stored vectors are read from the chunks (search by item id)
+    out: dict[Modality, _ModalityIndex] = {}
+    for name, entry in manifest.modalities.items():
+        placeholder = faiss.IndexIDMap2(faiss.IndexFlatIP(manifest.dim))
+        live = store.live_ids(name)
+        out[Modality.parse(name)] = _ModalityIndex(
+            placeholder, entry.spec, np.sort(live), np.zeros(0, np.int64)
+        )
     return out
 
 

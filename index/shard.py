@@ -71,6 +71,7 @@ class IndexShard:
                     f"the index at {root} changed after its manifest was written (an update "
                     "is running or was interrupted): serve it once the update is done"
                 )
+            store.check_files(manifest)  # a damaged chunk is refused in one line (IndexCorrupt)
             parts = {}
             for name in manifest.modalities:
                 live = store.live_ids(name)

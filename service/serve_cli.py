@@ -262,7 +262,7 @@ def _open_for_shards(index: Path) -> IndexSearcher:
             f"no index at {index}: --engine ray serves a built index (it does not wait for one); "
             f"build it with `bindsearch index build CORPUS -o {index}`"
         )
-    return open_index(index, snapshot=True)
+    return open_index(index, snapshot=True, vectors=False)  # the shards hold the vectors
 
 
 def uses_demo_defaults(settings: ServiceSettings) -> bool:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,12 @@ import pytest
 from typer.testing import CliRunner
 
 from bindsearch.cli import app as cli_app
+from encoders.config import resolve_config
+from index import BuildOptions, ModelSource, build_index
 
 from .test_index_media import audio, image
-from .test_service_e2e import KEY, Server, _Proc, _start, _stop
-from .test_service_live_index import build, until
+from .test_service_e2e import CONFIG, KEY, REPO, Server, _start, _stop
+from .test_service_live_index import until
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ENV = {"BINDSEARCH_API_KEY": KEY, "BINDSEARCH_TORCH_THREADS": "1"}
@@ -66,7 +70,8 @@ def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = root / "corpus.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path_factory.mktemp("ray-index") / "idx"
-    build(manifest, out)
+    # in this process (seeded random weights, as `serve --random-weights`): no CLI start-up
+    build_index(manifest, out, ModelSource(resolve_config(CONFIG), None), BuildOptions(workers=0))
     return out
 
 
@@ -76,24 +81,23 @@ def servers(
 ) -> Iterator[tuple[Server, Server]]:
     """(single-process, ``--engine ray --shards 2``) over the same index."""
     tmp = tmp_path_factory.mktemp("ray-servers")
-    local, p1 = _start(tmp, ["--index", str(index_dir)], ENV)
+    args = ["--index", str(index_dir)]
+    ray_args = [*args, "--engine", "ray", "--shards", "2", "--ray-address", ray_address]
+    # Both start at once (most of a start is importing torch and, for ray, the replicas').
+    with ThreadPoolExecutor(2) as pool:
+        starts = [
+            pool.submit(_start, tmp, args, ENV),
+            pool.submit(_start, tmp, ray_args, ENV, log_level="info"),
+        ]
+    started = [f.result() for f in starts if f.exception() is None]
     try:
-        args = ["--index", str(index_dir), "--engine", "ray", "--shards", "2"]
-        sharded, p2 = _start(tmp, [*args, "--ray-address", ray_address], ENV, log_level="info")
-    except BaseException:
-        _stop(p1)
-        raise
-    try:
+        for f in starts:
+            f.result()  # a start that failed: its error, after stopping the other
+        (local, _), (sharded, _) = started
         yield local, sharded
     finally:
-        _stop(p2)
-        _stop(p1)
-        _log_tail(p2)
-
-
-def _log_tail(p: _Proc) -> None:
-    # The sharded server's own log, for a failure's report (pytest shows it with -rA/-s only).
-    sys.stderr.write(p.log.read_text(errors="replace")[-4000:])
+        for _, p in started:
+            _stop(p)
 
 
 def search(server: Server, body: dict[str, Any], headers: dict[str, str] = AUTH) -> httpx.Response:
@@ -268,3 +272,15 @@ def test_an_index_that_is_not_there_is_refused_in_one_line(
     (tmp_path / "items.jsonl").write_text("{}\n")
     r = runner.invoke(cli_app, [*args, "--index", str(tmp_path / "items.jsonl")])
     assert r.exit_code == 1 and "serves an index directory" in r.stderr, r.stderr
+
+
+def test_the_kuberay_example_is_yaml_and_uses_real_serve_flags() -> None:
+    yaml = pytest.importorskip("yaml")
+    docs = list(yaml.safe_load_all((REPO / "docs" / "kuberay-serve.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["RayCluster", "Service"]
+    head = docs[0]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    command = head["args"][0].split("bindsearch serve", 1)[1]
+    flags = set(re.findall(r"(--[a-z][a-z-]*)", command))
+    assert {"--engine", "--shards", "--replicas", "--ray-address"} <= flags
+    help_text = CliRunner().invoke(cli_app, ["serve", "--help"], terminal_width=200).stdout
+    assert all(f in help_text for f in flags), flags
