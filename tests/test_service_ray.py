@@ -284,3 +284,21 @@ def test_the_kuberay_example_is_yaml_and_uses_real_serve_flags() -> None:
     assert {"--engine", "--shards", "--replicas", "--ray-address"} <= flags
     help_text = CliRunner().invoke(cli_app, ["serve", "--help"], terminal_width=200).stdout
     assert all(f in help_text for f in flags), flags
+
+
+def test_an_unavailable_encoder_replica_is_503_with_retry_after() -> None:
+    # What RayEmbedder raises when its replica died or timed out, through the service's batcher.
+    from fastapi.testclient import TestClient
+
+    from service import FakeEmbedder, ServiceSettings, create_app
+    from service.ray_serve import RayUnreachable
+
+    class Gone(FakeEmbedder):
+        def embed(self, modality: Any, batch: Any) -> Any:
+            raise RayUnreachable("an encoder replica is unavailable (ActorDiedError)", 2)
+
+    with TestClient(create_app(ServiceSettings(), Gone())) as client:
+        until(lambda: client.get("/readyz").status_code == 200, "ready", 60)
+        r = client.post("/v1/embed", json={"text": "a red square"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+    assert r.json()["error"]["message"].startswith("an encoder replica is unavailable")
