@@ -103,6 +103,8 @@ def serve(
         _fail(f"--engine is {engine!r}; accepted: {', '.join(ENGINES)}")
     if engine == "ray":
         _check_ray(shards, replicas)
+    elif shards != 1 or replicas is not None or ray_address is not None:
+        _fail("--shards, --replicas and --ray-address go with --engine ray")
 
     from encoders import EncoderError
 

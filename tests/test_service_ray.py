@@ -255,6 +255,8 @@ def test_bad_engine_and_counts_are_one_line(tmp_path: Path) -> None:
         (["--engine", "spark"], "accepted: local, ray"),
         (["--engine", "ray", "--shards", "0"], "--shards must be at least 1"),
         (["--engine", "ray", "--replicas", "0"], "--replicas must be at least 1"),
+        (["--shards", "2"], "go with --engine ray"),
+        (["--ray-address", "auto"], "go with --engine ray"),
     ):
         r = runner.invoke(cli_app, ["serve", "--index", str(tmp_path), *args])
         assert r.exit_code == 1 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
