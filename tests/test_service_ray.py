@@ -98,6 +98,10 @@ def servers(
     finally:
         for _, p in started:
             _stop(p)
+    # A server that joined a cluster leaves it running, without its Ray Serve applications.
+    from ray import serve
+
+    assert not [a for a in serve.status().applications if a.startswith("bindsearch-")]
 
 
 def search(server: Server, body: dict[str, Any], headers: dict[str, str] = AUTH) -> httpx.Response:
