@@ -131,6 +131,21 @@ def top_k(
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids_, order, axis=1)
 
 
+@dataclass(frozen=True)
+class ModalitySearch:
+    """One target modality's part of a search: the top ``k`` of its items (among ``allowed``)."""
+
+    modality: Modality
+    k: int
+    allowed: np.ndarray | None = None  # ascending ids a tag filter leaves (all held); None: all
+
+
+# (nq, D) unit queries and a search plan -> per planned modality, (nq, k') scores and ids, best
+# first (k' <= k; an id of -1 is no result). ``IndexSearcher.run_search`` runs the plan here;
+# the sharded service runs it on its shards and joins their lists (``index.shard``).
+RunSearch = Callable[[np.ndarray, Sequence[ModalitySearch]], list[tuple[np.ndarray, np.ndarray]]]
+
+
 @dataclass
 class _ModalityIndex:
     index: faiss.Index
@@ -204,6 +219,7 @@ class IndexSearcher:
         # Towers of the querying model that differ from the index's (``check_fingerprint``):
         # the calibration of queries they embed was measured with the old tower.
         self.stale_towers: frozenset[str] = frozenset()
+        self.holds_vectors = True  # False: opened with vectors=False (a sharded router)
 
     @property
     def dim(self) -> int:
@@ -286,6 +302,7 @@ class IndexSearcher:
         | Modality
         | str
         | None = None,
+        run: RunSearch | None = None,
     ) -> list[list[Hit]]:
         """Top-``k`` items per query row over the ``targets`` modalities (default: all).
 
@@ -301,6 +318,9 @@ class IndexSearcher:
                 term modalities with their weights ({"text": 0.7, "vision": 0.3}); the
                 calibration of those (query, target) pairs is applied. None: all measured
                 query modalities, equally weighted.
+            run: who runs the per-modality vector searches (``RunSearch``); default: this
+                process (``run_search``). The sharded service passes its shards' fan-out, so
+                the plan, the metadata and the merge stay this one code path.
         Returns: per query, up to ``k`` hits (``per_modality``: ``k`` per target modality),
             each with its cosine ``score`` and calibrated ``relevance``.
         """
@@ -315,11 +335,12 @@ class IndexSearcher:
             known=sorted({qm for qm, _ in calibration.pairs}) if calibration else (),
         )
         chosen = self.modalities if targets is None else [Modality.parse(t) for t in targets]
-        scored: list[tuple[np.ndarray, np.ndarray, Modality]] = []
+        plan: list[ModalitySearch] = []
         for m in dict.fromkeys(chosen):
             mi = self._indexes.get(m)
-            if mi is None or mi.index.ntotal == 0:
+            if mi is None or not len(mi.ids):
                 continue
+            allowed = None
             if tags:
                 with self._lock:
                     allowed = self._store.tagged_ids(m.value, tags)
@@ -327,16 +348,9 @@ class IndexSearcher:
                 allowed = allowed[np.isin(allowed, mi.ids, assume_unique=True)]
                 if not len(allowed):
                     continue
-                dist, ids = mi.search_among(q, k, allowed, self._gather)
-            else:
-                # Tombstoned ids (HNSW cannot remove) are fetched and dropped: over-fetch by them.
-                kk = min(k + len(mi.tombstones), int(mi.index.ntotal))
-                dist, ids = mi.search(q, kk)
-                if len(mi.tombstones):
-                    dead = np.isin(ids, mi.tombstones)
-                    ids = np.where(dead, -1, ids)
-                    dist = np.where(dead, -np.inf, dist)
-            scored.append((dist, ids, m))
+            plan.append(ModalitySearch(m, k, allowed))
+        found_lists = (run or self.run_search)(q, plan) if plan else []
+        scored = [(d, i, ms.modality) for ms, (d, i) in zip(plan, found_lists, strict=True)]
         if not scored:
             return [[] for _ in range(len(q))]
         cols = ["id", "path", "start_s", "end_s", "caption", "tags"]
@@ -358,6 +372,31 @@ class IndexSearcher:
                     for h in ranked
                 ]
             )
+        return out
+
+    def run_search(
+        self, q: np.ndarray, plan: Sequence[ModalitySearch]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The ``RunSearch`` of this process: each planned modality on its loaded index."""
+        if not self.holds_vectors:
+            raise RuntimeError(
+                "this searcher was opened without its vectors (open_index(vectors=False)): "
+                "search it with run= (the shards' search)"
+            )
+        out = []
+        for ms in plan:
+            mi = self._indexes[ms.modality]
+            if ms.allowed is not None:
+                out.append(mi.search_among(q, ms.k, ms.allowed, self._gather))
+                continue
+            # Tombstoned ids (HNSW cannot remove) are fetched and dropped: over-fetch by them.
+            kk = min(ms.k + len(mi.tombstones), int(mi.index.ntotal))
+            dist, ids = mi.search(q, kk)
+            if len(mi.tombstones):
+                dead = np.isin(ids, mi.tombstones)
+                ids = np.where(dead, -1, ids)
+                dist = np.where(dead, -np.inf, dist)
+            out.append((dist, ids))
         return out
 
     def item_ids(self, modality: Modality | str) -> np.ndarray:
@@ -458,6 +497,7 @@ def open_index(
     gpu: bool | None = None,
     snapshot: bool = False,
     device: str | None = None,
+    vectors: bool = True,
 ) -> IndexSearcher:
     """Load an index for searching; checks its files and that vector ids and metadata agree.
 
@@ -476,6 +516,9 @@ def open_index(
             and faiss-gpu is absent (unless ``gpu=False``), else none.
         snapshot: search a private copy of the database (``IndexStore.open_snapshot``), so
             that later changes to the index on disk never reach this searcher (the service).
+        vectors: False loads no FAISS file, only each modality's live ids: metadata, items
+            and search plans, with the vector search run elsewhere (``search(run=...)``, the
+            sharded service's router, whose shards hold the vectors).
     """
     root = Path(path)
     manifest = read_manifest(root)
@@ -499,7 +542,10 @@ def open_index(
     try:
         scan_device = device if device is not None else default_scan_device(gpu)
         use_gpu = gpu_available() if gpu is None else gpu
-        indexes = _load_indexes(root, manifest, store, use_gpu, scan_device)
+        if vectors:
+            indexes = _load_indexes(root, manifest, store, use_gpu, scan_device)
+        else:
+            indexes = _load_ids(root, manifest, store)
     except sqlite3.Error:
         store.close()
         raise unreadable from None
@@ -508,6 +554,7 @@ def open_index(
         raise
     searcher = IndexSearcher(root, manifest, store, indexes)
     searcher.stale_towers = stale
+    searcher.holds_vectors = vectors
     for mi in indexes.values():
         if mi.ondisk is not None:
             mi.ondisk.gather = searcher._gather  # re-ranking reads the store under its lock
@@ -556,6 +603,27 @@ def _load_indexes(
         out[m] = _ModalityIndex(index, entry.spec, np.sort(present), tombstones, scan, on_gpu)
         if device is not None and not on_gpu and TorchScan.supports(index):
             out[m].device_scan = TorchScan(index, device, present)
+    return out
+
+
+def _load_ids(
+    root: Path, manifest: IndexManifest, store: IndexStore
+) -> dict[Modality, _ModalityIndex]:
+    """Each modality's live ids, no vectors: an empty placeholder index stands for its FAISS
+    file (``open_index(vectors=False)``)."""
+    if store.generation != manifest.generation:
+        raise IndexIncomplete(
+            f"the index at {root} changed after its manifest was written (an update was "
+            "interrupted): rerun the command that was interrupted (build, add, remove or sync)"
+        )
+    store.check_files(manifest)  # stored vectors are read from the chunks (search by item id)
+    out: dict[Modality, _ModalityIndex] = {}
+    for name, entry in manifest.modalities.items():
+        placeholder = faiss.IndexIDMap2(faiss.IndexFlatIP(manifest.dim))
+        live = store.live_ids(name)
+        out[Modality.parse(name)] = _ModalityIndex(
+            placeholder, entry.spec, np.sort(live), np.zeros(0, np.int64)
+        )
     return out
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from encoders import Modality
 
 from .embedders import Embedder, Sample
-from .errors import ModelFailed, NotReady, Overloaded
+from .errors import ModelFailed, NotReady, Overloaded, ServiceError
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,14 @@ class _Lane:
             raise
         except Exception as e:
             log.exception("model failed on a %s batch of %d", m.value, len(batch))
-            err = ModelFailed(
-                f"the model failed on a batch of {m.value} inputs ({type(e).__name__}); "
-                "retry the request"
+            # An embedder's own 503 (a Ray encoder replica restarting) keeps its Retry-After.
+            err: ServiceError = (
+                e
+                if isinstance(e, ServiceError)
+                else ModelFailed(
+                    f"the model failed on a batch of {m.value} inputs ({type(e).__name__}); "
+                    "retry the request"
+                )
             )
             for p in batch:
                 if not p.future.done():

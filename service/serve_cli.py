@@ -13,6 +13,7 @@ from encoders.dtype import DTYPE_HELP, choose_dtype, parse_dtype
 
 if TYPE_CHECKING:
     from encoders import ModelRef
+    from index.search import IndexSearcher
 
     from .embedders import Embedder
     from .settings import ServiceSettings
@@ -70,9 +71,40 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local: the model and the index in this process. ray: encoder and index "
+            "shard replicas on Ray Serve, this process the HTTP router (the 'ray' extra; "
+            "docs/scale.md).",
+        ),
+    ] = "local",
+    shards: Annotated[
+        int, typer.Option(help="--engine ray: index shard replicas (items by id modulo N).")
+    ] = 1,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="--engine ray: encoder replicas (default: one per GPU with --device cuda, else 1)."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="--engine ray: the Ray cluster to join ('auto': the one this node is in, or "
+            "ray://HOST:10001); default: start a local Ray instance."
+        ),
+    ] = None,
 ) -> None:
     """Serve search and embedding over HTTP (settings: BINDSEARCH_* environment variables)."""
     import uvicorn
+
+    if engine not in ENGINES:
+        _fail(f"--engine is {engine!r}; accepted: {', '.join(ENGINES)}")
+    if engine == "ray":
+        _check_ray(shards, replicas)
+    elif shards != 1 or replicas is not None or ray_address is not None:
+        _fail("--shards, --replicas and --ray-address go with --engine ray")
 
     from encoders import EncoderError
 
@@ -113,6 +145,9 @@ def serve(
             from .demo import ensure_demo_index
 
             settings = settings.model_copy(update={"index": ensure_demo_index(ref=ref)})
+        if engine == "ray":
+            _serve_ray(settings, ref, host, port, log_level, shards, replicas, ray_address)
+            return
         searcher = (
             None
             if settings.index is None
@@ -137,6 +172,99 @@ def serve(
     app = create_app(settings, load, searcher)
     limits = server_options(settings.max_header_bytes)  # request heads are capped as read
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on", **limits)
+
+
+ENGINES = ("local", "ray")
+
+
+def _check_ray(shards: int, replicas: int | None) -> None:
+    """Fail in one line, before anything loads: no Ray Serve (exit 2), bad counts (exit 1)."""
+    from index.errors import IndexStoreError
+
+    from .ray_serve import RayServeOptions, import_serve
+
+    try:
+        import_serve()
+    except IndexStoreError as e:  # index.ray_engine.RayUnavailable: the install hint
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        RayServeOptions(shards=shards, replicas=replicas).check()
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _serve_ray(
+    settings: ServiceSettings,
+    ref: ModelRef,
+    host: str,
+    port: int,
+    log_level: str,
+    shards: int,
+    replicas: int | None,
+    ray_address: str | None,
+) -> None:
+    """``serve --engine ray``: deploy the replicas, serve the FastAPI router, clean up after."""
+    import uvicorn
+
+    from encoders import EncoderError
+    from index.errors import IndexStoreError
+
+    from . import ray_serve
+    from .app import create_app
+    from .limits import server_options
+    from .searchers import check_index_model
+
+    snapshot = None
+    try:
+        if settings.index is not None:
+            snapshot = _open_for_shards(settings.index)
+            check_index_model(snapshot, ref)
+        deployment = ray_serve.start(
+            ref,
+            settings.index,
+            ray_serve.RayServeOptions(shards=shards, replicas=replicas, address=ray_address),
+            device=settings.device,
+            dtype=settings.dtype,
+            modalities=settings.modalities,
+            torch_threads=settings.torch_threads,
+            snapshot=snapshot,
+        )
+    except (EncoderError, IndexStoreError, ValueError, OSError, ConnectionError) as e:
+        if snapshot is not None:
+            snapshot.close()
+        _fail(str(e))
+    except Exception as e:  # a deployment that never became healthy (a replica's constructor)
+        if snapshot is not None:
+            snapshot.close()
+        _fail(f"the Ray Serve deployment failed: {str(e).strip().splitlines()[-1]}")
+    try:
+        # The shards hold the index as it was at start: the front follows no change on disk.
+        app = create_app(
+            settings.model_copy(update={"index_poll_seconds": 0.0}),
+            deployment.embedder,
+            deployment.searcher,
+        )
+        limits = server_options(settings.max_header_bytes)
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on", **limits)
+    finally:
+        deployment.stop()
+
+
+def _open_for_shards(index: Path) -> IndexSearcher:
+    """The router's snapshot of an index directory (no .jsonl, no waiting for a first one)."""
+    from index.search import open_index
+
+    if index.suffix == ".jsonl" or index.is_file():
+        raise ValueError(
+            f"--engine ray serves an index directory (bindsearch index build -o DIR), not {index}"
+        )
+    if not (index / "manifest.json").is_file():
+        raise ValueError(
+            f"no index at {index}: --engine ray serves a built index (it does not wait for one); "
+            f"build it with `bindsearch index build CORPUS -o {index}`"
+        )
+    return open_index(index, snapshot=True, vectors=False)  # the shards hold the vectors
 
 
 def uses_demo_defaults(settings: ServiceSettings) -> bool:

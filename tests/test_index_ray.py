@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import ray  # the dev extra has ray[data]: CI runs these tests
+import ray  # the dev extra has ray[serve] (Ray core with it): CI runs these tests
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import AppState, ModelDep, StateDep, require_api_key
 from ..generators import GeneratorSlot
+from ..ray_serve import ShardedSearcher
 from ..schemas import GeneratorOut, IndexOut, InfoResponse, ModelOut, Status
 from ..searchers import IndexSnapshots
 from . import error_responses
@@ -64,8 +66,13 @@ async def readyz(state: StateDep) -> Response:
     # good snapshot is, and the detail says so.
     snapshots = state.searcher if isinstance(state.searcher, IndexSnapshots) else None
     reason = state.not_ready_reason
+    # ``serve --engine ray``: not ready while a shard or encoder replica is down (restarting).
+    replicas = state.searcher if isinstance(state.searcher, ShardedSearcher) else None
+    down = None if replicas is None else await run_in_threadpool(replicas.unready_reason)
     if state.ready and snapshots is not None and snapshots.missing is not None:
         reason = snapshots.missing  # no index yet: searches would answer 503 with this
+    elif state.ready and down is not None:
+        reason = down
     elif state.ready:
         stale = None if snapshots is None else snapshots.stale
         return JSONResponse(Status(status="ready", detail=stale).model_dump())
