@@ -48,7 +48,7 @@ def test_dtype_bench_lists_where_the_time_goes_and_what_stays_fp32(tmp_path: Pat
     )
     (row,) = result["breakdown"]
     assert row["tower"] == "audio" and set(row["dtypes"]) == {"float32", "bfloat16", "int8"}
-    for name, d in row["dtypes"].items():
+    for d in row["dtypes"].values():
         parts = d["parts"]
         assert tuple(parts) == bench.PARTS
         assert all(p["seconds"] >= 0 for p in parts.values())
