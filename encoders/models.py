@@ -229,10 +229,10 @@ def tower_hashes(weights: str | Path, sha256: str | None = None) -> dict[str, st
     ``$BINDSEARCH_CACHE/towers/<sha256>.json``, so the official 4.5 GB are not read again.
     """
     sha = sha256 if sha256 is not None else file_sha256(weights)
+    card = weights_card(weights, sha)
     known = _TOWER_HASHES.get(sha)
     if known is not None:
-        return dict(known)
-    card = weights_card(weights, sha)
+        return _with_adapters(known, card)
     hashes = _valid_tower_hashes(card.get("towers") if card else None)
     big = Path(weights).stat().st_size >= _PERSIST_SHA_BYTES
     record = cache_root() / "towers" / f"{sha}.json"
@@ -252,7 +252,21 @@ def tower_hashes(weights: str | Path, sha256: str | None = None) -> dict[str, st
             except OSError:
                 pass  # a read-only cache only costs the next run a re-hash
     _TOWER_HASHES[sha] = hashes
-    return dict(hashes)
+    return _with_adapters(hashes, card)
+
+
+def _with_adapters(hashes: dict[str, str], card: dict[str, Any] | None) -> dict[str, str]:
+    """Adapters kept beside the weights (``train --init --keep-adapters``, merged at load by
+    ``load_encoder``) change the towers they adapt: their sha256 joins those towers' hashes."""
+    out = dict(hashes)
+    adapters = card.get("adapters_sha256") if card else None
+    if card and isinstance(adapters, str):
+        for tower in card.get("towers_changed") or ():
+            if tower in out:
+                out[tower] = hashlib.sha256(
+                    f"{out[tower]}+adapters:{adapters}".encode()
+                ).hexdigest()
+    return out
 
 
 def _valid_tower_hashes(value: object) -> dict[str, str] | None:

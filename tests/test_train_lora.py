@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from encoders import CheckpointError, load_encoder, resolve_model
 from encoders.checkpoint import sha256_file
 from encoders.config import resolve_config
 from encoders.model import ImageBind
+from encoders.models import tower_hashes
 from encoders.weights import bundled_weights
 from train.init import is_tower_key, run_train_init, sidecar_path
 from train.lora import add_adapters, count_trainable, full_parts, set_lora_trainable
@@ -76,7 +78,9 @@ def test_merged_export_changes_only_the_tower_and_its_projections(
     assert counts["trainable"] < 0.1 * counts["full_finetune"]
 
 
-def test_kept_adapters_load_to_the_merged_model(runs: dict[str, dict[str, object]]) -> None:
+def test_kept_adapters_load_to_the_merged_model(
+    runs: dict[str, dict[str, object]], tmp_path: Path
+) -> None:
     assert SHIPPED is not None
     init = load_file(str(SHIPPED))
     path = Path(str(runs["kept"]["path"]))
@@ -102,6 +106,12 @@ def test_kept_adapters_load_to_the_merged_model(runs: dict[str, dict[str, object
     assert (a.embed("audio", x) == b.embed("audio", x)).all()
     plain = load_encoder(resolve_model(DEMO), dtype="fp32")
     assert not (plain.embed("audio", x) == b.embed("audio", x)).all()
+    # The adapters are part of what the audio tower is: an index fingerprints them with it.
+    kept_ref, plain_ref = resolve_model(DEMO, path), resolve_model(DEMO)
+    alone = tmp_path / path.name  # the same file without its card: no adapters
+    shutil.copyfile(path, alone)
+    assert kept_ref.towers["audio"] != tower_hashes(alone)["audio"]
+    assert {t for t, h in kept_ref.towers.items() if h != plain_ref.towers[t]} == {"audio"}
     # Adapters that are not the card's are refused, in one line.
     adapters.write_bytes(adapters.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(CheckpointError, match="sha256 differs"):
