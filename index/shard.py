@@ -29,6 +29,18 @@ def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
     return np.asarray(ids, np.int64) % shards
 
 
+def shard_plan(plan: Sequence[ModalitySearch], shard: int, shards: int) -> list[ModalitySearch]:
+    """The part of a search plan one shard runs: each tag filter cut to the ids it holds."""
+    return [
+        ModalitySearch(
+            ms.modality,
+            ms.k,
+            None if ms.allowed is None else ms.allowed[shard_of(ms.allowed, shards) == shard],
+        )
+        for ms in plan
+    ]
+
+
 @dataclass
 class _Part:
     ids: np.ndarray  # ascending

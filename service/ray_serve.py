@@ -244,21 +244,12 @@ class ShardedSearcher:
         self, q: np.ndarray, plan: Sequence[ModalitySearch]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``index.search.RunSearch`` on every shard at once; any shard failing fails it all."""
-        from index.search import ModalitySearch
-        from index.shard import join_shards, shard_of
+        from index.shard import join_shards, shard_plan
 
         n = len(self._handles)
         calls = []
         for s, h in enumerate(self._handles):
-            mine = [
-                ModalitySearch(
-                    ms.modality,
-                    ms.k,
-                    None if ms.allowed is None else ms.allowed[shard_of(ms.allowed, n) == s],
-                )
-                for ms in plan
-            ]
-            calls.append((s, h.run_search.remote(q, mine)))
+            calls.append((s, h.run_search.remote(q, shard_plan(plan, s, n))))
         answers = []
         for s, call in calls:
             try:

@@ -14,7 +14,7 @@ import pytest
 
 from index import IndexIncomplete, open_index
 from index.search import ModalitySearch, RunSearch
-from index.shard import IndexShard, join_shards, shard_of
+from index.shard import IndexShard, join_shards, shard_plan
 from index.store import FileRecord, IndexStore, ItemRecord
 
 from .test_index_snapshot import DIM, FP, unit_rows
@@ -44,15 +44,7 @@ def sharded(shards: list[IndexShard]) -> RunSearch:
         n = len(shards)
         answers = []
         for s, shard in enumerate(shards):
-            mine = [
-                ModalitySearch(
-                    ms.modality,
-                    ms.k,
-                    None if ms.allowed is None else ms.allowed[shard_of(ms.allowed, n) == s],
-                )
-                for ms in plan
-            ]
-            answers.append(shard.run_search(q, mine))
+            answers.append(shard.run_search(q, shard_plan(plan, s, n)))
         return join_shards(plan, answers)
 
     return run
