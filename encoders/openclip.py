@@ -159,9 +159,7 @@ def openclip_to_bindsearch(sd: Mapping[str, Tensor], cfg: ModelConfig) -> dict[s
     out[f"{_V}pos_embedding_helper.pos_embed"] = sd["visual.positional_embedding"].unsqueeze(0)
     out["modality_trunks.vision.pre_transformer_layer.0.weight"] = sd["visual.ln_pre.weight"]
     out["modality_trunks.vision.pre_transformer_layer.0.bias"] = sd["visual.ln_pre.bias"]
-    for i in range(cfg.vision.depth):
-        src, dst = f"visual.transformer.resblocks.{i}.", f"modality_trunks.vision.blocks.{i}."
-        out |= {dst + ours: sd[src + theirs] for theirs, ours in _BLOCK.items()}
+    out |= _blocks(sd, "visual.transformer", "modality_trunks.vision", cfg.vision.depth)
     out["modality_heads.vision.0.weight"] = sd["visual.ln_post.weight"]
     out["modality_heads.vision.0.bias"] = sd["visual.ln_post.bias"]
     # open_clip computes x @ proj; a Linear computes x @ weight.T.
@@ -173,12 +171,19 @@ def openclip_to_bindsearch(sd: Mapping[str, Tensor], cfg: ModelConfig) -> dict[s
     out[f"{_T}token_embedding.weight"] = sd["token_embedding.weight"]
     out[f"{_T}pos_embed"] = pos.unsqueeze(0)  # (1, L, D)
     out[f"{_T}mask"] = torch.full((L, L), float("-inf"), dtype=pos.dtype).triu(1)
-    for i in range(cfg.text.depth):
-        src, dst = f"transformer.resblocks.{i}.", f"modality_trunks.text.blocks.{i}."
-        out |= {dst + ours: sd[src + theirs] for theirs, ours in _BLOCK.items()}
+    out |= _blocks(sd, "transformer", "modality_trunks.text", cfg.text.depth)
     out["modality_heads.text.proj.0.weight"] = sd["ln_final.weight"]
     out["modality_heads.text.proj.0.bias"] = sd["ln_final.bias"]
     out["modality_heads.text.proj.1.weight"] = sd["text_projection"].t().contiguous()  # (E, D)
     # Both are the log of the scale, clamped at 100 after exp: the same parameter.
     out["modality_postprocessors.text.1.log_logit_scale"] = sd["logit_scale"]
     return out
+
+
+def _blocks(sd: Mapping[str, Tensor], theirs: str, ours: str, depth: int) -> dict[str, Tensor]:
+    """A trunk's ``depth`` blocks: ``<theirs>.resblocks.i.*`` -> ``<ours>.blocks.i.*``."""
+    return {
+        f"{ours}.blocks.{i}.{dst}": sd[f"{theirs}.resblocks.{i}.{src}"]
+        for i in range(depth)
+        for src, dst in _BLOCK.items()
+    }

@@ -57,6 +57,7 @@ from .engine import (
 from .errors import IndexStoreError
 from .fingerprint import checkpoint_identity
 from .pipeline import BuildOptions, BuildSummary, LocalEngine, Log, ModelSource, run_build
+from .store import fsync_path
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'bindsearch[ray]'"
 SHARDS = "shards"  # INDEX/shards/<name>/: the staged shards of a build in progress
@@ -345,7 +346,7 @@ def write_shard(staging: Path, plan: ShardPlan, engine: LocalEngine, dim: int) -
         done = {"name": plan.name, "files": len(plan.tasks), "items": len(arr), "dim": dim}
         (tmp / DONE).write_text(json.dumps(done), encoding="utf-8")
         for p in tmp.iterdir():
-            _fsync(p)
+            fsync_path(p)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -362,14 +363,6 @@ def write_shard(staging: Path, plan: ShardPlan, engine: LocalEngine, dim: int) -
         "model_s": engine.model_s - model_s,
         "decode_wait_s": engine.decode_wait_s - wait_s,
     }
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def shard_complete(staging: Path, name: str) -> bool:

@@ -678,7 +678,7 @@ class IndexStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
         stale = self._chunk_fds.pop(chunk, None)
         if stale is not None:
             os.close(stale.fd)
@@ -1083,7 +1083,7 @@ class IndexStore:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
     def counts(self) -> dict[str, int]:
         def one(sql: str) -> int:
@@ -1170,7 +1170,7 @@ def replacement_dir(out: Path) -> Path:
         except OSError:
             shutil.copy2(f, tmp / f.name)
     os.replace(tmp, work)
-    _fsync_dir(work.parent)
+    fsync_path(work.parent)
     return work
 
 
@@ -1202,7 +1202,7 @@ def move_into_place(work: Path, out: Path) -> None:
     if out.exists():
         os.replace(out, old)
     os.replace(work, out)
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
     for stale in out.parent.glob(f".{out.name}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -1236,8 +1236,8 @@ def _swap_files(work: Path, out: Path) -> None:
     for p in [*out.glob("*.faiss"), *out.glob("*.ivfdata")]:
         if p.name not in keep:
             p.unlink()
-    _fsync_dir(out / CHUNKS)
-    _fsync_dir(out)
+    fsync_path(out / CHUNKS)
+    fsync_path(out)
     shutil.rmtree(work)
 
 
@@ -1393,10 +1393,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """``fsync`` a file or a folder (a folder: so that a rename into it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
