@@ -396,6 +396,9 @@ class IndexStore:
         # A snapshot checks each chunk file against its recorded sha256 when it opens it, and
         # keeps reading that file (that inode) even once a rebuild renames another into place.
         self._verify_chunks = False
+        # (chunk, inode, size, mtime) of chunk files already checked: reopening one the LRU
+        # closed does not read and hash it again (a replaced or rewritten file is checked anew).
+        self._verified: set[tuple[int, int, int, int]] = set()
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -880,9 +883,13 @@ class IndexStore:
         try:
             with os.fdopen(os.dup(fd), "rb") as f:
                 if self._verify_chunks and row is not None:
-                    if hashlib.file_digest(f, "sha256").hexdigest() != row[1]:
-                        raise _damaged(path, "does not match its recorded sha256", self.root)
-                    f.seek(0)
+                    st = os.fstat(fd)
+                    seen = (chunk, st.st_ino, st.st_size, st.st_mtime_ns)
+                    if seen not in self._verified:
+                        if hashlib.file_digest(f, "sha256").hexdigest() != row[1]:
+                            raise _damaged(path, "does not match its recorded sha256", self.root)
+                        f.seek(0)
+                        self._verified.add(seen)
                 offset, shape, dtype = _npy_header(f, path, self.root)
             count = None if row is None else int(row[0])
             if dtype != np.dtype("<f4") or shape != (count, self.dim):
