@@ -18,7 +18,13 @@ from encoders.model import ImageBind
 from encoders.models import tower_hashes
 from encoders.weights import bundled_weights
 from train.init import is_tower_key, run_train_init, sidecar_path
-from train.lora import add_adapters, count_trainable, full_parts, set_lora_trainable
+from train.lora import (
+    add_adapters,
+    count_trainable,
+    full_parts,
+    parse_targets,
+    set_lora_trainable,
+)
 from train.recipe import TrainConfig, from_world, info_nce, train, trainable_optimizer
 
 DEMO = "imagebind_demo"
@@ -181,8 +187,15 @@ def test_resume_with_lora_continues_where_it_stopped(tmp_path: Path) -> None:
     resumed = run_train_init(DEMO, tmp_path / "part", "depth", resume=True, **kw)  # type: ignore[arg-type]
     a, b = load_file(str(whole["path"])), load_file(str(resumed["path"]))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # Resuming a LoRA run as a full fine-tune (or at another rank) is refused.
-    for other in ({"lora_rank": 0}, {"lora_rank": 4}):
+    # Resuming a LoRA run as a full fine-tune, at another rank, on other projections or with
+    # the norms frozen is refused.
+    changes = (
+        {"lora_rank": 0},
+        {"lora_rank": 4},
+        {"lora_targets": "qkv,fc1"},
+        {"lora_norms": False},
+    )
+    for other in changes:
         with pytest.raises(ValueError, match="different training config"):
             run_train_init(DEMO, tmp_path / "part", "depth", resume=True, **{**kw, **other})  # type: ignore[arg-type]
 
@@ -283,13 +296,96 @@ def test_huge_layout_one_step_on_meta_with_grad_checkpointing() -> None:
     ],
 )
 def test_trainable_counts_in_the_docs(preset: str, rank: int, trainable: int, full: int) -> None:
-    # docs/training.md's table: the demo tower is so narrow (width 64) that rank 8 alone is
-    # 1/6 of its projections (over the 10 % bound); rank 4 is under it, as is the huge tower.
+    # docs/training.md's table: the demo tower is so narrow (width 64) that rank 8 on all four
+    # projections is 1/6 of their weights (over the 10 % bound); rank 4 is under it, as is the
+    # huge tower.
     model = ImageBind(resolve_config(preset), ["audio"], device="meta")
     add_adapters(model, ["audio"], rank, 16.0)
     counts = count_trainable(model, ["audio"])
     assert (counts.trainable, counts.full_finetune) == (trainable, full)
     assert (counts.fraction > 0.1) is (preset == "imagebind_demo" and rank == 8)
+
+
+@pytest.mark.parametrize(
+    ("targets", "norms", "adapters", "trainable"),
+    [
+        # Per block: qkv 8 x (64 + 192), out_proj 8 x (64 + 64), fc1 8 x (64 + 256), fc2
+        # 8 x (256 + 64); two blocks. The norms and biases are 2,176 parameters.
+        ("qkv,fc1", False, 2 * 8 * (256 + 320), 9_216),
+        ("qkv,fc1", True, 9_216, 9_216 + 2_176),
+        ("fc1,out_proj", True, 2 * 8 * (128 + 320), 7_168 + 2_176),
+        (" fc2 ", False, 2 * 8 * 320, 5_120),
+    ],
+)
+def test_lora_targets_and_norms_choose_what_learns(
+    targets: str, norms: bool, adapters: int, trainable: int
+) -> None:
+    model = ImageBind(resolve_config(DEMO), ["audio"], device="meta")
+    n = add_adapters(model, ["audio"], 8, 16.0, targets=parse_targets(targets))
+    assert n == 2 * len(parse_targets(targets))
+    counts = count_trainable(model, ["audio"], norms=norms)
+    assert (counts.adapters, counts.trainable, counts.full_finetune) == (
+        adapters,
+        trainable,
+        111_872,
+    )
+    set_lora_trainable(model, ["audio"], norms=norms)
+    learns = {k for k, p in model.named_parameters() if p.requires_grad}
+    adapted = {k.split(".parametrizations.")[0] for k in learns if "lora_" in k}
+    want = {
+        "qkv": "attn",
+        "out_proj": "attn.out_proj",
+        "fc1": "mlp.fc1",
+        "fc2": "mlp.fc2",
+    }
+    expect = {
+        f"modality_trunks.audio.blocks.{b}.{want[t]}"
+        for b in range(2)
+        for t in parse_targets(targets)
+    }
+    assert adapted == expect
+    assert (learns - {k for k in learns if "lora_" in k}) == (
+        set(full_parts(model, ["audio"])) if norms else set()
+    )
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+
+
+def test_parse_targets_orders_and_refuses() -> None:
+    assert parse_targets("fc2,qkv,qkv") == ("qkv", "fc2")
+    assert parse_targets(["out_proj"]) == ("out_proj",)
+    with pytest.raises(ValueError, match="unknown --lora-targets q_proj; accepted: a comma list"):
+        parse_targets("q_proj,fc1")
+    with pytest.raises(ValueError, match="no --lora-targets"):
+        parse_targets(" , ")
+
+
+def test_adapters_only_keep_the_init_weights_bit_for_bit(tmp_path: Path) -> None:
+    # --no-lora-norms --keep-adapters: the weights file is the init's, byte for byte in every
+    # tensor; only the adapters (on the named projections) learned, and the card says so.
+    assert SHIPPED is not None
+    card = run_train_init(
+        DEMO,
+        tmp_path,
+        "audio",
+        steps=2,
+        lora_rank=8,
+        lora_targets="fc1,qkv",
+        lora_norms=False,
+        keep_adapters=True,
+        **SMALL,  # type: ignore[arg-type]
+    )
+    init, got = load_file(str(SHIPPED)), load_file(str(card["path"]))
+    assert got.keys() == init.keys() and all(_same(init[k], got[k]) for k in init)
+    assert card["lora_targets"] == ["qkv", "fc1"] and card["lora_norms"] is False
+    assert card["trainable_params"]["trainable"] == card["trainable_params"]["adapters"] == 9_216
+    adapters = load_file(str(Path(str(card["path"])).parent / card["adapters"]))
+    adapted = {k.rsplit(".", 1)[0] for k in adapters}  # "<weight>.lora_A" -> "<weight>"
+    assert adapted == {
+        f"modality_trunks.audio.blocks.{b}.{w}"
+        for b in range(2)
+        for w in ("attn.in_proj_weight", "mlp.fc1.weight")
+    }
+    assert len(adapters) == 2 * len(adapted)  # A and B of each
 
 
 @pytest.mark.parametrize(
@@ -299,6 +395,13 @@ def test_trainable_counts_in_the_docs(preset: str, rank: int, trainable: int, fu
         (["--init", DEMO, "--train-towers", "audio", "--keep-adapters"], "needs --lora-rank"),
         (["--lora-rank", "4"], "are for --init"),
         (["--grad-checkpointing"], "are for --init"),
+        (["--lora-targets", "qkv"], "are for --init"),
+        (["--init", DEMO, "--train-towers", "audio", "--lora-targets", "qkv"], "need --lora-rank"),
+        (["--init", DEMO, "--train-towers", "audio", "--no-lora-norms"], "need --lora-rank"),
+        (
+            ["--init", DEMO, "--train-towers", "audio", "--lora-rank", "8", "--lora-targets", "k"],
+            "unknown --lora-targets k; accepted: a comma list of qkv, out_proj, fc1, fc2",
+        ),
     ],
 )
 def test_bad_lora_options_are_one_error_line(tmp_path: Path, args: list[str], says: str) -> None:

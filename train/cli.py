@@ -292,6 +292,22 @@ def train(
     lora_alpha: Annotated[
         float, typer.Option("--lora-alpha", help="LoRA scale numerator (scale alpha/R).")
     ] = 16.0,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(
+            "--lora-targets",
+            help="With --lora-rank: the trunk projections that get adapters, a comma list of "
+            "qkv, out_proj, fc1, fc2. Default: all four.",
+        ),
+    ] = None,
+    lora_norms: Annotated[
+        bool,
+        typer.Option(
+            "--lora-norms/--no-lora-norms",
+            help="With --lora-rank: the towers' LayerNorms and biases train in full next to "
+            "the adapters (default), or only the adapters learn.",
+        ),
+    ] = True,
     keep_adapters: Annotated[
         bool,
         typer.Option(
@@ -316,6 +332,8 @@ def train(
     lora = {
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
+        "lora_targets": lora_targets,
+        "lora_norms": lora_norms,
         "keep_adapters": keep_adapters,
         "grad_checkpointing": grad_checkpointing,
     }
@@ -325,9 +343,11 @@ def train(
             batch_size, lr, seed, checkpoint_every, resume, threads, export, device, lora,
         )  # fmt: skip
         return
-    if lora_rank or keep_adapters or grad_checkpointing is not None:
+    lora_set = lora_rank or keep_adapters or lora_targets is not None or not lora_norms
+    if lora_set or grad_checkpointing is not None:
         _fail(
-            "--lora-rank, --keep-adapters and --grad-checkpointing are for --init WEIGHTS "
+            "--lora-rank, --lora-targets, --no-lora-norms, --keep-adapters and "
+            "--grad-checkpointing are for --init WEIGHTS "
             "(adapting the towers of a trained model)"
         )
     try:

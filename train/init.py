@@ -31,6 +31,7 @@ from encoders.config import list_presets
 from encoders.model import ImageBind, init_weights
 from encoders.models import TOWER_MODULES, ModelRef, tower_hashes, tower_of_key
 
+from .lora import LORA_TARGETS, parse_targets
 from .recipe import STAGE2_MODALITIES
 
 __all__ = [
@@ -165,6 +166,8 @@ def run_train_init(
     log: Callable[[str], None] | None = None,
     lora_rank: int = 0,
     lora_alpha: float = 16.0,
+    lora_targets: str | Sequence[str] | None = None,
+    lora_norms: bool = True,
     keep_adapters: bool = False,
     grad_checkpointing: bool | None = None,
 ) -> dict[str, Any]:
@@ -174,9 +177,11 @@ def run_train_init(
     ``out/<name>.safetensors`` (or ``export``), its sidecar (``sidecar_path``) and
     ``out/train_log.json``; returns the sidecar's object.
 
-    ``lora_rank``: train low-rank adapters (``train.lora``) instead of every weight; they are
-    merged into the export, or with ``keep_adapters`` written apart to
-    ``out/<name>.adapters.safetensors`` (named in the sidecar; ``load_encoder`` merges them).
+    ``lora_rank``: train low-rank adapters (``train.lora``) instead of every weight, on the
+    trunk projections ``lora_targets`` names (None: all of them), with the towers' LayerNorms
+    and biases unless ``lora_norms`` is False; they are merged into the export, or with
+    ``keep_adapters`` written apart to ``out/<name>.adapters.safetensors`` (named in the
+    sidecar; ``load_encoder`` merges them).
     ``grad_checkpointing``: None turns it on for big trunks (``BIG_TRUNK``). bf16 autocast is
     on when training on CUDA.
     """
@@ -198,6 +203,9 @@ def run_train_init(
         )
     if keep_adapters and not lora_rank:
         raise ValueError("--keep-adapters keeps LoRA adapters apart: it needs --lora-rank R")
+    if (lora_targets is not None or not lora_norms) and not lora_rank:
+        raise ValueError("--lora-targets and --no-lora-norms shape LoRA: they need --lora-rank R")
+    targets = parse_targets(lora_targets) if lora_targets is not None else LORA_TARGETS
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -254,6 +262,8 @@ def run_train_init(
         init=identity,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
+        lora_targets=targets,
+        lora_norms=lora_norms,
     )
     if grad_checkpointing is None:
         grad_checkpointing = any(
@@ -300,7 +310,10 @@ def run_train_init(
         from .lora import count_trainable, split_adapters
 
         card["lora_alpha"] = lora_alpha
-        card["trainable_params"] = count_trainable(result.model, towers).to_dict()
+        card["lora_targets"] = list(targets)
+        card["lora_norms"] = lora_norms
+        counts = count_trainable(result.model, towers, norms=lora_norms)
+        card["trainable_params"] = counts.to_dict()
         sd, adapters = split_adapters(result.model.state_dict())
         if not keep_adapters:
             sd = merge_adapters(sd, adapters, lora_alpha / lora_rank)
@@ -312,6 +325,7 @@ def run_train_init(
         apart = target.with_name(f"{target.stem}.adapters.safetensors")
         meta = {"scale": repr(lora_alpha / lora_rank), "rank": str(lora_rank)}
         meta["alpha"] = repr(lora_alpha)
+        meta["targets"] = ",".join(targets)
         save_safetensors({k: v.detach().float().cpu() for k, v in adapters.items()}, apart, meta)
         card["adapters"] = apart.name
         card["adapters_sha256"] = sha256_file(apart)

@@ -1,18 +1,21 @@
 """LoRA for ``bindsearch train --init --lora-rank R``: low-rank adapters on a tower's trunk.
 
-Each of the trunk's projections, the attention's packed q/k/v ``in_proj_weight`` (3D, D), its
-``out_proj`` and the MLP's ``fc1``/``fc2``, learns as ``W + (alpha / r) * B @ A`` with ``W``
-frozen, ``A`` (r, in) random and ``B`` (out, r) zero (training starts from the init model
-exactly). The adapter is a ``torch.nn.utils.parametrize`` parametrization of the weight, so the
-model's code does not change; the model's state dict then holds ``...parametrizations.<name>.
-original`` and the adapters, which is what a checkpoint saves and a resume loads back.
+Each of the trunk's projections named by ``--lora-targets`` (``TARGETS``: the attention's packed
+q/k/v ``in_proj_weight`` (3D, D) as ``qkv``, its ``out_proj``, the MLP's ``fc1`` and ``fc2``; all
+four by default) learns as ``W + (alpha / r) * B @ A`` with ``W`` frozen, ``A`` (r, in) random
+and ``B`` (out, r) zero (training starts from the init model exactly). The adapter is a
+``torch.nn.utils.parametrize`` parametrization of the weight, so the model's code does not
+change; the model's state dict then holds ``...parametrizations.<name>.original`` and the
+adapters, which is what a checkpoint saves and a resume loads back.
 
 With adapters, the tower's base weights are frozen except its LayerNorms and biases (trunk
 biases, the attention's learned ``bias_k``/``bias_v``, stem and head LayerNorms): O(width)
 per block, they re-centre and re-scale activations the adapters shift, and cost under 2 % of
-a full fine-tune on every preset (common practice: LoRA with the norms, BitFit). The stem's
-patch projection, positional embedding and class token and the head's projection stay frozen:
-each is a full matrix that alone would weigh 4-8 % of the demo tower.
+a full fine-tune on every preset (common practice: LoRA with the norms, BitFit). With
+``norms=False`` (``--no-lora-norms``) they stay frozen too and only the adapters learn, as in
+the LoRA paper. The stem's patch projection, positional embedding and class token and the
+head's projection stay frozen: each is a full matrix that alone would weigh 4-8 % of the demo
+tower.
 
 ``split_adapters`` turns such a state dict back into the plain layout plus the adapters
 (``encoders.adapters`` format); ``encoders.adapters.merge_adapters`` merges them.
@@ -32,25 +35,41 @@ from encoders.adapters import LORA_A, LORA_B, merge_adapters
 from encoders.model import Attention, ImageBind, Mlp
 
 __all__ = [
+    "LORA_TARGETS",
+    "TARGETS",
     "LoRA",
     "LoRACounts",
     "add_adapters",
     "count_trainable",
     "full_parts",
     "merged_state_dict",
+    "parse_targets",
     "set_lora_trainable",
     "split_adapters",
 ]
 
-# The trunk's projections that get adapters: (module type, attribute path of the weight).
-TARGETS: tuple[tuple[type[nn.Module], str], ...] = (
-    (Attention, "in_proj_weight"),
-    (Attention, "out_proj.weight"),
-    (Mlp, "fc1.weight"),
-    (Mlp, "fc2.weight"),
-)
+# The trunk's projections that can get adapters, by their ``--lora-targets`` name:
+# (module type, attribute path of the weight). All of them by default.
+TARGETS: dict[str, tuple[type[nn.Module], str]] = {
+    "qkv": (Attention, "in_proj_weight"),
+    "out_proj": (Attention, "out_proj.weight"),
+    "fc1": (Mlp, "fc1.weight"),
+    "fc2": (Mlp, "fc2.weight"),
+}
+LORA_TARGETS: tuple[str, ...] = tuple(TARGETS)
 _PARAM = ".parametrizations."
 _ORIGINAL = ".original"
+
+
+def parse_targets(spec: str | Iterable[str]) -> tuple[str, ...]:
+    """``"qkv,fc1"`` (or its parts) -> the targets in ``TARGETS`` order; unknown ones refused."""
+    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [t for t in names if t]
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        what = f"unknown --lora-targets {', '.join(unknown)}" if unknown else "no --lora-targets"
+        raise ValueError(f"{what}; accepted: a comma list of {', '.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in names)
 
 
 class LoRA(nn.Module):
@@ -78,16 +97,22 @@ class LoRA(nn.Module):
 
 
 def add_adapters(
-    model: ImageBind, towers: Sequence[str], rank: int, alpha: float, seed: int = 0
+    model: ImageBind,
+    towers: Sequence[str],
+    rank: int,
+    alpha: float,
+    seed: int = 0,
+    targets: Sequence[str] = LORA_TARGETS,
 ) -> int:
-    """Parametrize every target weight of ``towers``' trunks with a ``LoRA``; returns the count."""
+    """Give each ``targets`` weight of ``towers``' trunks a ``LoRA``; returns how many."""
     if rank < 1:
         raise ValueError(f"--lora-rank must be at least 1, got {rank}")
+    kinds = [TARGETS[t] for t in parse_targets(targets)]
     g = torch.Generator().manual_seed(seed)
     n = 0
     for m in towers:
         for mod in model.modality_trunks[m].modules():
-            for kind, path in TARGETS:
+            for kind, path in kinds:
                 if not isinstance(mod, kind):
                     continue
                 owner, name = _resolve(mod, path)
@@ -119,10 +144,10 @@ def full_parts(model: ImageBind, towers: Sequence[str]) -> list[str]:
     return names
 
 
-def set_lora_trainable(model: ImageBind, towers: Sequence[str]) -> None:
-    """Freeze everything but the adapters and ``full_parts`` of ``towers``."""
+def set_lora_trainable(model: ImageBind, towers: Sequence[str], norms: bool = True) -> None:
+    """Freeze all but the adapters of ``towers`` (and, with ``norms``, their ``full_parts``)."""
     model.requires_grad_(False)
-    keep = set(full_parts(model, towers))
+    keep = set(full_parts(model, towers)) if norms else set()
     for n, p in model.named_parameters():
         if n in keep or (n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and _in(n, towers)):
             p.requires_grad_(True)
@@ -154,10 +179,10 @@ class LoRACounts:
         }
 
 
-def count_trainable(model: ImageBind, towers: Sequence[str]) -> LoRACounts:
+def count_trainable(model: ImageBind, towers: Sequence[str], norms: bool = True) -> LoRACounts:
     """Count adapters, fully trained parts, and what a full fine-tune of ``towers`` trains."""
     adapters = full = base = 0
-    full_names = set(full_parts(model, towers))
+    full_names = set(full_parts(model, towers)) if norms else set()
     for n, p in model.named_parameters():
         if not _in(n, towers) or n.split(".")[0] == "modality_postprocessors":
             continue

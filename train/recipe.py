@@ -47,6 +47,8 @@ from encoders.config import ModelConfig, resolve_config
 from encoders.model import ImageBind, Trunk, init_weights
 from encoders.transforms.text import trim_to_longest
 
+from .lora import LORA_TARGETS, parse_targets
+
 # The preset the demo world and the shipped demo weights are made for (what `bindsearch train`,
 # `demo world`, `demo eval` and `train-decoder` use unless told otherwise).
 DEMO_PRESET = "imagebind_demo"
@@ -169,10 +171,16 @@ class TrainConfig:
     # weight of those towers learns). ``lora_alpha / lora_rank`` scales the adapters.
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    # The trunk projections that get adapters (``train.lora.TARGETS``), and whether the
+    # towers' LayerNorms and biases train in full next to them (False: only the adapters).
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_norms: bool = True
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if self.lora_rank:
+            self.lora_targets = parse_targets(self.lora_targets)
         if self.lora_rank and self.stage1_steps:
             raise ValueError(
                 "LoRA adapts the towers of a trained model (train --init, stage 2 only); "
@@ -496,7 +504,9 @@ def train(
     if tc.lora_rank:
         from .lora import add_adapters
 
-        add_adapters(model, tc.modalities, tc.lora_rank, tc.lora_alpha, seed=tc.seed)
+        add_adapters(
+            model, tc.modalities, tc.lora_rank, tc.lora_alpha, seed=tc.seed, targets=tc.lora_targets
+        )
     dev = torch.device(device)
     model.to(dev)
     amp = torch.autocast("cuda", torch.bfloat16, enabled=autocast and dev.type == "cuda")
@@ -617,7 +627,7 @@ def train(
         if tc.lora_rank:
             from .lora import set_lora_trainable
 
-            set_lora_trainable(model, mods)
+            set_lora_trainable(model, mods, norms=tc.lora_norms)
         else:
             freeze_except(model, mods)
         for m in mods:
@@ -707,8 +717,11 @@ def _tc_dict(tc: TrainConfig) -> dict[str, Any]:
     d["modalities"] = list(tc.modalities)
     if d["init"] is None:
         del d["init"]  # checkpoints from before ``init`` existed still resume
+    d["lora_targets"] = list(tc.lora_targets)
     if not d["lora_rank"]:
         del d["lora_rank"], d["lora_alpha"]  # ... and from before LoRA
+    if not tc.lora_rank or (tuple(tc.lora_targets) == LORA_TARGETS and tc.lora_norms):
+        del d["lora_targets"], d["lora_norms"]  # ... and from before --lora-targets
     return d
 
 
