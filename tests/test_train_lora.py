@@ -350,6 +350,15 @@ def test_lora_targets_and_norms_choose_what_learns(
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
 
 
+def test_huge_count_of_the_narrow_tower_setting_in_the_docs() -> None:
+    # docs/training.md: rank 8 on qkv,fc1, adapters only, is 663,552 parameters of the huge
+    # audio tower (0.77 %): 12 blocks x 8 x ((768 + 2304) + (768 + 3072)).
+    model = ImageBind(resolve_config("imagebind_huge"), ["audio"], device="meta")
+    add_adapters(model, ["audio"], 8, 16.0, targets=("qkv", "fc1"))
+    counts = count_trainable(model, ["audio"], norms=False)
+    assert counts.trainable == counts.adapters == 12 * 8 * (768 + 2304 + 768 + 3072) == 663_552
+
+
 def test_parse_targets_orders_and_refuses() -> None:
     assert parse_targets("fc2,qkv,qkv") == ("qkv", "fc2")
     assert parse_targets(["out_proj"]) == ("out_proj",)
