@@ -82,7 +82,7 @@ def test_manifest_of_pairs_trains_and_exports(tmp_path: Path) -> None:
     manifest = write_world(tmp_path / "w", 6, CFG.preprocess, seed=2, progress=False)
     # A manifest may hold any subset of columns per row.
     rows = [json.loads(x) for x in manifest.read_text().splitlines()]
-    del rows[0]["audio"]
+    del rows[0]["audio"], rows[0]["video"]  # (a video alone would give its soundtrack)
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = from_manifest(manifest, CFG, progress=False)
     assert data.present["audio"].sum() == 5 and len(data.rows("vision", "text")) == 6
@@ -94,6 +94,73 @@ def test_manifest_of_pairs_trains_and_exports(tmp_path: Path) -> None:
     emb = enc.embed_items("text", ["a red star"])
     assert emb.shape == (1, CFG.embed_dim)
     assert abs(float(np.linalg.norm(emb)) - 1) < 1e-5
+
+
+def _silent_mp4(path: Path, frames: np.ndarray) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        vs = container.add_stream("libx264", rate=10)
+        vs.width, vs.height = frames.shape[2], frames.shape[1]
+        vs.pix_fmt = "yuv444p"
+        for fr in frames:
+            container.mux(vs.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")))
+        container.mux(vs.encode())
+
+
+def test_a_video_alone_pairs_its_soundtrack_with_its_frames(tmp_path: Path) -> None:
+    # {"video": path}: the video's frames anchor its soundtrack in stage 2, as ImageBind pairs
+    # AudioSet's sounds with their frames. The row's audio is the soundtrack through the audio
+    # loader, exactly (the demo world's videos carry its audio files' sound, AAC-coded with the
+    # encoder's priming samples kept: close to the audio file, not equal to it).
+    from encoders.transforms.audio import load_audio
+    from encoders.transforms.video import extract_audio
+    from train.recipe import _anchor_takes, anchor_rows
+
+    manifest = write_world(tmp_path / "w", 6, CFG.preprocess, seed=3, progress=False)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    only = tmp_path / "w" / "videos.jsonl"
+    only.write_text("".join(json.dumps({"video": r["video"]}) + "\n" for r in rows))
+    data = from_manifest(only, CFG, progress=False)
+    assert set(data.tensors) == {"video", "audio"} and data.present["audio"].all()
+    for i, r in enumerate(rows):
+        track = extract_audio(tmp_path / "w" / r["video"])
+        assert track is not None
+        want = load_audio((torch.from_numpy(track[0]), track[1]), CFG.preprocess)
+        assert torch.equal(data.tensors["audio"][i], want)
+    assert [t for t, _ in _anchor_takes("audio", data)] == ["video"]
+    assert list(anchor_rows("audio", data)) == list(range(6))
+
+    # A mixed manifest: rows with an image anchor on it, video-only rows on their frames; a
+    # video without a soundtrack gives no audio.
+    silent = tmp_path / "w" / "silent.mp4"
+    _silent_mp4(silent, np.full((12, 32, 32, 3), 90, np.uint8))
+    mixed = [
+        *({"image": r["image"], "audio": r["audio"]} for r in rows[:3]),
+        *({"video": r["video"]} for r in rows[3:]),
+        {"video": silent.name, "image": rows[0]["image"]},
+    ]
+    only.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    data = from_manifest(only, CFG, progress=False)
+    assert list(data.present["audio"]) == [True] * 6 + [False]
+    takes = {a: list(np.flatnonzero(t)) for a, t in _anchor_takes("audio", data)}
+    assert takes == {"vision": [0, 1, 2], "video": [3, 4, 5]}
+    tc = _tc(stage1_steps=0, stage2_steps=3, batch_size=6, modalities=("audio",))
+    from encoders import resolve_model
+
+    model = load_encoder(resolve_model("imagebind_demo"), dtype="fp32").model
+    res = train(data, tc, tmp_path / "o", progress=False, init=model)
+    assert len(res.losses["stage2/audio"]) == 3
+
+
+def test_train_init_says_which_pairs_are_missing(tmp_path: Path) -> None:
+    from train.init import run_train_init
+
+    manifest = write_world(tmp_path / "w", 2, CFG.preprocess, seed=4, progress=False)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps({"depth": r["depth"]}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"no \(image or video, audio\) pairs"):
+        run_train_init("imagebind_demo", tmp_path / "o", "audio", manifest=manifest, steps=1)
 
 
 def test_train_cli(tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ from encoders.models import TOWER_MODULES, ModelRef, tower_hashes, tower_of_key
 from .lora import LORA_TARGETS, parse_targets
 from .recipe import STAGE2_MODALITIES
 
+ANCHOR_NAMES = {"vision": "image", "video": "video"}  # as a manifest's columns name them
+
 __all__ = [
     "BIG_TRUNK",
     "TOWER_MODULES",
@@ -189,7 +191,15 @@ def run_train_init(
     from encoders.adapters import merge_adapters
     from encoders.checkpoint import save_safetensors, sha256_file, state_dict_towers
 
-    from .recipe import TrainConfig, from_manifest, from_world, save_state_dict
+    from .recipe import (
+        ANCHORS,
+        DEFAULT_ANCHORS,
+        TrainConfig,
+        anchor_rows,
+        from_manifest,
+        from_world,
+        save_state_dict,
+    )
     from .recipe import train as train_model
 
     t0 = time.perf_counter()
@@ -243,10 +253,10 @@ def run_train_init(
         data = from_world(world, cfg, seed=world_seed, progress=progress)
         source = {"kind": "demo world", "n": world, "seed": world_seed}
     for m in towers:
-        anchor = "video" if m == "imu" and len(data.rows("imu", "video")) else "vision"
-        if not len(data.rows(m, anchor)):
+        if not len(anchor_rows(m, data)):
+            anchors = " or ".join(ANCHOR_NAMES[a] for a in ANCHORS.get(m, DEFAULT_ANCHORS))
             raise ValueError(
-                f"the training data has no ({anchor}, {m}) pairs to train the {m} tower on"
+                f"the training data has no ({anchors}, {m}) pairs to train the {m} tower on"
             )
     identity = ref.identity + ("+reinit" if reinit else "")
     tc = TrainConfig(

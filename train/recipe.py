@@ -84,9 +84,12 @@ CHOICES_SEP, CHOICE_SEP = ":choices:", ":choice:"
 # candidates each image of the batch picks its caption from (NegCLIP's swapped captions).
 NEG_TEXT = {"video_text": "video_text_neg"}
 STAGE2_MODALITIES = ("audio", "depth", "thermal", "imu")
-# Which vision input anchors a modality in stage 2 (IMU moves with the camera: video, as
-# Ego4D pairs them); the image is the fallback.
-ANCHORS = {"imu": "video"}
+# The vision inputs that anchor a modality in stage 2, in order of preference: each row's
+# first present one is its anchor (``anchor_rows``). IMU moves with the camera: its video first,
+# as Ego4D pairs them. The others: the image, else the video's frames (a manifest row holding
+# only a video pairs its soundtrack with its frames, as ImageBind pairs AudioSet's sounds).
+ANCHORS: dict[str, tuple[str, ...]] = {"imu": ("video", "vision")}
+DEFAULT_ANCHORS = ("vision", "video")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -256,7 +259,9 @@ def from_manifest(
     Each line is a JSON object with any of ``image``, ``video``, ``audio``, ``depth``,
     ``thermal``, ``imu`` (file paths, relative to the manifest's folder) and ``text`` (the
     image's caption), ``video_text`` (the video's caption; ``text`` when absent). Rows may
-    have any subset: each stage uses the rows that hold its pair.
+    have any subset: each stage uses the rows that hold its pair. A row with a ``video`` and
+    no ``audio`` file takes the video's soundtrack as its audio (when it has one), so that
+    ``{"video": path}`` alone pairs a video's sound with its frames.
     """
     from encoders.inputs import preprocess
 
@@ -279,14 +284,19 @@ def from_manifest(
     for key, col in file_keys.items():
         if wanted is not None and key not in wanted:
             continue
-        have = np.array([bool(r.get(col)) for r in rows])
-        if not have.any():
-            continue
-        items = []
-        for r in tqdm(rows, desc=f"load {key}", disable=not progress, leave=False):
+        loaded: dict[int, Tensor] = {}
+        for i, r in enumerate(tqdm(rows, desc=f"load {key}", disable=not progress, leave=False)):
             if r.get(col):
-                items.append(preprocess(key, [str(path.parent / r[col])], p)[0])
-        stacked = torch.stack(items)
+                loaded[i] = preprocess(key, [str(path.parent / r[col])], p)[0]
+            elif key == "audio" and r.get("video"):
+                track = _soundtrack(path.parent / r["video"], cfg)
+                if track is not None:
+                    loaded[i] = track
+        if not loaded:
+            continue
+        stacked = torch.stack(list(loaded.values()))
+        have = np.zeros(len(rows), bool)
+        have[list(loaded)] = True
         full = torch.zeros((len(rows), *stacked.shape[1:]), dtype=stacked.dtype)
         full[torch.from_numpy(have)] = stacked
         tensors[key], present[key] = full, have
@@ -297,6 +307,18 @@ def from_manifest(
             ids = preprocess("text", [t or "" for t in texts], p)
             tensors[key], present[key] = ids, have
     return PairedData(tensors, present)
+
+
+def _soundtrack(video: Path, cfg: ModelConfig) -> Tensor | None:
+    """A video file's first audio stream as the audio tower's input, or None if it has none."""
+    from encoders.inputs import DEFAULT_LIMITS
+    from encoders.transforms.audio import load_audio
+    from encoders.transforms.video import extract_audio
+
+    track = extract_audio(str(video), max_seconds=DEFAULT_LIMITS.max_audio_seconds)
+    if track is None:
+        return None
+    return load_audio((torch.from_numpy(track[0]), track[1]), cfg.preprocess)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -441,11 +463,18 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def cache_embeddings(model: ImageBind, data: PairedData, key: str, batch: int = 256) -> Tensor:
-    """(N, D) unit embeddings of every row of ``data[key]`` (zeros where absent), on the CPU."""
+def cache_embeddings(
+    model: ImageBind,
+    data: PairedData,
+    key: str,
+    rows: np.ndarray | None = None,
+    batch: int = 256,
+) -> Tensor:
+    """(N, D) unit embeddings of ``rows`` of ``data[key]`` (default: every row that has it;
+    zeros elsewhere), on the CPU."""
     x = data.tensors[key]
     out = torch.zeros(len(x), model.cfg.embed_dim)
-    rows = data.rows(key)
+    rows = data.rows(key) if rows is None else rows
     was = model.training
     dev = next(model.parameters()).device
     model.eval()
@@ -622,7 +651,7 @@ def train(
         state = None
 
     # ---- stage 2: each other modality <-> frozen vision embeddings (never text)
-    mods = [m for m in tc.modalities if len(data.rows(m, _anchor(m, data)))]
+    mods = [m for m in tc.modalities if len(anchor_rows(m, data))]
     if tc.stage2_steps and mods:
         if tc.lora_rank:
             from .lora import set_lora_trainable
@@ -633,7 +662,13 @@ def train(
         for m in mods:
             trunk: Trunk = model.modality_trunks[m]  # type: ignore[assignment]
             trunk.grad_checkpointing = grad_checkpointing
-        anchors = {a: cache_embeddings(model, data, a) for a in {_anchor(m, data) for m in mods}}
+        # Each anchor embedded once, for the rows some modality takes it for.
+        needs: dict[str, np.ndarray] = {}
+        for m in mods:
+            for a, take in _anchor_takes(m, data):
+                needs[a] = needs[a] | take if a in needs else take
+        cached = {a: cache_embeddings(model, data, a, np.flatnonzero(t)) for a, t in needs.items()}
+        anchors = {m: _anchor_embeddings(m, data, cached) for m in mods}  # (N, D) each
         opt = trainable_optimizer(model, tc.stage2_lr, tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup, tc.stage2_steps))
         start = 0
@@ -651,13 +686,12 @@ def train(
             total: Tensor | float = 0.0
             shown = {}
             for m in mods:
-                a = _anchor(m, data)
-                idx = torch.from_numpy(_batch(data.rows(m, a), tc.batch_size, rng))
+                idx = torch.from_numpy(_batch(anchor_rows(m, data), tc.batch_size, rng))
                 with amp:
                     emb = model.embed_one(m, data.tensors[m][idx].to(dev), scaled=False)
                 scale = model.logit_scale(m)
                 assert scale is not None
-                loss = info_nce(emb.float(), anchors[a][idx].to(dev), scale)
+                loss = info_nce(emb.float(), anchors[m][idx].to(dev), scale)
                 total = total + loss
                 losses[f"stage2/{m}"].append(float(loss.detach()))
                 shown[m] = f"{float(loss.detach()):.2f}"
@@ -698,9 +732,36 @@ def freeze_except(model: ImageBind, towers: Sequence[str]) -> None:
             getattr(model, name)[m].requires_grad_(True)
 
 
-def _anchor(m: str, data: PairedData) -> str:
-    a = ANCHORS.get(m, "vision")
-    return a if len(data.rows(m, a)) else "vision"
+def anchor_rows(m: str, data: PairedData) -> np.ndarray:
+    """Indices of the rows where ``m`` has an anchor (any of ``ANCHORS``' for it) to train on."""
+    mask = np.zeros(len(data), bool)
+    for _, take in _anchor_takes(m, data):
+        mask |= take
+    return np.flatnonzero(mask)
+
+
+def _anchor_takes(m: str, data: PairedData) -> list[tuple[str, np.ndarray]]:
+    """For each anchor of ``m``, the (N,) bool rows that take it: ``m`` present, no earlier one."""
+    done = ~data.present.get(m, np.zeros(len(data), bool))
+    out = []
+    for a in ANCHORS.get(m, DEFAULT_ANCHORS):
+        if a not in data.tensors:
+            continue
+        take = data.present[a] & ~done
+        if take.any():
+            out.append((a, take))
+        done = done | take
+    return out
+
+
+def _anchor_embeddings(m: str, data: PairedData, cached: dict[str, Tensor]) -> Tensor:
+    """(N, D): each row's embedding of its first present anchor of ``m`` (zeros where none)."""
+    takes = _anchor_takes(m, data)
+    out = torch.zeros_like(cached[takes[0][0]])
+    for a, take in takes:
+        rows = torch.from_numpy(take)
+        out[rows] = cached[a][rows]
+    return out
 
 
 def _in_towers(name: str, towers: Sequence[str]) -> bool:
