@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -287,6 +287,14 @@ class ShardedSearcher:
 
     def info(self) -> list[IndexInfo]:
         return self._snapshot.info()
+
+    def calibration_note_for(
+        self,
+        query_modalities: Iterable[Modality | str] | None = None,
+        targets: Iterable[Modality | str] | None = None,
+    ) -> str | None:
+        """The router's snapshot holds the calibration: ``IndexSearcher.calibration_note_for``."""
+        return self._snapshot.calibration_note_for(query_modalities, targets)
 
     def close(self) -> None:
         self._snapshot.close()
