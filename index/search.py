@@ -256,18 +256,42 @@ class IndexSearcher:
     def calibration_note(self) -> str | None:
         """Why results are not calibrated, when they are not (an index built before it, or a
         query tower changed since the calibration was measured)."""
+        return self.calibration_note_for()
+
+    def calibration_note_for(
+        self,
+        query_modalities: Iterable[Modality | str] | None = None,
+        targets: Iterable[Modality | str] | None = None,
+    ) -> str | None:
+        """``calibration_note`` about one search: only the stale pairs from one of its
+        ``query_modalities`` to one of its ``targets`` (None: any). An index without a
+        calibration has the note whatever the search."""
         if self.manifest.calibration is None:
             return (
                 f"the index at {self.root} has no calibration (built by an older bindsearch): "
                 "results are merged by raw cosine; `bindsearch index sync` or a rebuild adds it"
             )
-        stale = self.stale_pairs
+        queries = (
+            None if query_modalities is None else {Modality.parse(m) for m in query_modalities}
+        )
+        wanted = None if targets is None else {Modality.parse(m) for m in targets}
+        pairs = [
+            (Modality.parse(q), Modality.parse(t))
+            for q, t in sorted(self.manifest.calibration.pairs)
+            if Modality.parse(q).tower.value in self.stale_towers
+        ]
+        stale = [
+            (q, t)
+            for q, t in pairs
+            if (queries is None or q in queries) and (wanted is None or t in wanted)
+        ]
         if not stale:
             return None
-        towers = ", ".join(sorted(self.stale_towers))
+        towers = ", ".join(sorted({q.tower.value for q, _ in stale}))
+        names = ", ".join(f"{q.value}->{t.value}" for q, t in stale)
         return (
             f"the index at {self.root} was calibrated with another {towers} tower: the "
-            f"{', '.join(stale)} pairs are stale and ranked by raw cosine; "
+            f"{names} pairs are stale and ranked by raw cosine; "
             "`bindsearch index sync` with this model measures them again"
         )
 

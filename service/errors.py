@@ -19,6 +19,9 @@ request validation -> 400, unknown routes -> 404.
     │                              reads this answer; it labels the request in /metrics)
     └── Unavailable           503  not ready, no index loaded, the model failed, or a file
                                    of the served index is damaged (``index_damaged``)
+
+``RetryLater`` adds a ``Retry-After`` header to the class it is mixed into (``Overloaded``,
+``service.ray_serve.RayUnreachable``); it has no status of its own.
 """
 
 from __future__ import annotations
@@ -78,8 +81,9 @@ class ClientGone(ServiceError):
     type = "client_disconnected"
 
 
-class Overloaded(ServiceError):
-    type = "overloaded"
+class RetryLater(ServiceError):
+    """An error the client should retry after ``retry_after_s`` seconds (the ``Retry-After``
+    header). A mixin: the class it is combined with decides the status and ``type``."""
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
@@ -87,6 +91,10 @@ class Overloaded(ServiceError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class Overloaded(RetryLater):
+    type = "overloaded"
 
 
 class Unavailable(ServiceError):

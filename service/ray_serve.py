@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +31,7 @@ import numpy as np
 from encoders import InputLimits, Modality
 
 from .embedders import ModelInfo, Sample
-from .errors import Unavailable
+from .errors import RetryLater, Unavailable
 
 if TYPE_CHECKING:
     from encoders import ModelRef, PreprocessConfig
@@ -47,17 +47,10 @@ HEALTH_CHECK_PERIOD_S = 2.0  # Ray Serve's health check of each replica
 HEALTH_CHECK_TIMEOUT_S = 10.0
 
 
-class RayUnreachable(Unavailable):
+class RayUnreachable(RetryLater, Unavailable):
     """A replica died, is restarting or did not answer in time: 503, retry shortly."""
 
     type = "unavailable"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 def import_serve() -> ModuleType:
@@ -294,6 +287,14 @@ class ShardedSearcher:
 
     def info(self) -> list[IndexInfo]:
         return self._snapshot.info()
+
+    def calibration_note_for(
+        self,
+        query_modalities: Iterable[Modality | str] | None = None,
+        targets: Iterable[Modality | str] | None = None,
+    ) -> str | None:
+        """The router's snapshot holds the calibration: ``IndexSearcher.calibration_note_for``."""
+        return self._snapshot.calibration_note_for(query_modalities, targets)
 
     def close(self) -> None:
         self._snapshot.close()

@@ -107,6 +107,20 @@ RELEVANCE_HELP = (
     "this (query modality, item modality) pair gives to the cosine score; 0 to 1."
 )
 
+CALIBRATION_NOTE_HELP = (
+    "Present (not null) when the calibrated ranking is not calibrated for this search: the "
+    "index has no calibration (built by an older bindsearch), or the model's tower that "
+    "embeds a query modality changed since the calibration was measured (the note names the "
+    "stale query->target pairs). Those pairs are ranked by raw cosine, their `relevance` is "
+    "the cosine; `bindsearch index sync` with the served model measures them again. Null for "
+    "the raw, rrf and per_modality merges, which do not use the calibration."
+)
+INFO_CALIBRATION_NOTE_HELP = (
+    "Why the served index's calibration does not cover every query (no calibration, or the "
+    "stale pairs of changed query towers); null when it does or no index is served. "
+    "/v1/search says it per search (`calibration_note`)."
+)
+
 
 class SearchRequest(_Query):
     """A JSON search: exactly one of ``text``, ``item_id``, ``data``, ``terms`` or ``vector``."""
@@ -223,6 +237,7 @@ class SearchResponse(BaseModel):
     results: list[ResultOut]
     query: QueryEcho
     took_ms: float
+    calibration_note: str | None = Field(default=None, description=CALIBRATION_NOTE_HELP)
 
 
 class EmbedInput(_Strict):
@@ -337,6 +352,7 @@ class GeneratorOut(BaseModel):
 class InfoResponse(BaseModel):
     model: ModelOut
     indexes: list[IndexOut]
+    calibration_note: str | None = Field(default=None, description=INFO_CALIBRATION_NOTE_HELP)
     limits: dict[str, int | float]  # caps as configured: counts and bytes are integers
     generator: GeneratorOut | None = Field(
         None, description="The image generator of POST /v1/generate; null when there is none."

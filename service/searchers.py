@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -57,6 +57,7 @@ __all__ = [
     "Item",
     "MemorySearcher",
     "Searcher",
+    "calibration_note",
     "check_index_model",
     "load_searcher",
 ]
@@ -380,6 +381,15 @@ class IndexSnapshots:
     def info(self) -> list[IndexInfo]:
         return [] if self._current is None else self._current.info()
 
+    def calibration_note_for(
+        self,
+        query_modalities: Iterable[Modality | str] | None = None,
+        targets: Iterable[Modality | str] | None = None,
+    ) -> str | None:
+        """``IndexSearcher.calibration_note_for`` of the snapshot in service (None: none is)."""
+        current = self._current
+        return None if current is None else current.calibration_note_for(query_modalities, targets)
+
     # --- helpers ------------------------------------------------------------------------------
 
     def _reading(self, read: Callable[[IndexSearcher], T], what: str) -> T:
@@ -496,6 +506,27 @@ def load_searcher(
             "extra (faiss-cpu), or 'gpu' on a CUDA machine (faiss-gpu); never both"
         ) from None
     return IndexSnapshots(path, check, wait=wait)
+
+
+def calibration_note(
+    searcher: Searcher | IndexSearcher,
+    merge: str = "calibrated",
+    query_modalities: Iterable[Modality | str] | None = None,
+    targets: Iterable[Modality | str] | None = None,
+) -> str | None:
+    """Why a search's results are not ranked by the index's calibration, or None.
+
+    Only a ``calibrated`` merge uses the calibration; the note is the index's (no calibration
+    at all, or stale pairs from one of ``query_modalities`` to one of ``targets``: None, any).
+    A searcher without calibration notes (a ``.jsonl`` of vectors) has none.
+    """
+    if merge != "calibrated":
+        return None
+    note_for = getattr(searcher, "calibration_note_for", None)
+    if note_for is None:
+        return None
+    note: str | None = note_for(query_modalities, targets)
+    return note
 
 
 def searcher_has_model(searcher: Searcher | IndexSearcher) -> bool:

@@ -368,6 +368,25 @@ def test_overloaded_carries_retry_after() -> None:
     assert Overloaded("x", 3).headers() == {"Retry-After": "3"}
 
 
+def test_retry_later_keeps_each_class_status_and_type() -> None:
+    # Overloaded and the Ray router's RayUnreachable share RetryLater's Retry-After; the class
+    # it is mixed into still decides the status and the body's type.
+    from service.errors import RetryLater, Unavailable, status_of
+    from service.ray_serve import RayUnreachable
+
+    busy, gone = Overloaded("full"), RayUnreachable("a shard died", 4)
+    assert isinstance(busy, RetryLater) and isinstance(gone, RetryLater)
+    assert isinstance(gone, Unavailable)
+    assert (status_of(busy), busy.type, busy.headers()) == (429, "overloaded", {"Retry-After": "1"})
+    assert (status_of(gone), gone.type, gone.headers()) == (
+        503,
+        "unavailable",
+        {"Retry-After": "4"},
+    )
+    r = _respond(gone)
+    assert r.status_code == 503 and r.headers["retry-after"] == "4"
+
+
 # ----------------------------------------------------------------------------- disconnects
 
 

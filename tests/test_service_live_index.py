@@ -10,6 +10,7 @@ the service within 10 s of the command's end (the issue's bound; the poll runs e
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -218,6 +220,66 @@ def test_sync_then_rebuild_under_load_on_a_real_server(tmp_path: Path) -> None:
     assert len(load.statuses) > 20, len(load.statuses)
     assert load.errors == [], load.errors[:3]
     assert set(load.statuses) == {200}, sorted(set(load.statuses))
+    log = proc.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+
+
+def _write_manifest(idx: Path, manifest: dict[str, Any]) -> None:
+    """Replace the index's manifest at once, as a commit does (the poll sees a whole one)."""
+    tmp = idx / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, idx / "manifest.json")
+
+
+def test_search_and_info_say_when_a_query_towers_calibration_is_stale(tmp_path: Path) -> None:
+    """An image index whose calibration was measured with another text tower (its manifest
+    records another text digest, as after the served model's text tower was retrained): the
+    service accepts it (its vectors are the vision tower's); a text search's response and
+    /v1/info carry the note naming the stale text->vision pair and `bindsearch index sync`;
+    a vision query, a raw merge and, once the index's calibration fits the model again, any
+    search have none."""
+    corpus, idx = tmp_path / "corpus", tmp_path / "idx"
+    corpus.mkdir()
+    for i in range(3):
+        image(corpus / f"a{i}.png", seed=i)
+    build(corpus, idx)
+    fine = json.loads((idx / "manifest.json").read_text())
+    assert {"text->vision", "vision->vision"} <= set(fine["calibration"]["pairs"])
+    stale = json.loads(json.dumps(fine))
+    stale["model"]["towers"]["text"] = "0" * 64
+    stale["model"]["digest"] = "1" * 64
+    _write_manifest(idx, stale)
+
+    def search(body: dict[str, Any]) -> dict[str, Any]:
+        r = httpx.post(f"{url}/v1/search", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    with serving(tmp_path, idx) as (srv, proc):
+        url = srv.url
+        until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "ready", 120)
+        note = search({"text": "a red ring"})["calibration_note"]
+        assert note is not None and "text->vision pairs are stale" in note, note
+        assert "vision->vision" not in note and "`bindsearch index sync`" in note, note
+        assert str(idx) in note and "raw cosine" in note, note
+        info = httpx.get(f"{url}/v1/info").json()
+        assert info["calibration_note"] == note
+        # Calibration is not used by a raw merge; a vision query's pair is not stale.
+        assert search({"text": "a red ring", "merge": "raw"})["calibration_note"] is None
+        item = search({"text": "x", "k": 1})["results"][0]["id"]
+        assert search({"item_id": item})["calibration_note"] is None
+        # The calibration fits the served model again (what a sync commits): the swapped-in
+        # snapshot has no note.
+        _write_manifest(idx, fine)
+        until(
+            lambda: (
+                httpx.get(f"{url}/v1/info").json()["calibration_note"] is None
+                and search({"text": "a red ring"})["calibration_note"] is None
+            ),
+            "the note gone with the stale calibration",
+            WITHIN_S,
+        )
     log = proc.log.read_text()
     assert "Traceback" not in log, log[-3000:]
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -139,7 +141,10 @@ def test_sharded_service_gives_the_single_process_answers(servers: tuple[Server,
         {"text": "nothing carries it", "tags": ["green"]},
     ]
     for body in bodies:
-        want, got = hits(search(local, body)), hits(search(sharded, body))
+        one, many = search(local, body), search(sharded, body)
+        # a calibrated index served by the model that built it: no note, from either
+        assert one.json()["calibration_note"] is many.json()["calibration_note"] is None, body
+        want, got = hits(one), hits(many)
         assert [h[0] for h in got] == [h[0] for h in want], body
         for (_, s1, r1), (_, s2, r2) in zip(want, got, strict=True):
             assert abs(s1 - s2) <= 1e-5, body
@@ -149,6 +154,50 @@ def test_sharded_service_gives_the_single_process_answers(servers: tuple[Server,
     assert any(abs(s - (r or s)) > 1e-3 for _, s, r in calibrated)
     info = httpx.get(f"{sharded.url}/v1/info", headers=AUTH, timeout=30).json()
     assert info["indexes"] == httpx.get(f"{local.url}/v1/info", headers=AUTH).json()["indexes"]
+    assert info["calibration_note"] is None
+
+
+class _Shard:
+    """A shard deployment's handle, in this process: ``run_search.remote(...).result()``."""
+
+    def __init__(self, root: Path, shard: int, shards: int) -> None:
+        from index.shard import IndexShard
+
+        self._shard = IndexShard.load(root, shard, shards)
+        self.run_search = self
+
+    def remote(self, q: Any, plan: Any) -> Any:
+        return SimpleNamespace(result=lambda timeout_s: self._shard.run_search(q, plan))
+
+
+def test_the_router_says_when_the_index_has_no_calibration(index_dir: Path, tmp_path: Path) -> None:
+    """The sharded router holds the calibration: its /v1/search and /v1/info say when the
+    index has none (built by an older bindsearch), as the single-process service does."""
+    from fastapi.testclient import TestClient
+
+    from index.search import open_index
+    from service import FakeEmbedder, ServiceSettings, create_app
+    from service.ray_serve import ShardedSearcher
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    manifest = json.loads((idx / "manifest.json").read_text())
+    del manifest["calibration"]  # as an index built before calibration existed
+    (idx / "manifest.json").write_text(json.dumps(manifest))
+    snapshot = open_index(idx, snapshot=True, vectors=False)
+    router = ShardedSearcher(snapshot, [_Shard(idx, s, 2) for s in range(2)], [])
+    app = create_app(ServiceSettings(), FakeEmbedder(snapshot.dim), router)
+    with TestClient(app) as c:
+        until(lambda: c.get("/readyz").status_code == 200, "ready", 60)
+        r = c.post("/v1/search", json={"text": "a red square", "k": 3})
+        assert r.status_code == 200 and len(r.json()["results"]) == 3, r.text
+        note = r.json()["calibration_note"]
+        assert note is not None and "has no calibration" in note, note
+        assert "`bindsearch index sync`" in note and str(idx) in note, note
+        r = c.post("/v1/search", json={"text": "a red square", "merge": "rrf"})
+        assert r.status_code == 200 and r.json()["calibration_note"] is None, r.text
+        assert c.get("/v1/info").json()["calibration_note"] == note
+    router.close()
 
 
 def test_auth_errors_and_metrics_are_the_services(servers: tuple[Server, Server]) -> None:

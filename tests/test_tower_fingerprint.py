@@ -291,6 +291,10 @@ def test_a_changed_query_tower_marks_its_calibration_stale_until_sync(tmp_path: 
         assert s.calibration is not None and ("text", "vision") not in s.calibration.pairs
         assert s.calibration_note is not None and "text->vision" in s.calibration_note
         assert s.calibration_note.count("stale") == 1
+        # About one search: only its query modalities' stale pairs to its targets.
+        assert s.calibration_note_for(["text"], ["vision"]) == s.calibration_note
+        assert s.calibration_note_for(["vision"]) is None
+        assert s.calibration_note_for(["text"], ["audio"]) is None
     from index.pipeline import sync_index
 
     corpus = tmp_path / "images-corpus"

@@ -13,7 +13,7 @@ from ..deps import AppState, ModelDep, StateDep, require_api_key
 from ..generators import GeneratorSlot
 from ..ray_serve import ShardedSearcher
 from ..schemas import GeneratorOut, IndexOut, InfoResponse, ModelOut, Status
-from ..searchers import IndexSnapshots
+from ..searchers import IndexSnapshots, calibration_note
 from . import error_responses
 
 # The web page: plain files, no build step; ``create_app`` mounts this directory at /static.
@@ -113,6 +113,7 @@ async def info(state: StateDep, model: ModelDep) -> InfoResponse:
             IndexOut(name=i.name, modality=i.modality.value, count=i.count, recipe=i.recipe)
             for i in indexes
         ],
+        calibration_note=None if state.searcher is None else calibration_note(state.searcher),
         limits={
             "max_k": s.max_k,
             "max_inputs": s.max_inputs,

@@ -26,7 +26,7 @@ from ..schemas import (
     SearchResponse,
     TermEcho,
 )
-from ..searchers import Item, Searcher, searcher_has_model
+from ..searchers import Item, Searcher, calibration_note, searcher_has_model
 from ..settings import ServiceSettings
 from . import body_ref, error_responses
 from ._body import (
@@ -133,17 +133,12 @@ async def search(
     vectors = await term_vectors(q.terms, pipeline, searcher)
     query = mix(vectors, [t.weight for t in q.terms])
     exclude = {t.item_id for t in q.terms if t.item_id is not None}
+    # A bare vector has no modality: every measured query modality, equally weighted,
+    # as IndexSearcher.search (and `index query --vector`) does without one.
+    modalities = query_modalities(q.terms) or None
     hits = (
         await run_in_threadpool(
-            searcher.search,
-            query[None],
-            k + len(exclude),
-            targets,
-            q.tags,
-            q.merge,
-            # A bare vector has no modality: every measured query modality, equally weighted,
-            # as IndexSearcher.search (and `index query --vector`) does without one.
-            query_modalities(q.terms) or None,
+            searcher.search, query[None], k + len(exclude), targets, q.tags, q.merge, modalities
         )
     )[0]
     # Up to k results in all; per_modality: up to k of each modality.
@@ -166,7 +161,11 @@ async def search(
         merge=q.merge,
     )
     return SearchResponse(
-        results=results, query=echo, took_ms=round((time.perf_counter() - t0) * 1e3, 3)
+        results=results,
+        query=echo,
+        took_ms=round((time.perf_counter() - t0) * 1e3, 3),
+        # Which of this search's pairs (its term modalities to its targets) are not calibrated.
+        calibration_note=calibration_note(searcher, q.merge, modalities, targets),
     )
 
 
