@@ -13,6 +13,7 @@ default model is named here and nowhere else (``DEFAULT_MODEL``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -349,15 +350,38 @@ def card_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+# card path -> ((mtime_ns, size, inode) when read, its parsed JSON), this process
+_CARDS: dict[str, tuple[tuple[int, int, int], Any]] = {}
+_MAX_CARDS = 256
+
+
+def _read_card(path: Path) -> Any:
+    """A card's parsed JSON, read again only when the file changed (its mtime, size or inode):
+    ``tower_hashes`` asks for it on every model fingerprint. None when missing or not JSON."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key, seen = (st.st_mtime_ns, st.st_size, st.st_ino), _CARDS.get(str(path))
+    if seen is not None and seen[0] == key:
+        return seen[1]
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        card = None
+    if len(_CARDS) >= _MAX_CARDS:
+        _CARDS.clear()
+    _CARDS[str(path)] = (key, card)
+    return card
+
+
 def weights_card(weights: str | Path, sha256: str | None = None) -> dict[str, Any] | None:
     """The card beside ``weights`` (``train --init`` writes it: config, init weights, towers
     changed, data, licence), or None when there is none or it describes another file
-    (its ``sha256`` is not ``sha256``, default: the file's)."""
-    try:
-        card = json.loads(card_path(weights).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    (its ``sha256`` is not ``sha256``, default: the file's). The file is read once per change
+    of its mtime, size or inode; each call returns a copy of its own."""
+    card = _read_card(card_path(weights).absolute())
     if not isinstance(card, dict):
         return None
     want = sha256 if sha256 is not None else file_sha256(Path(weights))
-    return card if card.get("sha256") == want else None
+    return copy.deepcopy(card) if card.get("sha256") == want else None

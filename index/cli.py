@@ -352,6 +352,7 @@ def info(
     if as_json:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
+        _fail_if_damaged(index, data)
         return
     c = data["counts"]
     typer.echo(f"index {index}  ({data['dim']}-d, cosine)")
@@ -374,20 +375,35 @@ def info(
         typer.echo(f"  {m:8s} {e['count']:>9d} items  {e['spec']['factory']}{p}{r}")
         size = data["sizes"][m]
         where = "lists on disk, " if e["spec"].get("storage") == "disk" else ""
-        typer.echo(
-            f"  {'':8s} {where}resident {_mb(size['resident_bytes'])}, "
-            f"on disk (mapped, read as searched) {_mb(size['on_disk_bytes'])}"
-        )
+        if size is None:
+            typer.echo(f"  {'':8s} size unknown: its files are missing or cannot be read")
+        else:
+            typer.echo(
+                f"  {'':8s} {where}resident {_mb(size['resident_bytes'])}, "
+                f"on disk (mapped, read as searched) {_mb(size['on_disk_bytes'])}"
+            )
     if data["rejected"]:
         typer.echo("rejected files:")
         for r in data["rejected"]:  # escaped: a name may hold bytes a terminal obeys
             typer.echo(f"  {escape_path(r['path'])}: {escape_path(r['error'] or '')}")
+    _fail_if_damaged(index, data)
+
+
+def _fail_if_damaged(index: Path, data: dict[str, Any]) -> None:
+    """After all ``index info`` could print: a damaged FAISS file is one ``error:`` line (the
+    words ``index query`` refuses it with) and exit status 1."""
+    from .store import damaged_error
+
+    if data["damaged"]:
+        _fail(damaged_error(index, data["damaged"]))
 
 
 def index_info(index: Path) -> dict[str, Any]:
-    """The manifest plus the rejected files (``index info --json``)."""
+    """The manifest plus the rejected files, each modality's sizes and ``damaged``: what is
+    wrong with which FAISS files (``faiss_file_problems``; empty when they match the manifest),
+    as ``index info --json`` prints it. A modality whose files cannot be read has sizes None."""
     from .ondisk import sizes
-    from .store import IndexStore, read_manifest
+    from .store import IndexStore, faiss_file_problems, read_manifest
 
     manifest = read_manifest(Path(index))
     try:
@@ -399,11 +415,14 @@ def index_info(index: Path) -> dict[str, Any]:
             f"run `bindsearch index verify {index}`, then rebuild it"
         ) from None
     rejected = [{"path": r["path"], "error": r["error"]} for r in rows]
-    bytes_ = {
-        m: sizes(Path(index), e.file, e.data_file, e.ntotal, manifest.dim)
-        for m, e in manifest.modalities.items()
-    }
-    return {**manifest.to_dict(), "sizes": bytes_, "rejected": rejected}
+    bytes_: dict[str, dict[str, int] | None] = {}
+    for m, e in manifest.modalities.items():
+        try:
+            bytes_[m] = sizes(Path(index), e.file, e.data_file, e.ntotal, manifest.dim)
+        except OSError:  # named in ``damaged``
+            bytes_[m] = None
+    damaged = faiss_file_problems(Path(index), manifest)
+    return {**manifest.to_dict(), "sizes": bytes_, "rejected": rejected, "damaged": damaged}
 
 
 @index_app.command("query")

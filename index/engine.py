@@ -16,10 +16,18 @@ a time and in scan order, and yields the same ``EmbeddedFile``s to the same writ
 tells it where the index being written is (``stage_in``) before ``run``, and calls
 ``committed`` once the writer has committed every file ``run`` returned, so the staged shards
 can go (docs/ray.md, "Sharded build").
+
+The shards live in ``INDEX/shards/`` (``SHARDS``). A staging build holds that folder locked
+(``hold_staging``, an exclusive ``flock``) from before ``run`` until after ``committed``; any
+other build, once its index is committed, deletes the shards an interrupted staging build left
+there, unless one holds them (``remove_staging``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +40,10 @@ import torch
 from encoders import Modality
 
 from ._decode import DecodedItem
+from .errors import IndexStoreError
 
 __all__ = [
+    "SHARDS",
     "TEXT_BUCKET_BATCHES",
     "Batcher",
     "DecodedItem",
@@ -44,8 +54,10 @@ __all__ = [
     "FileTask",
     "KnownContent",
     "StagingEngine",
+    "hold_staging",
     "needed_modalities",
     "nothing_known",
+    "remove_staging",
 ]
 
 # Text items are embedded this many batches at a time, sorted by length (see Batcher).
@@ -141,6 +153,76 @@ class StagingEngine(Engine, Protocol):
     def stage_in(self, index_dir: Path) -> None: ...
 
     def committed(self) -> None: ...
+
+
+SHARDS = "shards"  # INDEX/shards/<name>/: the staged shards of a build in progress
+_LOCK_TRIES = 20  # hold_staging: tries, 0.1 s apart, while another build deletes the folder
+
+
+def _open_dir(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the folder open as ``fd`` (not deleted, not replaced)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def hold_staging(index_dir: Path) -> int:
+    """Create ``index_dir/shards`` and lock it for a staging build: the open descriptor, closed
+    to release the lock (after ``committed`` deleted the folder, or when the build fails).
+
+    While it is held, no other build deletes the folder (``remove_staging``). Raises
+    ``IndexStoreError`` when another staging build holds it.
+    """
+    staging = Path(index_dir) / SHARDS
+    for _ in range(_LOCK_TRIES):
+        staging.mkdir(parents=True, exist_ok=True)
+        fd = _open_dir(staging)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # held: another staging build, or a build deleting the folder now
+            time.sleep(0.1)
+            continue
+        if _still_at(fd, staging):
+            return fd
+        os.close(fd)  # deleted between open and lock (another build's clean-up): again
+    raise IndexStoreError(
+        f"another build is staging shards in {staging} (a Ray build still running?): "
+        "wait for it to finish, then rerun"
+    )
+
+
+def remove_staging(index_dir: Path) -> bool:
+    """Delete ``index_dir/shards``, the shards an interrupted staging build left, unless a
+    staging build holds the folder now (``hold_staging``). Call it only once the index is
+    committed. True when no such folder is left; a symlink there is never followed nor
+    deleted (False).
+    """
+    staging = Path(index_dir) / SHARDS
+    try:
+        fd = _open_dir(staging)
+    except FileNotFoundError:
+        return True
+    except OSError:  # not a folder
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a running staging build's: it deletes them after its commit
+        if not _still_at(fd, staging):
+            return False  # replaced since it was opened: not the folder that was locked
+        shutil.rmtree(staging, ignore_errors=True)
+        return not os.path.lexists(staging)
+    finally:
+        os.close(fd)
 
 
 def needed_modalities(todo: Iterable[FileTask], soundtrack: bool) -> set[Modality]:

@@ -49,8 +49,10 @@ from .engine import (
     FileTask,
     KnownContent,
     StagingEngine,
+    hold_staging,
     needed_modalities,
     nothing_known,
+    remove_staging,
 )
 from .errors import IndexStoreError
 from .fingerprint import checkpoint_identity, model_fingerprint, ref_fingerprint
@@ -288,20 +290,30 @@ def run_build(
     with store:
         summary = BuildSummary(scanned=len(entries))
         staged = engine if isinstance(engine, StagingEngine) else None
-        if staged is not None:
-            staged.stage_in(work)
-        IndexWriter(store, options, summary, log).write(entries, engine)
-        if staged is not None:  # every file it returned is committed: its shards can go
-            staged.committed()
-            summary.shards_built, summary.shards_reused = staged.shards_built, staged.shards_reused
-        summary.manifest = store.refresh(
-            options.factory,
-            options.memory_budget,
-            options.target_recall,
-            log=log,
-            calibration=calibrate(store, model),
-        )
+        held = None if staged is None else hold_staging(work)  # its shards: no one else's
+        try:
+            if staged is not None:
+                staged.stage_in(work)
+            IndexWriter(store, options, summary, log).write(entries, engine)
+            if staged is not None:  # every file it returned is committed: its shards can go
+                staged.committed()
+                summary.shards_built = staged.shards_built
+                summary.shards_reused = staged.shards_reused
+            summary.manifest = store.refresh(
+                options.factory,
+                options.memory_budget,
+                options.target_recall,
+                log=log,
+                calibration=calibrate(store, model),
+            )
+        finally:
+            if held is not None:
+                os.close(held)
+        if staged is None:  # committed: the shards an interrupted Ray build left can go
+            remove_staging(work)
     move_into_place(work, Path(out))
+    if work != Path(out):  # a complete index kept as it was may still hold some
+        remove_staging(Path(out))
     summary.wall_s = time.perf_counter() - t0
     return summary
 

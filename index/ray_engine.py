@@ -46,6 +46,7 @@ import numpy as np
 from encoders import Modality
 
 from .engine import (
+    SHARDS,
     DecodedItem,
     EmbeddedFile,
     EmbeddedItem,
@@ -60,7 +61,6 @@ from .pipeline import BuildOptions, BuildSummary, LocalEngine, Log, ModelSource,
 from .store import fsync_path
 
 INSTALL_HINT = "the ray engine needs Ray: pip install 'bindsearch[ray]'"
-SHARDS = "shards"  # INDEX/shards/<name>/: the staged shards of a build in progress
 SHARDS_PER_BUILD = 32  # by default, about this many shards (several per actor) ...
 MAX_SHARD_FILES = 256  # ... of at most this many files on average (a big corpus: more shards)
 PLAN = "plan.json"  # in INDEX/shards/: the files per shard chosen, kept for the reruns

@@ -1280,12 +1280,42 @@ def _check_sha256(path: Path, digest: str, root: Path) -> None:
         raise _damaged(path, "does not match its recorded sha256", root)
 
 
-def _damaged(path: Path, what: str, root: Path) -> IndexCorrupt:
-    name = os.path.relpath(path, root)
+def faiss_file_problems(root: Path, manifest: IndexManifest) -> list[str]:
+    """What is wrong with each modality's FAISS files (an on-disk index's lists too), checked
+    against the manifest's sha256 without loading them (``index info``).
+
+    One phrase per damaged file, worded as ``read_faiss`` words it ("vision.faiss is
+    missing"); empty when every file matches. Hashes are memoised per (file, size, mtime,
+    inode) in the process, as the chunks' are.
+    """
+    out: list[str] = []
+    for entry in manifest.modalities.values():
+        files = [(entry.file, entry.sha256)]
+        if entry.data_file is not None and entry.data_sha256 is not None:
+            files.append((entry.data_file, entry.data_sha256))
+        for name, digest in files:
+            try:
+                matches = sha256_file(Path(root) / name) == digest
+            except FileNotFoundError:
+                out.append(f"{name} is missing")
+            except OSError as e:
+                out.append(f"{name} cannot be read ({_reason(e)})")
+            else:
+                if not matches:
+                    out.append(f"{name} does not match its sha256 in the manifest")
+    return out
+
+
+def damaged_error(root: Path, problems: Sequence[str]) -> IndexCorrupt:
+    """The one line that refuses a damaged index: what is wrong with which files, what to do."""
     return IndexCorrupt(
-        f"the index at {root} is damaged: {name} {what}; "
+        f"the index at {root} is damaged: {'; '.join(problems)}; "
         f"run `bindsearch index verify {root}`, then rebuild it"
     )
+
+
+def _damaged(path: Path, what: str, root: Path) -> IndexCorrupt:
+    return damaged_error(root, [f"{os.path.relpath(path, root)} {what}"])
 
 
 def _reason(e: BaseException) -> str:

@@ -178,19 +178,16 @@ ENGINES = ("local", "ray")
 
 
 def _check_ray(shards: int, replicas: int | None) -> None:
-    """Fail in one line, before anything loads: no Ray Serve (exit 2), bad counts (exit 1)."""
+    """Fail in one line and exit 1, before anything loads: no Ray Serve (the install hint, as
+    ``index build --engine ray`` says it), bad counts."""
     from index.errors import IndexStoreError
 
     from .ray_serve import RayServeOptions, import_serve
 
     try:
         import_serve()
-    except IndexStoreError as e:  # index.ray_engine.RayUnavailable: the install hint
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    try:
         RayServeOptions(shards=shards, replicas=replicas).check()
-    except ValueError as e:
+    except (IndexStoreError, ValueError) as e:  # index.ray_engine.RayUnavailable, bad counts
         _fail(str(e))
 
 

@@ -228,8 +228,9 @@ SERVE = ["serve", "--random-weights", "--config", "imagebind_test", "--port", "9
 
 
 def test_damaged_indexes_are_one_line_each(tmp_path: Path) -> None:
-    """``index query``, ``index verify``, ``serve`` (and ``index info``, which reads only the
-    manifest and the database) over each damage: one line that names the damaged file."""
+    """``index query``, ``index verify``, ``serve`` (and ``index info``, which reads the
+    manifest and the database and checks the FAISS files) over each damage: one line that names
+    the damaged file."""
     good = tmp_path / "good"
     make_index(good, 12)
     cases: list[tuple[str, list[str]]] = []
@@ -242,7 +243,7 @@ def test_damaged_indexes_are_one_line_each(tmp_path: Path) -> None:
             (f"{case} verify", ["index", "verify", str(root)]),
             (f"{case} serve", [*SERVE, "--index", str(root)]),
         ]
-        if case.startswith(("corrupt-sqlite", "manifest")):
+        if case.startswith(("corrupt-sqlite", "manifest")) or case.endswith("-faiss"):
             cases.append((f"{case} info", ["index", "info", str(root)]))
     results = run_cases(tmp_path, cases)
     for name, (code, lines) in results.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import random
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,7 @@ import torch
 
 from encoders import Encoder, Modality, load_encoder
 from encoders.config import resolve_config
-from index import BuildOptions, ModelSource, build_index, engine
+from index import BuildOptions, IndexStoreError, ModelSource, build_index, engine
 from index.engine import (
     DecodedItem,
     EmbeddedFile,
@@ -196,13 +197,16 @@ def test_files_in_any_order_give_the_same_index(encoder: Encoder, tmp_path: Path
     assert got.duplicates >= 1 and got.rejected == ref.rejected
 
 
-def test_an_engine_that_loses_a_file_is_an_error(encoder: Encoder, tmp_path: Path) -> None:
-    class Loses(Shuffled):
-        def run(
-            self, todo: Sequence[FileTask], known: KnownContent = nothing_known
-        ) -> Iterator[EmbeddedFile]:
-            yield from list(self.inner.run(todo))[1:]
+class Loses(Shuffled):
+    """An engine that never returns the first file."""
 
+    def run(
+        self, todo: Sequence[FileTask], known: KnownContent = nothing_known
+    ) -> Iterator[EmbeddedFile]:
+        yield from list(self.inner.run(todo))[1:]
+
+
+def test_an_engine_that_loses_a_file_is_an_error(encoder: Encoder, tmp_path: Path) -> None:
     corpus = text_corpus(tmp_path / "corpus")
     model = ModelSource(CONFIG, None, encoder=encoder)
     o = BuildOptions()
@@ -258,3 +262,78 @@ def test_the_ray_engine_imports_no_private_name() -> None:
         and not node.attr.startswith("__")
     ]
     assert attrs == []
+
+
+# --- staged shards left behind -------------------------------------------------------------------
+
+
+def leftover_shards(idx: Path) -> Path:
+    """What a Ray build killed mid-way leaves in INDEX/shards/: a plan and a complete shard."""
+    shard = idx / engine.SHARDS / "0123abcd"
+    shard.mkdir(parents=True)
+    (shard / "done.json").write_text("{}")
+    (idx / engine.SHARDS / "plan.json").write_text("{}")
+    return shard
+
+
+class Staging(Shuffled):
+    """A staging engine (as the Ray engine is to the build), embedding locally."""
+
+    shards_built = shards_reused = 0
+
+    def stage_in(self, index_dir: Path) -> None:
+        self.staging = index_dir / engine.SHARDS
+
+    def committed(self) -> None:
+        self.committed_seen = self.staging.is_dir()
+
+
+def test_a_finished_local_build_deletes_the_shards_a_ray_build_left(
+    encoder: Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only after its commit, and never while a staging (Ray) build holds them: that build is
+    refused while another holds them, and deletes them itself once committed."""
+    corpus = text_corpus(tmp_path / "corpus")
+    model = ModelSource(CONFIG, None, encoder=encoder)
+    o = BuildOptions()
+    with pytest.raises(Exception, match="no result for"):  # interrupted: nothing committed
+        run_build(corpus, tmp_path / "idx", model, Loses(LocalEngine(model, o), 0), o)
+    leftover_shards(tmp_path / "idx")
+    summary = build_index(corpus, tmp_path / "idx", model, o)
+    assert summary.embedded_items == len(TEXTS) * 2
+    assert not (tmp_path / "idx" / engine.SHARDS).exists()
+    assert rows(tmp_path / "idx")  # the index itself is whole
+
+    # A staging build running (it holds INDEX/shards/): a local build leaves its shards alone,
+    # and another staging build is refused in one line.
+    idx = tmp_path / "busy"
+    with pytest.raises(Exception, match="no result for"):
+        run_build(corpus, idx, model, Loses(LocalEngine(model, o), 0), o)
+    fd = engine.hold_staging(idx)
+    try:
+        shard = leftover_shards(idx)
+        monkeypatch.setattr(engine, "_LOCK_TRIES", 1)
+        with pytest.raises(IndexStoreError, match=r"another build is staging shards in .*busy"):
+            run_build(corpus, idx, model, Staging(LocalEngine(model, o), 0), o)
+        build_index(corpus, idx, model, o)
+        assert (shard / "done.json").is_file() and rows(idx)
+    finally:
+        os.close(fd)
+    # Released: the next build (of a complete index, which it leaves as it is) deletes them.
+    again = build_index(corpus, idx, model, o)
+    assert again.already == len(TEXTS) * 2
+    assert not (idx / engine.SHARDS).exists()
+    # A staging build holds its folder through its commit.
+    staged = Staging(LocalEngine(model, o), 0)
+    run_build(corpus, tmp_path / "staged", model, staged, o)
+    assert staged.committed_seen
+    assert engine.remove_staging(tmp_path / "staged")
+
+
+def test_leftover_shards_behind_a_symlink_are_not_followed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "keep").mkdir(parents=True)
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / engine.SHARDS).symlink_to(elsewhere)
+    assert not engine.remove_staging(tmp_path / "idx")
+    assert (elsewhere / "keep").is_dir()

@@ -320,6 +320,47 @@ def test_malformed_manifest_is_one_clear_error_everywhere(
         assert r.stdout == ""
 
 
+FAISS_DAMAGE = [
+    ("truncated", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])),
+    ("garbage", lambda f: f.write_bytes(b"not a faiss index" * 8)),
+    ("missing", lambda f: f.unlink()),
+]
+
+
+@pytest.mark.parametrize(("case", "damage"), FAISS_DAMAGE, ids=[c[0] for c in FAISS_DAMAGE])
+def test_info_on_a_damaged_faiss_file_prints_what_it_can_then_fails(
+    tmp_path: Path, case: str, damage: Any
+) -> None:
+    """``index info`` reads the manifest and the database, and checks each FAISS file against
+    its sha256: a damaged one is the same one line ``index query`` refuses it with, after the
+    counts, and exit status 1 (text and JSON)."""
+    root = small_index(tmp_path / "idx")
+    damage(root / "vision.faiss")
+    np.save(tmp_path / "q.npy", unit_rows(1, 8, seed=1)[0])
+    runner = CliRunner()
+    refused = runner.invoke(index_app, ["query", str(root), "--vector", str(tmp_path / "q.npy")])
+    assert refused.exit_code == 1 and refused.stderr.startswith("error: "), refused.output
+    assert "vision.faiss" in refused.stderr and "index verify" in refused.stderr
+    text = runner.invoke(index_app, ["info", str(root)])
+    as_json = runner.invoke(index_app, ["info", str(root), "--json"])
+    for r in (text, as_json):
+        assert r.exit_code == 1, r.output
+        assert r.stderr == refused.stderr  # the same words as the query's refusal
+        assert r.stderr.count("\n") == 1
+    assert "30 items from " in text.stdout and "vision" in text.stdout
+    data = json.loads(as_json.stdout)
+    assert data["counts"]["items"] == 30 and len(data["damaged"]) == 1
+    assert data["damaged"][0].startswith("vision.faiss ")
+    assert (data["sizes"]["vision"] is None) == (case == "missing")
+
+
+def test_info_on_a_sound_index_reports_nothing_damaged(tmp_path: Path) -> None:
+    root = small_index(tmp_path / "idx")
+    r = CliRunner().invoke(index_app, ["info", str(root), "--json"])
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert json.loads(r.stdout)["damaged"] == []
+
+
 def test_serve_refuses_a_malformed_manifest_in_one_line(tmp_path: Path) -> None:
     from service import load_searcher
     from service.serve_cli import serve

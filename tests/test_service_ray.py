@@ -290,16 +290,18 @@ def _ready(server: Server) -> bool:
     return httpx.get(f"{server.url}/readyz", timeout=30).status_code == 200
 
 
-def test_without_ray_it_is_one_line_and_exit_2(
+def test_without_ray_it_is_one_line_and_exit_1_as_index_build_says_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """A missing Ray is an environment error, as for ``index build --engine ray``
+    (``test_without_ray_the_engine_is_a_one_line_error``): exit 1; 2 is a usage error."""
     monkeypatch.setitem(sys.modules, "ray.serve", None)  # import ray.serve -> ImportError
     runner = CliRunner()
     r = runner.invoke(cli_app, ["serve", "--engine", "ray", "--index", str(tmp_path)])
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == 1, r.output
     assert r.stdout == ""
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
-    assert "pip install 'bindsearch[ray]'" in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: the ray engine needs Ray: pip install 'bindsearch[ray]'")
 
 
 def test_bad_engine_and_counts_are_one_line(tmp_path: Path) -> None:

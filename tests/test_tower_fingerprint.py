@@ -302,3 +302,52 @@ def test_a_changed_query_tower_marks_its_calibration_stale_until_sync(tmp_path: 
     with open_index(images, enc) as s:
         assert s.stale_towers == frozenset() and s.calibration_note is None
         assert s.calibration is not None and ("text", "vision") in s.calibration.pairs
+
+
+def test_the_weights_card_is_read_once_per_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tower_hashes`` asks for the card on every fingerprint: the file is read again only
+    when it changed (mtime, size), and then its new adapters change the hashes."""
+    import os
+
+    from encoders.models import card_path, file_sha256
+
+    from .test_index_media import write_test_checkpoint
+
+    weights = write_test_checkpoint(tmp_path / "w.safetensors")
+    sha = file_sha256(weights)
+    plain = tower_hashes(weights, sha)
+    card = card_path(weights)
+
+    def write(adapters: str) -> None:
+        body = {"sha256": sha, "adapters_sha256": adapters, "towers_changed": ["audio"]}
+        card.write_text(json.dumps(body), encoding="utf-8")
+
+    reads: list[Path] = []
+    real = Path.read_text
+
+    def counted(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self.name == card.name:
+            reads.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    write("a" * 64)
+    first = tower_hashes(weights, sha)
+    assert first["audio"] != plain["audio"] and first["vision"] == plain["vision"]
+    assert tower_hashes(weights, sha) == first and weights_card(weights, sha) is not None
+    assert len(reads) == 1  # three asks, one read
+    st = card.stat()
+    write("b" * 64)  # same size: a new mtime tells it apart
+    os.utime(card, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    second = tower_hashes(weights, sha)
+    assert len(reads) == 2
+    assert second["audio"] not in (first["audio"], plain["audio"])
+    assert second["vision"] == plain["vision"]
+    got = weights_card(weights, sha)
+    assert got is not None
+    got["towers_changed"] = []  # a caller's copy: the next one is unchanged
+    assert tower_hashes(weights, sha) == second and len(reads) == 2
+    card.unlink()
+    assert tower_hashes(weights, sha) == plain
