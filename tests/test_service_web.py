@@ -311,6 +311,54 @@ def test_web_page_generate_panel(gen_server: tuple[str, object], tmp_path: Path)
     assert not errors, errors
 
 
+def test_web_page_shows_the_calibration_note(server: str, tmp_path: Path) -> None:
+    # The demo index is calibrated: no note. A search answer that carries one (an index whose
+    # query tower changed since its calibration; the service test makes one for real) shows it
+    # above the results; the next answer without one hides it again.
+    note = (
+        "the index at /idx was calibrated with another text tower: the text->vision pairs "
+        "are stale and ranked by raw cosine; `bindsearch index sync` with this model measures "
+        "them again"
+    )
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=BROWSER_ARGS,
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server + "/")
+            page.evaluate(f"localStorage.setItem('bindsearch.apiKey', {KEY!r})")
+            page.reload()
+            box = page.locator("#calibration-note")
+            page.get_by_label("Text of term 1").fill("a red ring")
+            page.get_by_role("button", name="Search").click()
+            sync_api.expect(page.locator("#echo")).to_contain_text("“a red ring”")
+            sync_api.expect(box).to_be_hidden()
+
+            def with_note(route: object) -> None:
+                answer = route.fetch()  # type: ignore[attr-defined]
+                body = answer.json()
+                assert body["calibration_note"] is None  # the real answer: calibrated
+                route.fulfill(response=answer, json={**body, "calibration_note": note})  # type: ignore[attr-defined]
+
+            page.route("**/v1/search", with_note)
+            page.get_by_role("button", name="Search").click()
+            sync_api.expect(box).to_be_visible()
+            sync_api.expect(box).to_contain_text("Not calibrated: " + note)
+            page.unroute("**/v1/search")
+            page.get_by_role("button", name="Search").click()
+            sync_api.expect(box).to_be_hidden()
+        finally:
+            browser.close()
+    assert errors == []
+
+
 def test_docs_render_offline_under_their_csp(server: str, tmp_path: Path) -> None:
     # Swagger UI from installed files: this browser reaches no CDN (closed network) and the page's
     # CSP allows only this server, so operations show only if nothing had to come from outside.

@@ -288,6 +288,11 @@ function renderResults(resp, sent) {
   $("#echo").textContent = `${parts.join(" ")} → ${n} result${n === 1 ? "" : "s"} ` +
     `(k ${q.k}${q.target ? `, ${q.target.join("/")}` : ""}, ${MERGE_NAMES[q.merge] || q.merge}` +
     `${q.tags.length ? `, tags ${q.tags.join(", ")}` : ""}) in ${resp.took_ms.toFixed(1)} ms`;
+  // Some pairs of this search are not calibrated (no calibration, or a query tower changed
+  // since it was measured): the server says which, and they are ranked by raw cosine.
+  const note = $("#calibration-note");
+  note.textContent = resp.calibration_note ? `Not calibrated: ${resp.calibration_note}` : "";
+  note.hidden = !resp.calibration_note;
   const list = $("#results");
   list.replaceChildren();
   const grouped = q.merge === "per_modality";
