@@ -341,11 +341,11 @@ def test_web_page_shows_the_calibration_note(server: str, tmp_path: Path) -> Non
             sync_api.expect(page.locator("#echo")).to_contain_text("“a red ring”")
             sync_api.expect(box).to_be_hidden()
 
-            def with_note(route: object) -> None:
-                answer = route.fetch()  # type: ignore[attr-defined]
+            def with_note(route: sync_api.Route) -> None:
+                answer = route.fetch()
                 body = answer.json()
                 assert body["calibration_note"] is None  # the real answer: calibrated
-                route.fulfill(response=answer, json={**body, "calibration_note": note})  # type: ignore[attr-defined]
+                route.fulfill(response=answer, json={**body, "calibration_note": note})
 
             page.route("**/v1/search", with_note)
             page.get_by_role("button", name="Search").click()
