@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(out, result)
     table = markdown(result)
     out.with_suffix(".md").write_text(table, encoding="utf-8")
-    png = RESULTS / "plots" / f"{out.stem}.png"
+    png = out.parent / "plots" / f"{out.stem}.png"  # bench/results/plots/ by default
     print(table)
     print(f"results: {out}" + (f"; plot: {png}" if plot(result, png) else ""))
     return 0
