@@ -230,8 +230,10 @@ def committed_chunks(idx: Path) -> int:
 
 
 def staged_shards(idx: Path) -> int:
-    """Shards complete in the staging folder (renamed into place, marker inside)."""
-    return len(list((idx / "shards").glob("*/done.json")))
+    """Shards complete in the staging folder (renamed into place, marker inside): not a
+    ``.<name>.<id>.tmp`` folder whose marker is written but which is not renamed yet (its
+    files are being fsync-ed; a driver killed then has staged nothing)."""
+    return sum(not p.parent.name.startswith(".") for p in (idx / "shards").glob("*/done.json"))
 
 
 def run_driver(corpus: str, out: str, checkpoint: str, address: str, options: str) -> None:
