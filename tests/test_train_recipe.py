@@ -153,6 +153,47 @@ def test_a_video_alone_pairs_its_soundtrack_with_its_frames(tmp_path: Path) -> N
     assert len(res.losses["stage2/audio"]) == 3
 
 
+def test_anchors_read_as_embeddings_keep_no_inputs(tmp_path: Path) -> None:
+    # train --init reads a manifest's anchors (images, videos) as their frozen embeddings,
+    # a few rows at a time, and keeps no input of them; stage 2 trains on those embeddings
+    # as it would on the ones it computes (cache_embeddings) from the inputs.
+    from encoders import resolve_model
+    from train.init import run_train_init
+    from train.recipe import cache_embeddings, unit_embeddings
+
+    manifest = write_world(tmp_path / "w", 10, CFG.preprocess, seed=6, progress=False)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    mixed = tmp_path / "w" / "mixed.jsonl"
+    lines = [{"image": r["image"], "audio": r["audio"]} for r in rows[:4]]
+    lines += [{"video": r["video"]} for r in rows[4:]]
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    model = load_encoder(resolve_model("imagebind_demo"), dtype="fp32").model
+    calls: list[int] = []
+
+    def embed(key: str, x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return unit_embeddings(model, key, x)
+
+    keys = ["audio", "vision", "video"]
+    lazy = from_manifest(mixed, CFG, keys=keys, progress=False, embed=embed)
+    full = from_manifest(mixed, CFG, keys=keys, progress=False)
+    assert set(lazy.tensors) == {"audio"} and set(lazy.embedded) == {"vision", "video"}
+    assert max(calls) <= 8 and sum(calls) == 10  # 4 images, 6 videos, in batches of <= 8
+    for key in ("vision", "video"):
+        assert (lazy.present[key] == full.present[key]).all()
+        got = cache_embeddings(model, lazy, key)
+        want = cache_embeddings(model, full, key)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert list(lazy.rows("audio", "video")) == [4, 5, 6, 7, 8, 9]
+
+    # The whole path: a tower bound from such a manifest.
+    card = run_train_init(
+        "imagebind_demo", tmp_path / "o", "audio", manifest=mixed, steps=2, batch_size=4,
+        checkpoint_every=0, progress=False,
+    )  # fmt: skip
+    assert card["towers_changed"] == ["audio"] and card["data_source"]["kind"] == "manifest"
+
+
 def test_train_init_says_which_pairs_are_missing(tmp_path: Path) -> None:
     from train.init import run_train_init
 

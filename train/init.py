@@ -199,6 +199,7 @@ def run_train_init(
         from_manifest,
         from_world,
         save_state_dict,
+        unit_embeddings,
     )
     from .recipe import train as train_model
 
@@ -243,7 +244,19 @@ def run_train_init(
 
     cfg = model.cfg
     if manifest is not None:
-        data = from_manifest(manifest, cfg, progress=progress)
+        # Only the columns stage 2 uses: the trained towers' inputs, and their anchors, which
+        # are embedded as they are read (the frozen vision tower's output is all they give),
+        # on the training device.
+        model.to(dev)
+        anchor_keys = {a for t in towers for a in ANCHORS.get(t, DEFAULT_ANCHORS)}
+        data = from_manifest(
+            manifest,
+            cfg,
+            keys=sorted({*towers, *anchor_keys}),
+            progress=progress,
+            embed=lambda key, x: unit_embeddings(model, key, x),
+            embed_keys=sorted(anchor_keys),
+        )
         source: dict[str, Any] = {
             "kind": "manifest",
             "path": str(manifest),
@@ -254,9 +267,9 @@ def run_train_init(
         source = {"kind": "demo world", "n": world, "seed": world_seed}
     for m in towers:
         if not len(anchor_rows(m, data)):
-            anchors = " or ".join(ANCHOR_NAMES[a] for a in ANCHORS.get(m, DEFAULT_ANCHORS))
+            names = " or ".join(ANCHOR_NAMES[a] for a in ANCHORS.get(m, DEFAULT_ANCHORS))
             raise ValueError(
-                f"the training data has no ({anchors}, {m}) pairs to train the {m} tower on"
+                f"the training data has no ({names}, {m}) pairs to train the {m} tower on"
             )
     identity = ref.identity + ("+reinit" if reinit else "")
     tc = TrainConfig(

@@ -65,6 +65,7 @@ __all__ = [
     "save_state_dict",
     "train",
     "trainable_optimizer",
+    "unit_embeddings",
 ]
 
 # Text keys and the vision keys they caption (a video's caption may name its motion).
@@ -99,11 +100,15 @@ class PairedData:
 
     Keys: ``vision`` (N,3,S,S), ``video`` (N,clips,3,T,S,S), ``text``/``video_text`` (N,L) ids,
     ``audio``, ``depth``, ``thermal``, ``imu``. ``present[key]`` (N,) bool says which rows have
-    it (a missing row holds zeros).
+    it (a missing row holds zeros). A key may be in ``embedded`` instead of ``tensors``.
     """
 
     tensors: dict[str, Tensor]
     present: dict[str, np.ndarray] = field(default_factory=dict)
+    # (N, D) unit embeddings of keys only ever used as stage-2 anchors, computed as they were
+    # read (``from_manifest(embed=...)``), their inputs not kept: a video row's input is 18 MB
+    # at the huge model's shapes, its embedding 4 KB. ``cache_embeddings`` reads them.
+    embedded: dict[str, Tensor] = field(default_factory=dict)
     # (N,) int64 or None: rows with the same id share the nuisance factors (colour and scene
     # in the demo world: learned first, from random batches alone) and differ in the rest
     # (class, distance, motion): each other's hard negatives (``TrainConfig.hard_negatives``).
@@ -115,21 +120,27 @@ class PairedData:
     key_groups: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        sizes = {k: len(v) for k, v in self.tensors.items()}
+        columns = {**self.tensors, **self.embedded}
+        sizes = {k: len(v) for k, v in columns.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"all keys must have the same number of rows, got {sizes}")
         for name, g in [("groups", self.groups), *self.key_groups.items()]:
             if g is not None and len(g) != len(self):
                 raise ValueError(f"{name} groups have {len(g)} rows, data {len(self)}")
-        for k, v in self.tensors.items():
+        for k, v in columns.items():
             self.present.setdefault(k, np.ones(len(v), bool))
 
     def __len__(self) -> int:
-        return len(next(iter(self.tensors.values()))) if self.tensors else 0
+        columns = [*self.tensors.values(), *self.embedded.values()]
+        return len(columns[0]) if columns else 0
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is a column, as inputs or as embeddings."""
+        return key in self.tensors or key in self.embedded
 
     def rows(self, *keys: str) -> np.ndarray:
         """Indices of the rows that have every key."""
-        if any(k not in self.tensors for k in keys):
+        if not all(self.has(k) for k in keys):
             return np.zeros(0, np.int64)
         mask = np.ones(len(self), bool)
         for k in keys:
@@ -252,7 +263,12 @@ def from_world(
 
 
 def from_manifest(
-    path: str | Path, cfg: ModelConfig, keys: Sequence[str] | None = None, progress: bool = True
+    path: str | Path,
+    cfg: ModelConfig,
+    keys: Sequence[str] | None = None,
+    progress: bool = True,
+    embed: Callable[[str, Tensor], Tensor] | None = None,
+    embed_keys: Sequence[str] = ("vision", "video"),
 ) -> PairedData:
     """A JSONL manifest of pairs -> PairedData, every file through ``encoders.inputs``.
 
@@ -262,6 +278,10 @@ def from_manifest(
     have any subset: each stage uses the rows that hold its pair. A row with a ``video`` and
     no ``audio`` file takes the video's soundtrack as its audio (when it has one), so that
     ``{"video": path}`` alone pairs a video's sound with its frames.
+
+    ``keys``: the columns to read (None: all). ``embed(key, batch)`` -> (B, D) unit embeddings:
+    the ``embed_keys`` columns (anchors only, as in ``train --init``) are embedded as they are
+    read, a few rows at a time, and only their embeddings kept (``PairedData.embedded``).
     """
     from encoders.inputs import preprocess
 
@@ -279,19 +299,28 @@ def from_manifest(
     }
     wanted = set(keys) if keys is not None else None
     tensors: dict[str, Tensor] = {}
+    embedded: dict[str, Tensor] = {}
     present: dict[str, np.ndarray] = {}
     p = cfg.preprocess
     for key, col in file_keys.items():
         if wanted is not None and key not in wanted:
             continue
+        as_vectors = embed is not None and key in embed_keys
         loaded: dict[int, Tensor] = {}
+        pending: dict[int, Tensor] = {}
         for i, r in enumerate(tqdm(rows, desc=f"load {key}", disable=not progress, leave=False)):
+            x = None
             if r.get(col):
-                loaded[i] = preprocess(key, [str(path.parent / r[col])], p)[0]
+                x = preprocess(key, [str(path.parent / r[col])], p)[0]
             elif key == "audio" and r.get("video"):
-                track = _soundtrack(path.parent / r["video"], cfg)
-                if track is not None:
-                    loaded[i] = track
+                x = _soundtrack(path.parent / r["video"], cfg)
+            if x is None:
+                continue
+            (pending if as_vectors else loaded)[i] = x
+            if embed is not None and len(pending) >= EMBED_ROWS:
+                loaded.update(_embed_rows(embed, key, pending))
+        if embed is not None and pending:
+            loaded.update(_embed_rows(embed, key, pending))
         if not loaded:
             continue
         stacked = torch.stack(list(loaded.values()))
@@ -299,14 +328,41 @@ def from_manifest(
         have[list(loaded)] = True
         full = torch.zeros((len(rows), *stacked.shape[1:]), dtype=stacked.dtype)
         full[torch.from_numpy(have)] = stacked
-        tensors[key], present[key] = full, have
+        (embedded if as_vectors else tensors)[key] = full
+        present[key] = have
     for key, col in (("text", "text"), ("video_text", "video_text")):
         texts = [r.get(col) or (r.get("text") if key == "video_text" else None) for r in rows]
         have = np.array([bool(t) for t in texts])
         if have.any():
             ids = preprocess("text", [t or "" for t in texts], p)
             tensors[key], present[key] = ids, have
-    return PairedData(tensors, present)
+    return PairedData(tensors, present, embedded=embedded)
+
+
+EMBED_ROWS = 8  # from_manifest(embed=...): rows decoded before each embedding call
+
+
+def _embed_rows(
+    embed: Callable[[str, Tensor], Tensor], key: str, pending: dict[int, Tensor]
+) -> dict[int, Tensor]:
+    """Embed the ``pending`` rows of ``key`` in one call; empties ``pending``."""
+    vectors = embed(key, torch.stack(list(pending.values())))
+    out = dict(zip(pending, vectors, strict=True))
+    pending.clear()
+    return out
+
+
+def unit_embeddings(model: ImageBind, key: str, x: Tensor) -> Tensor:
+    """(B, D) unit embeddings of a batch of ``key`` inputs (clip-averaged), fp32 on the CPU:
+    the model in eval mode, without gradients (what ``cache_embeddings`` computes)."""
+    was = model.training
+    dev = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _unit(model, key, x.to(dev)).float().cpu()
+    finally:
+        model.train(was)
 
 
 def _soundtrack(video: Path, cfg: ModelConfig) -> Tensor | None:
@@ -471,10 +527,15 @@ def cache_embeddings(
     batch: int = 256,
 ) -> Tensor:
     """(N, D) unit embeddings of ``rows`` of ``data[key]`` (default: every row that has it;
-    zeros elsewhere), on the CPU."""
+    zeros elsewhere), on the CPU. A key read as embeddings (``PairedData.embedded``) is copied."""
+    rows = data.rows(key) if rows is None else rows
+    if key not in data.tensors:
+        out = torch.zeros(len(data), model.cfg.embed_dim)
+        r = torch.from_numpy(rows)
+        out[r] = data.embedded[key][r].float()
+        return out
     x = data.tensors[key]
     out = torch.zeros(len(x), model.cfg.embed_dim)
-    rows = data.rows(key) if rows is None else rows
     was = model.training
     dev = next(model.parameters()).device
     model.eval()
@@ -745,7 +806,7 @@ def _anchor_takes(m: str, data: PairedData) -> list[tuple[str, np.ndarray]]:
     done = ~data.present.get(m, np.zeros(len(data), bool))
     out = []
     for a in ANCHORS.get(m, DEFAULT_ANCHORS):
-        if a not in data.tensors:
+        if not data.has(a):
             continue
         take = data.present[a] & ~done
         if take.any():
