@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,26 @@ BROWSER_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 30_000  # generous: element waits only, never timed assertions
+
+
+@contextmanager
+def _page(tmp_path: Path, errors: list[str]) -> Iterator[sync_api.Page]:
+    """A page of chromium with a new, empty profile (1280x800), its page errors into ``errors``."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=BROWSER_ARGS,
+            viewport={"width": 1280, "height": 800},
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page
+        finally:
+            browser.close()
 
 
 def _free_port() -> int:
@@ -128,107 +149,94 @@ _PREVIEW_OK = """box => {
 def test_web_page_search_upload_and_mix(server: str, tmp_path: Path) -> None:
     ring = _red_ring(tmp_path / "ring.png")
     errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),  # a new, empty profile
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=BROWSER_ARGS,
-            viewport={"width": 1280, "height": 800},
+    with _page(tmp_path, errors) as page:
+        page.goto(server + "/")
+        assert page.title() == "bindsearch"
+
+        # The key: /v1/info answers 401, the key box opens; the key goes to localStorage.
+        page.wait_for_selector("#key-box[open]")
+        page.get_by_label("Key (sent as").fill(KEY)
+        page.get_by_role("button", name="Save").click()
+        sync_api.expect(page.locator("#model-info")).to_contain_text("56 items")
+
+        # Text: every item comes back, each with the preview of its modality.
+        page.get_by_label("Text of term 1").fill("a red ring in the snow")
+        page.locator("#k").fill("60")
+        page.get_by_role("button", name="Search").click()
+        results = page.locator("#results > li.result")
+        sync_api.expect(results).to_have_count(56)
+        modalities = set(results.evaluate_all("els => els.map(e => e.dataset.modality)"))
+        assert modalities == {"vision", "video", "audio", "depth", "thermal", "imu"}
+        page.wait_for_function(
+            f"() => [...document.querySelectorAll('.result .preview')].every({_PREVIEW_OK})"
         )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(WAIT_MS)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server + "/")
-            assert page.title() == "bindsearch"
+        first = results.first
+        assert float(first.locator(".score").inner_text()) > 0
+        assert first.locator(".caption").inner_text()
+        assert first.locator(".tags li").count() >= 1
+        segment = page.locator(".result[data-modality=video] .segment").first.inner_text()
+        assert segment.startswith("00:00–00:0"), segment
+        sync_api.expect(page.locator("#echo")).to_contain_text("“a red ring in the snow”")
 
-            # The key: /v1/info answers 401, the key box opens; the key goes to localStorage.
-            page.wait_for_selector("#key-box[open]")
-            page.get_by_label("Key (sent as").fill(KEY)
-            page.get_by_role("button", name="Save").click()
-            sync_api.expect(page.locator("#model-info")).to_contain_text("56 items")
+        # The default order: every modality interleaved by calibrated relevance (issue
+        # #18), each result showing it beside its cosine, and the page says what it means.
+        relevance = results.evaluate_all(
+            "els => els.map(e => parseFloat("
+            "e.querySelector('.relevance').textContent.replace('relevance ', '')))"
+        )
+        assert relevance == sorted(relevance, reverse=True), relevance
+        assert all(0.0 <= r <= 1.0 for r in relevance), relevance
+        sync_api.expect(page.locator("#score-help")).to_contain_text("calibrated per pair")
+        # Grouped: each modality's top k under its own heading, one list after another.
+        page.locator("#merge").select_option("per_modality")
+        page.locator("#k").fill("3")
+        page.get_by_role("button", name="Search").click()
+        sync_api.expect(page.locator("#echo")).to_contain_text("grouped by modality")
+        heads = page.locator("#results > li.group h3")
+        sync_api.expect(heads).to_have_count(6)
+        sync_api.expect(results).to_have_count(18)
+        mods = results.evaluate_all("els => els.map(e => e.dataset.modality)")
+        assert all(mods[i : i + 3] == [mods[i]] * 3 for i in range(0, 18, 3)), mods
+        assert [h.lower() for h in heads.all_inner_texts()] == mods[::3]  # CSS capitalises
+        page.locator("#merge").select_option("calibrated")
 
-            # Text: every item comes back, each with the preview of its modality.
-            page.get_by_label("Text of term 1").fill("a red ring in the snow")
-            page.locator("#k").fill("60")
-            page.get_by_role("button", name="Search").click()
-            results = page.locator("#results > li.result")
-            sync_api.expect(results).to_have_count(56)
-            modalities = set(results.evaluate_all("els => els.map(e => e.dataset.modality)"))
-            assert modalities == {"vision", "video", "audio", "depth", "thermal", "imu"}
-            page.wait_for_function(
-                f"() => [...document.querySelectorAll('.result .preview')].every({_PREVIEW_OK})"
-            )
-            first = results.first
-            assert float(first.locator(".score").inner_text()) > 0
-            assert first.locator(".caption").inner_text()
-            assert first.locator(".tags li").count() >= 1
-            segment = page.locator(".result[data-modality=video] .segment").first.inner_text()
-            assert segment.startswith("00:00–00:0"), segment
-            sync_api.expect(page.locator("#echo")).to_contain_text("“a red ring in the snow”")
+        # An image through the file input, alone: the modality is sniffed by the server.
+        page.get_by_role("button", name="Remove term 1").click()
+        page.locator("#file-input").set_input_files(str(ring))
+        page.locator("#k").fill("12")
+        page.get_by_role("button", name="Search").click()
+        sync_api.expect(page.locator("#echo")).to_contain_text("ring.png (vision")
+        sync_api.expect(results).to_have_count(12)
 
-            # The default order: every modality interleaved by calibrated relevance (issue
-            # #18), each result showing it beside its cosine, and the page says what it means.
-            relevance = results.evaluate_all(
-                "els => els.map(e => parseFloat("
-                "e.querySelector('.relevance').textContent.replace('relevance ', '')))"
-            )
-            assert relevance == sorted(relevance, reverse=True), relevance
-            assert all(0.0 <= r <= 1.0 for r in relevance), relevance
-            sync_api.expect(page.locator("#score-help")).to_contain_text("calibrated per pair")
-            # Grouped: each modality's top k under its own heading, one list after another.
-            page.locator("#merge").select_option("per_modality")
-            page.locator("#k").fill("3")
-            page.get_by_role("button", name="Search").click()
-            sync_api.expect(page.locator("#echo")).to_contain_text("grouped by modality")
-            heads = page.locator("#results > li.group h3")
-            sync_api.expect(heads).to_have_count(6)
-            sync_api.expect(results).to_have_count(18)
-            mods = results.evaluate_all("els => els.map(e => e.dataset.modality)")
-            assert all(mods[i : i + 3] == [mods[i]] * 3 for i in range(0, 18, 3)), mods
-            assert [h.lower() for h in heads.all_inner_texts()] == mods[::3]  # CSS capitalises
-            page.locator("#merge").select_option("calibrated")
+        # An API error is shown: the PNG declared as audio.
+        page.get_by_label("Modality of ring.png").select_option("audio")
+        page.get_by_role("button", name="Search").click()
+        alert = page.get_by_role("alert")
+        sync_api.expect(alert).to_be_visible()
+        sync_api.expect(alert).to_contain_text("HTTP 4")
+        page.get_by_label("Modality of ring.png").select_option("")
 
-            # An image through the file input, alone: the modality is sniffed by the server.
-            page.get_by_role("button", name="Remove term 1").click()
-            page.locator("#file-input").set_input_files(str(ring))
-            page.locator("#k").fill("12")
-            page.get_by_role("button", name="Search").click()
-            sync_api.expect(page.locator("#echo")).to_contain_text("ring.png (vision")
-            sync_api.expect(results).to_have_count(12)
-
-            # An API error is shown: the PNG declared as audio.
-            page.get_by_label("Modality of ring.png").select_option("audio")
-            page.get_by_role("button", name="Search").click()
-            alert = page.get_by_role("alert")
-            sync_api.expect(alert).to_be_visible()
-            sync_api.expect(alert).to_contain_text("HTTP 4")
-            page.get_by_label("Modality of ring.png").select_option("")
-
-            # A mix: the image, minus some text, plus a result used as a query term.
-            page.get_by_role("button", name="Add a text term").click()
-            page.get_by_label("Text of term 3").fill("snow")
-            page.get_by_label("Weight of term 3").fill("-0.5")
-            used = results.nth(1).get_attribute("data-id")
-            results.nth(1).get_by_role("button", name="Use as query").click()
-            page.get_by_label("Weight of term 4").fill("0.5")
-            page.get_by_role("button", name="Search").click()
-            echo = page.locator("#echo")
-            sync_api.expect(echo).to_contain_text(f"item #{used}")
-            assert "1 × ring.png (vision" in echo.inner_text()
-            assert "−0.5 × “snow”" in echo.inner_text()
-            sync_api.expect(alert).to_be_hidden()
-            sync_api.expect(results).to_have_count(12)
-            ids = results.evaluate_all("els => els.map(e => e.dataset.id)")
-            assert used not in ids  # an item used as a term is left out of its results
-            page.wait_for_function(
-                f"() => [...document.querySelectorAll('.result .preview')].every({_PREVIEW_OK})"
-            )
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "web.png"), full_page=True)
-        finally:
-            browser.close()
+        # A mix: the image, minus some text, plus a result used as a query term.
+        page.get_by_role("button", name="Add a text term").click()
+        page.get_by_label("Text of term 3").fill("snow")
+        page.get_by_label("Weight of term 3").fill("-0.5")
+        used = results.nth(1).get_attribute("data-id")
+        results.nth(1).get_by_role("button", name="Use as query").click()
+        page.get_by_label("Weight of term 4").fill("0.5")
+        page.get_by_role("button", name="Search").click()
+        echo = page.locator("#echo")
+        sync_api.expect(echo).to_contain_text(f"item #{used}")
+        assert "1 × ring.png (vision" in echo.inner_text()
+        assert "−0.5 × “snow”" in echo.inner_text()
+        sync_api.expect(alert).to_be_hidden()
+        sync_api.expect(results).to_have_count(12)
+        ids = results.evaluate_all("els => els.map(e => e.dataset.id)")
+        assert used not in ids  # an item used as a term is left out of its results
+        page.wait_for_function(
+            f"() => [...document.querySelectorAll('.result .preview')].every({_PREVIEW_OK})"
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web.png"), full_page=True)
     assert not errors, errors
     assert np.asarray(Image.open(ARTIFACTS / "web.png")).std() > 10  # not a blank page
 
@@ -269,45 +277,32 @@ def test_web_page_generate_panel(gen_server: tuple[str, object], tmp_path: Path)
     url, gen = gen_server
     assert isinstance(gen, FakeGenerator)
     errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=BROWSER_ARGS,
-            viewport={"width": 1280, "height": 800},
+    with _page(tmp_path, errors) as page:
+        page.goto(url + "/")
+        sync_api.expect(page.locator("#generator-info")).to_contain_text("by fake (32×32")
+        page.get_by_label("Text of term 1").fill("a red ring in the snow")
+        page.locator("#seed").fill("3")
+        page.get_by_role("button", name="Generate image").click()
+        img = page.get_by_role("img", name="Image generated from the query (seed 3)")
+        sync_api.expect(img).to_be_visible()
+        page.wait_for_function(
+            "() => { const i = document.querySelector('#generated-image');"
+            " return i.complete && i.naturalWidth === 32; }"
         )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(WAIT_MS)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
-            sync_api.expect(page.locator("#generator-info")).to_contain_text("by fake (32×32")
-            page.get_by_label("Text of term 1").fill("a red ring in the snow")
-            page.locator("#seed").fill("3")
-            page.get_by_role("button", name="Generate image").click()
-            img = page.get_by_role("img", name="Image generated from the query (seed 3)")
-            sync_api.expect(img).to_be_visible()
-            page.wait_for_function(
-                "() => { const i = document.querySelector('#generated-image');"
-                " return i.complete && i.naturalWidth === 32; }"
-            )
-            sync_api.expect(page.locator("#generated-caption")).to_have_text("fake · seed 3")
-            # The page drew exactly the generator's image for this text and seed.
-            shown = page.evaluate(
-                """() => { const i = document.querySelector('#generated-image');
-                const c = document.createElement('canvas'); c.width = 32; c.height = 32;
-                const x = c.getContext('2d'); x.drawImage(i, 0, 0);
-                return Array.from(x.getImageData(0, 0, 32, 32).data); }"""
-            )
-            rgba = np.asarray(shown, np.uint8).reshape(32, 32, 4)
-            v = FakeEmbedder(8).vector_for("text", "a red ring in the snow")
-            want = np.asarray(gen.image_for(v, seed=3))
-            np.testing.assert_array_equal(rgba[..., :3], want)
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "web-generate.png"), full_page=True)
-        finally:
-            browser.close()
+        sync_api.expect(page.locator("#generated-caption")).to_have_text("fake · seed 3")
+        # The page drew exactly the generator's image for this text and seed.
+        shown = page.evaluate(
+            """() => { const i = document.querySelector('#generated-image');
+            const c = document.createElement('canvas'); c.width = 32; c.height = 32;
+            const x = c.getContext('2d'); x.drawImage(i, 0, 0);
+            return Array.from(x.getImageData(0, 0, 32, 32).data); }"""
+        )
+        rgba = np.asarray(shown, np.uint8).reshape(32, 32, 4)
+        v = FakeEmbedder(8).vector_for("text", "a red ring in the snow")
+        want = np.asarray(gen.image_for(v, seed=3))
+        np.testing.assert_array_equal(rgba[..., :3], want)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-generate.png"), full_page=True)
     assert not errors, errors
 
 
@@ -321,41 +316,29 @@ def test_web_page_shows_the_calibration_note(server: str, tmp_path: Path) -> Non
         "them again"
     )
     errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=BROWSER_ARGS,
-        )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(WAIT_MS)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server + "/")
-            page.evaluate(f"localStorage.setItem('bindsearch.apiKey', {KEY!r})")
-            page.reload()
-            box = page.locator("#calibration-note")
-            page.get_by_label("Text of term 1").fill("a red ring")
-            page.get_by_role("button", name="Search").click()
-            sync_api.expect(page.locator("#echo")).to_contain_text("“a red ring”")
-            sync_api.expect(box).to_be_hidden()
+    with _page(tmp_path, errors) as page:
+        page.goto(server + "/")
+        page.evaluate(f"localStorage.setItem('bindsearch.apiKey', {KEY!r})")
+        page.reload()
+        box = page.locator("#calibration-note")
+        page.get_by_label("Text of term 1").fill("a red ring")
+        page.get_by_role("button", name="Search").click()
+        sync_api.expect(page.locator("#echo")).to_contain_text("“a red ring”")
+        sync_api.expect(box).to_be_hidden()
 
-            def with_note(route: sync_api.Route) -> None:
-                answer = route.fetch()
-                body = answer.json()
-                assert body["calibration_note"] is None  # the real answer: calibrated
-                route.fulfill(response=answer, json={**body, "calibration_note": note})
+        def with_note(route: sync_api.Route) -> None:
+            answer = route.fetch()
+            body = answer.json()
+            assert body["calibration_note"] is None  # the real answer: calibrated
+            route.fulfill(response=answer, json={**body, "calibration_note": note})
 
-            page.route("**/v1/search", with_note)
-            page.get_by_role("button", name="Search").click()
-            sync_api.expect(box).to_be_visible()
-            sync_api.expect(box).to_contain_text("Not calibrated: " + note)
-            page.unroute("**/v1/search")
-            page.get_by_role("button", name="Search").click()
-            sync_api.expect(box).to_be_hidden()
-        finally:
-            browser.close()
+        page.route("**/v1/search", with_note)
+        page.get_by_role("button", name="Search").click()
+        sync_api.expect(box).to_be_visible()
+        sync_api.expect(box).to_contain_text("Not calibrated: " + note)
+        page.unroute("**/v1/search")
+        page.get_by_role("button", name="Search").click()
+        sync_api.expect(box).to_be_hidden()
     assert errors == []
 
 
@@ -364,22 +347,10 @@ def test_docs_render_offline_under_their_csp(server: str, tmp_path: Path) -> Non
     # CSP allows only this server, so operations show only if nothing had to come from outside.
     errors: list[str] = []
     outside: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=BROWSER_ARGS,
-        )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(WAIT_MS)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: outside.append(r.url) if r.url[:5] == "https" else None)
-            page.goto(server + "/docs")
-            page.wait_for_selector(".opblock-summary-path")
-            paths = page.locator(".opblock-summary-path").all_inner_texts()
-            assert any("/v1/search" in p for p in paths), paths
-        finally:
-            browser.close()
+    with _page(tmp_path, errors) as page:
+        page.on("request", lambda r: outside.append(r.url) if r.url[:5] == "https" else None)
+        page.goto(server + "/docs")
+        page.wait_for_selector(".opblock-summary-path")
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        assert any("/v1/search" in p for p in paths), paths
     assert errors == [] and outside == []
