@@ -194,6 +194,38 @@ def test_anchors_read_as_embeddings_keep_no_inputs(tmp_path: Path) -> None:
     assert card["towers_changed"] == ["audio"] and card["data_source"]["kind"] == "manifest"
 
 
+@pytest.mark.parametrize(
+    ("lines", "says"),
+    [
+        ('{"image": "a.png", "audio": "s.wav"}\nnot json\n', "line 2 is not JSON"),
+        ("[1, 2]\n", "line 1 is a JSON list, not an object"),
+        ('\n{"img": "a.png"}\n', "line 2 names none of the columns image, video, audio"),
+        ('{"image": 3, "audio": "s.wav"}\n', "line 1: image is 3, not a string"),
+        ('{"image": "a.png", "audio": "missing.wav"}\n', "line 1, audio: "),
+        ('{"image": "a.png", "audio": "a.png"}\n', "line 1, audio: "),
+        ("\n\n", "has no rows: one JSON object per line"),
+    ],
+)
+def test_a_bad_manifest_is_one_error_line_naming_its_line(
+    tmp_path: Path, lines: str, says: str
+) -> None:
+    import soundfile as sf
+    from PIL import Image
+
+    from bindsearch.cli import app
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    sf.write(tmp_path / "s.wav", np.zeros(8000, np.float32), 8000)
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(lines)
+    args = ["--init", "imagebind_demo", "--train-towers", "audio", "--manifest", str(manifest)]
+    res = CliRunner().invoke(app, ["train", "-o", str(tmp_path / "o"), *args])
+    assert res.exit_code == 1, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and f"manifest {manifest} " in errors[0], res.output
+    assert says in errors[0], errors[0]
+
+
 def test_train_init_says_which_pairs_are_missing(tmp_path: Path) -> None:
     from train.init import run_train_init
 

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from encoders.config import ModelConfig, resolve_config
+from encoders.errors import InvalidInput
 from encoders.model import ImageBind, Trunk, init_weights
 from encoders.transforms.text import trim_to_longest
 
@@ -286,39 +287,27 @@ def from_manifest(
     from encoders.inputs import preprocess
 
     path = Path(path)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    if not rows:
-        raise ValueError(f"manifest {path} has no rows")
-    file_keys = {
-        "vision": "image",
-        "video": "video",
-        "audio": "audio",
-        "depth": "depth",
-        "thermal": "thermal",
-        "imu": "imu",
-    }
+    lines, rows = _manifest_rows(path)
     wanted = set(keys) if keys is not None else None
     tensors: dict[str, Tensor] = {}
     embedded: dict[str, Tensor] = {}
     present: dict[str, np.ndarray] = {}
     p = cfg.preprocess
-    for key, col in file_keys.items():
+    for key in MANIFEST_FILES:
         if wanted is not None and key not in wanted:
             continue
         as_vectors = embed is not None and key in embed_keys
         loaded: dict[int, Tensor] = {}
         pending: dict[int, Tensor] = {}
-        for i, r in enumerate(tqdm(rows, desc=f"load {key}", disable=not progress, leave=False)):
-            x = None
-            if r.get(col):
-                x = preprocess(key, [str(path.parent / r[col])], p)[0]
-            elif key == "audio" and r.get("video"):
-                x = _soundtrack(path.parent / r["video"], cfg)
-            if x is None:
-                continue
-            (pending if as_vectors else loaded)[i] = x
-            if embed is not None and len(pending) >= EMBED_ROWS:
-                loaded.update(_embed_rows(embed, key, pending))
+        # A context: a failing row closes (and clears) the bar before its error line is shown.
+        with tqdm(rows, desc=f"load {key}", disable=not progress, leave=False) as bar:
+            for i, r in enumerate(bar):
+                x = _read_cell(key, r, path, lines[i], cfg)
+                if x is None:
+                    continue
+                (pending if as_vectors else loaded)[i] = x
+                if embed is not None and len(pending) >= EMBED_ROWS:
+                    loaded.update(_embed_rows(embed, key, pending))
         if embed is not None and pending:
             loaded.update(_embed_rows(embed, key, pending))
         if not loaded:
@@ -330,8 +319,8 @@ def from_manifest(
         full[torch.from_numpy(have)] = stacked
         (embedded if as_vectors else tensors)[key] = full
         present[key] = have
-    for key, col in (("text", "text"), ("video_text", "video_text")):
-        texts = [r.get(col) or (r.get("text") if key == "video_text" else None) for r in rows]
+    for key in MANIFEST_TEXTS:
+        texts = [r.get(key) or (r.get("text") if key == "video_text" else None) for r in rows]
         have = np.array([bool(t) for t in texts])
         if have.any():
             ids = preprocess("text", [t or "" for t in texts], p)
@@ -340,6 +329,70 @@ def from_manifest(
 
 
 EMBED_ROWS = 8  # from_manifest(embed=...): rows decoded before each embedding call
+# A manifest's file columns, by the key they load as (``PairedData``), and its text columns.
+MANIFEST_FILES = {
+    "vision": "image",
+    "video": "video",
+    "audio": "audio",
+    "depth": "depth",
+    "thermal": "thermal",
+    "imu": "imu",
+}
+MANIFEST_TEXTS = ("text", "video_text")
+
+
+def _read_cell(
+    key: str, row: dict[str, Any], path: Path, line: int, cfg: ModelConfig
+) -> Tensor | None:
+    """A manifest row's input for ``key`` (an ``audio`` cell may come from its ``video``'s
+    soundtrack), or None; a file that cannot be read names its manifest line."""
+    from encoders.inputs import preprocess
+
+    col = MANIFEST_FILES[key]
+    try:
+        if row.get(col):
+            return preprocess(key, [str(path.parent / row[col])], cfg.preprocess)[0]
+        if key == "audio" and row.get("video"):
+            return _soundtrack(path.parent / row["video"], cfg)
+    except InvalidInput as e:
+        where = col if row.get(col) else "video (its soundtrack)"
+        raise InvalidInput(f"manifest {path} line {line}, {where}: {e}") from None
+    return None
+
+
+def _manifest_rows(path: Path) -> tuple[list[int], list[dict[str, Any]]]:
+    """A JSONL manifest's rows and their line numbers; a malformed line is one ``ValueError``
+    naming it and saying what a line holds."""
+    example = 'one JSON object per line, such as {"image": "a.jpg", "audio": "a.wav"}'
+    columns = [*MANIFEST_FILES.values(), *MANIFEST_TEXTS]
+    lines: list[int] = []
+    rows: list[dict[str, Any]] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"manifest {path} line {n} is not JSON ({e.msg}): {example}") from None
+        if not isinstance(row, dict):
+            kind = type(row).__name__
+            raise ValueError(f"manifest {path} line {n} is a JSON {kind}, not an object: {example}")
+        bad = [c for c in columns if row.get(c) is not None and not isinstance(row[c], str)]
+        if bad:
+            raise ValueError(
+                f"manifest {path} line {n}: {bad[0]} is {json.dumps(row[bad[0]])}, not a "
+                "string (a file path relative to the manifest, or a caption)"
+            )
+        if not any(row.get(c) for c in columns):
+            raise ValueError(
+                f"manifest {path} line {n} names none of the columns {', '.join(columns)} "
+                f"(it has {', '.join(map(str, row)) or 'nothing'})"
+            )
+        lines.append(n)
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"manifest {path} has no rows: {example}")
+    return lines, rows
 
 
 def _embed_rows(
