@@ -1270,14 +1270,22 @@ def read_faiss(path: Path, sha256: str, root: Path) -> faiss.Index:
 
 
 def _check_sha256(path: Path, digest: str, root: Path) -> None:
+    problem = _sha256_problem(path, digest, "does not match its recorded sha256")
+    if problem is not None:
+        raise _damaged(path, problem, root)
+
+
+def _sha256_problem(path: Path, digest: str, mismatch: str) -> str | None:
+    """What is wrong with ``path`` against ``digest`` ("is missing", "cannot be read (...)",
+    or ``mismatch``), or None when it matches. Hashes are memoised per (file, size, mtime,
+    inode) by ``sha256_file``."""
     try:
-        known = sha256_file(path)  # memoised per (file, size, mtime, inode)
+        known = sha256_file(path)
     except FileNotFoundError:
-        raise _damaged(path, "is missing", root) from None
+        return "is missing"
     except OSError as e:
-        raise _damaged(path, f"cannot be read ({_reason(e)})", root) from None
-    if known != digest:
-        raise _damaged(path, "does not match its recorded sha256", root)
+        return f"cannot be read ({_reason(e)})"
+    return None if known == digest else mismatch
 
 
 def faiss_file_problems(root: Path, manifest: IndexManifest) -> list[str]:
@@ -1294,15 +1302,11 @@ def faiss_file_problems(root: Path, manifest: IndexManifest) -> list[str]:
         if entry.data_file is not None and entry.data_sha256 is not None:
             files.append((entry.data_file, entry.data_sha256))
         for name, digest in files:
-            try:
-                matches = sha256_file(Path(root) / name) == digest
-            except FileNotFoundError:
-                out.append(f"{name} is missing")
-            except OSError as e:
-                out.append(f"{name} cannot be read ({_reason(e)})")
-            else:
-                if not matches:
-                    out.append(f"{name} does not match its sha256 in the manifest")
+            problem = _sha256_problem(
+                Path(root) / name, digest, "does not match its sha256 in the manifest"
+            )
+            if problem is not None:
+                out.append(f"{name} {problem}")
     return out
 
 
