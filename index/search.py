@@ -243,14 +243,13 @@ class IndexSearcher:
         return dataclasses.replace(cal, pairs=pairs)
 
     @property
-    def stale_pairs(self) -> list[str]:
-        """The calibrated ``query->target`` pairs left out for ``stale_towers``."""
+    def stale_pairs(self) -> list[tuple[Modality, Modality]]:
+        """The calibrated (query, target) pairs left out for ``stale_towers``, sorted."""
         cal = self.manifest.calibration
         if cal is None:
             return []
-        return sorted(
-            f"{q}->{t}" for q, t in cal.pairs if Modality.parse(q).tower.value in self.stale_towers
-        )
+        pairs = [(Modality.parse(q), Modality.parse(t)) for q, t in sorted(cal.pairs)]
+        return [(q, t) for q, t in pairs if q.tower.value in self.stale_towers]
 
     @property
     def calibration_note(self) -> str | None:
@@ -275,14 +274,9 @@ class IndexSearcher:
             None if query_modalities is None else {Modality.parse(m) for m in query_modalities}
         )
         wanted = None if targets is None else {Modality.parse(m) for m in targets}
-        pairs = [
-            (Modality.parse(q), Modality.parse(t))
-            for q, t in sorted(self.manifest.calibration.pairs)
-            if Modality.parse(q).tower.value in self.stale_towers
-        ]
         stale = [
             (q, t)
-            for q, t in pairs
+            for q, t in self.stale_pairs
             if (queries is None or q in queries) and (wanted is None or t in wanted)
         ]
         if not stale:
