@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench._common import log, machine_info, matmul_fn, time_fn, write_json
+from bench._common import log, machine_info, matmul_peak, time_fn, write_json
+from bench.throughput import example
 from encoders.config import ModelConfig, resolve_config
 from encoders.model import ImageBind, Trunk, init_weights
 from train.recipe import (
@@ -57,22 +58,6 @@ from train.recipe import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ANCHOR = "vision"  # the frozen tower whose cached embeddings are the targets
-
-
-def tower_input(cfg: ModelConfig, tower: str, batch: int, seed: int = 0) -> torch.Tensor:
-    """A random batch of ``tower``'s model input, in the shape ``encoders.inputs`` gives."""
-    p = cfg.preprocess
-    g = torch.Generator().manual_seed(seed)
-    shapes = {
-        "vision": (batch, 3, p.image_size, p.image_size),
-        "audio": (batch, p.audio_clips, 1, p.audio_mel_bins, p.audio_target_length),
-        "depth": (batch, 1, p.depth_size, p.depth_size),
-        "thermal": (batch, 1, p.thermal_size, p.thermal_size),
-        "imu": (batch, p.imu_channels, p.imu_samples),
-    }
-    if tower not in shapes:
-        raise ValueError(f"unsupported tower {tower!r}; accepted: {', '.join(STAGE2_MODALITIES)}")
-    return torch.randn(*shapes[tower], generator=g)
 
 
 def build(
@@ -98,14 +83,14 @@ def build(
     trunk: Trunk = model.modality_trunks[tower]  # type: ignore[assignment]
     trunk.grad_checkpointing = grad_checkpointing
     model.to(device)
-    images = tower_input(cfg, ANCHOR, batch, seed=seed + 1)
+    images = example(cfg, ANCHOR, batch, seed=seed + 1)
     data = PairedData({ANCHOR: images})
     counter = FlopCounterMode(display=False)
     with counter:
         anchors = cache_embeddings(model, data, ANCHOR).to(device)
     sec = time_fn(lambda: cache_embeddings(model, data, ANCHOR), warmup=0, reps=1).median_s
     cost = {"flops_per_image": counter.get_total_flops() / batch, "seconds_per_image": sec / batch}
-    x = tower_input(cfg, tower, batch, seed=seed).to(device)
+    x = example(cfg, tower, batch, seed=seed).to(device)
     model.train()
     return model, x, anchors, trainable_optimizer(model, lr=1e-4, weight_decay=0.05), cost
 
@@ -155,16 +140,16 @@ def _peak_rss_mb() -> float:
 
 def matmul_rate(n: int, device: str, reps: int = 3) -> float:
     """FLOP/s of a square fp32 ``torch.mm`` on ``device`` (median of ``reps`` after warm-up)."""
-    fn, flops = matmul_fn(n, torch.float32)
-    if device.startswith("cuda"):
-        a = torch.randn(n, n, device=device)
-        b = torch.randn(n, n, device=device)
+    if not device.startswith("cuda"):
+        return matmul_peak(n, torch.float32, warmup=1, reps=reps)[0]
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
 
-        def fn() -> None:
-            torch.mm(a, b)
-            torch.cuda.synchronize()
+    def fn() -> None:
+        torch.mm(a, b)
+        torch.cuda.synchronize()
 
-    return flops / time_fn(fn, warmup=1, reps=reps).median_s
+    return 2 * n**3 / time_fn(fn, warmup=1, reps=reps).median_s
 
 
 def bench_step(
