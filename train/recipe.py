@@ -765,7 +765,9 @@ def train(
         state = None
 
     # ---- stage 2: each other modality <-> frozen vision embeddings (never text)
-    mods = [m for m in tc.modalities if len(anchor_rows(m, data))]
+    # Each modality's rows with an anchor: the same every step.
+    pair_rows = {m: anchor_rows(m, data) for m in tc.modalities}
+    mods = [m for m in tc.modalities if len(pair_rows[m])]
     if tc.stage2_steps and mods:
         if tc.lora_rank:
             from .lora import set_lora_trainable
@@ -800,7 +802,7 @@ def train(
             total: Tensor | float = 0.0
             shown = {}
             for m in mods:
-                idx = torch.from_numpy(_batch(anchor_rows(m, data), tc.batch_size, rng))
+                idx = torch.from_numpy(_batch(pair_rows[m], tc.batch_size, rng))
                 with amp:
                     emb = model.embed_one(m, data.tensors[m][idx].to(dev), scaled=False)
                 scale = model.logit_scale(m)
